@@ -1,0 +1,126 @@
+"""Small random-weight Hugging Face models (Qwen3 dense, Qwen3-MoE, Llama) built offline.
+
+Used by the demo, the tests and the GPU proofs: real transformers configs and modules, random
+weights, a byte-level BPE tokenizer trained on the bundled corpus, no network. Sizes default to
+what SGLang's kernels accept (hidden 512, head_dim 128, MoE intermediate 256).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ARCHITECTURES = ("qwen3", "qwen3_moe", "llama")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus_text() -> str:
+    """The small calibration / tokenizer corpus shipped in the package."""
+    return (Path(__file__).parent / "data" / "calibration.txt").read_text(encoding="utf-8")
+
+
+def tiny_config(arch: str, *, num_layers: int = 2, hidden: int = 512, vocab: int = 2048, **overrides):
+    """A transformers config of the given architecture with kernel-friendly sizes."""
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        torch_dtype="bfloat16",
+    )
+    if arch == "qwen3":
+        cfg = Qwen3Config(**{**common, "intermediate_size": 2 * hidden, **overrides})
+    elif arch == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            **{
+                **common,
+                "intermediate_size": 2 * hidden,
+                "moe_intermediate_size": 256,
+                "num_experts": 8,
+                "num_experts_per_tok": 2,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": True,
+                **overrides,
+            }
+        )
+    elif arch == "llama":
+        cfg = LlamaConfig(**{**common, "intermediate_size": 2 * hidden, **overrides})
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
+    return cfg
+
+
+def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """Train a byte-level BPE on the bundled corpus and save it as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 1024),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+def make_tiny_model(
+    arch: str,
+    out_dir: str | Path,
+    *,
+    num_layers: int = 2,
+    hidden: int = 512,
+    vocab: int = 2048,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **overrides,
+) -> Path:
+    """Write a random-weight bf16 model directory (config, safetensors, tokenizer) and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(arch, num_layers=num_layers, hidden=hidden, vocab=vocab, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    # transformers' default init (std 0.02) gives near-uniform logits; a wider spread makes
+    # greedy tokens depend visibly on every layer, which the correctness proofs rely on.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+    kwargs = {"safe_serialization": True}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(str(out), **kwargs)
+    write_tokenizer(out, vocab)
+    gen = {"bos_token_id": 0, "eos_token_id": 2, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny random-weight checkpoints generated once per test session (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_mixed_precision.tinymodels import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3") / "bf16")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory):
+    return make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe") / "bf16")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama") / "bf16", max_shard_size="2MB")
