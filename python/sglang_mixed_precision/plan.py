@@ -1,0 +1,530 @@
+"""Skeleton + config + sources -> :class:`Plan`: every module resolved to a source and validated.
+
+The model is the unquantized source (its config.json and its tensor list). Each module is
+assigned a source (explicit ``weight_mapping`` name > first matching rule > ``default`` for linears
+> the unquantized source), then checked before any GPU work: the source has its tensors, their
+shapes agree with config.json under the source's format, members of one SGLang layer (q/k/v,
+gate/up, all experts of a layer) share a scheme, and the per-rank shapes run on the scheme's
+CUDA kernel at the given TP size. Independent problems are collected and raised together as
+:class:`PlanErrors`.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from .config import UNQUANTIZED_ALIASES, MixedConfig
+from .errors import MixedPrecisionError, PlanErrors
+from .formats import DTYPE_BYTES, Scheme, TensorSpec, expected_tensors, module_scheme, rank_problems
+from .geometry import ModelGeometry
+from .naming import ModuleRef, Role, classify
+from .sources import CheckpointSource, TensorInfo
+from .sources.safetensors_header import corrupt_entry
+
+# config.json keys that must agree between the skeleton and every other source.
+ARCHITECTURE_KEYS = (
+    "model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts",
+    "num_local_experts", "vocab_size", "tie_word_embeddings",
+)
+EXAMPLES = 5  # how many members / modules a message lists before "and N more"
+
+
+@dataclass(eq=False)
+class ModuleAssignment:
+    ref: ModuleRef
+    label: str
+    scheme: Scheme
+    rule: str  # what decided the source: a weight_mapping entry, a rule, the default, ...
+    shape: tuple[int, ...] | None  # logical 16-bit weight shape
+    nbytes: int  # bytes of its tensors in its source
+    params: int  # logical parameters (16-bit weight + bias)
+    source: CheckpointSource = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """{suffix: TensorInfo} in its source (built on first use: planning reads raw headers)."""
+        return self.source.module_tensors(self.ref.name)
+
+
+@dataclass
+class GroupAssignment:
+    prefix: str  # SGLang layer prefix: model.layers.3.self_attn.qkv_proj, model.layers.3.mlp.experts, ...
+    label: str  # the members' source label ("a+b" if they come from several sources of one scheme)
+    scheme: Scheme
+    members: list[str]
+    role: Role
+
+    @property
+    def labels(self) -> list[str]:
+        return self.label.split("+")
+
+
+@dataclass
+class Plan:
+    config: MixedConfig
+    tp_size: int
+    skeleton_label: str
+    sources: dict[str, CheckpointSource]
+    geometry: ModelGeometry
+    modules: dict[str, ModuleAssignment]
+    groups: dict[str, GroupAssignment]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def skeleton(self) -> CheckpointSource:
+        return self.sources[self.skeleton_label]
+
+    @property
+    def skeleton_path(self) -> Path:
+        return self.skeleton.path
+
+    @property
+    def hf_config(self) -> dict:
+        return self.skeleton.hf_config
+
+    def group_for_prefix(self, prefix: str) -> GroupAssignment | None:
+        """The group SGLang builds at ``prefix`` (a fused layer, or a member module's name)."""
+        group = self.groups.get(prefix)
+        if group is None and prefix in self.modules:
+            group = self.groups.get(self.modules[prefix].ref.group)
+        return group
+
+    def tensors_by_source(self) -> dict[str, list[TensorInfo]]:
+        """Exactly the tensors the loader must read, per source label."""
+        out: dict[str, list[TensorInfo]] = defaultdict(list)
+        for assignment in self.modules.values():
+            out[assignment.label].extend(assignment.tensors.values())
+        return dict(out)
+
+    def bytes_by_scheme(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for assignment in self.modules.values():
+            out[assignment.scheme.label()] += assignment.nbytes
+        return dict(out)
+
+    def to_json(self) -> dict:
+        from .report import summary
+
+        return {
+            "tp_size": self.tp_size,
+            "skeleton": {"label": self.skeleton_label, "path": str(self.skeleton_path)},
+            "sources": {
+                label: {"path": str(s.path), "scheme": s.scheme.to_json(), "quant_config": s.quant_config}
+                for label, s in self.sources.items()
+            },
+            "summary": summary(self),
+            "groups": {
+                p: {"label": g.label, "scheme": g.scheme.label(), "role": g.role.value, "members": len(g.members)}
+                for p, g in self.groups.items()
+            },
+            "modules": {
+                name: {"label": a.label, "scheme": a.scheme.label(), "rule": a.rule} for name, a in self.modules.items()
+            },
+            "warnings": self.warnings,
+        }
+
+
+def build_plan(config: MixedConfig, tp_size: int = 1) -> Plan:
+    """Resolve and validate; raises :class:`PlanErrors` listing every problem found."""
+    if not isinstance(tp_size, int) or tp_size < 1:
+        raise MixedPrecisionError("bad_argument", f"tp_size must be a positive integer, got {tp_size!r}",
+                                  fix="pass --tp-size 1, 2, 4 or 8")
+    # Planning a 235B model allocates ~1M small objects that all stay alive; the cyclic collector
+    # would rescan them over and over without finding garbage.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _Planner(config, tp_size).build()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+class _Problems:
+    """Collects errors; many modules failing the same way become one message with examples."""
+
+    def __init__(self):
+        self.errors: list[MixedPrecisionError] = []
+        self._buckets: dict[tuple, list] = {}
+
+    def add(self, error: MixedPrecisionError) -> None:
+        self.errors.append(error)
+
+    def add_similar(self, key: tuple, example: str, make) -> None:
+        """``make(examples, count)`` builds the error for every example sharing ``key``."""
+        bucket = self._buckets.setdefault(key, [make, []])
+        bucket[1].append(example)
+
+    def flush(self) -> list[MixedPrecisionError]:
+        for make, examples in self._buckets.values():
+            self.errors.append(make(examples[:EXAMPLES], len(examples)))
+        self._buckets.clear()
+        return self.errors
+
+    def raise_if_any(self) -> None:
+        if self.flush():
+            raise PlanErrors(self.errors)
+
+
+def _more(examples: list[str], count: int) -> str:
+    shown = ", ".join(examples)
+    return shown + (f" and {count - len(examples)} more" if count > len(examples) else "")
+
+
+class _Planner:
+    def __init__(self, config: MixedConfig, tp: int):
+        self.config = config
+        self.tp = tp
+        self.problems = _Problems()
+        self._shapes: dict[tuple, tuple | None] = {}
+        self.sources = {label: CheckpointSource(label, spec.path, origin=spec.origin) for label, spec in config.sources.items()}
+
+    def build(self) -> Plan:
+        self._check_sources()
+        skeleton = self._choose_skeleton()
+        self.problems.raise_if_any()
+        self.skeleton = self.sources[skeleton]
+        self.aliases = {a: skeleton for a in UNQUANTIZED_ALIASES if a not in self.sources}
+        self._check_architectures()
+        self._scan_headers()
+        self.problems.raise_if_any()
+        self.geometry = self._geometry()
+        modules = self._assign_modules()
+        groups = self._group(modules)
+        self.problems.raise_if_any()
+        plan = Plan(self.config, self.tp, skeleton, self.sources, self.geometry, modules, groups, self._unused_rules(modules))
+        return plan
+
+    # ---- sources ------------------------------------------------------------------------------
+    def _check_sources(self) -> None:
+        for source in self.sources.values():
+            problem = source.check_exists()
+            if problem:
+                self.problems.add(problem)
+                continue
+            try:
+                source.scheme  # reads config.json, detects the format
+            except MixedPrecisionError as e:
+                self.problems.add(e)
+
+    def _choose_skeleton(self) -> str:
+        usable = [s for s in self.sources.values() if "scheme" in s.__dict__]
+        chosen = self.config.skeleton
+        if chosen is not None and chosen not in self.sources:
+            chosen = next((s.label for s in usable if not s.scheme.quantized), chosen)
+        if chosen is not None:
+            source = self.sources.get(chosen)
+            if source is not None and "scheme" in source.__dict__ and source.scheme.quantized:
+                self.problems.add(MixedPrecisionError(
+                    "skeleton_quantized", f"skeleton {chosen!r} is a quantized checkpoint ({source.scheme.label()})",
+                    where=source.origin, fix="name the unquantized (16-bit) source as skeleton"))
+            return chosen
+        unquantized = [s.label for s in usable if not s.scheme.quantized]
+        for preferred in UNQUANTIZED_ALIASES:
+            if preferred in unquantized:
+                return preferred
+        if unquantized:
+            return unquantized[0]
+        if not self.problems.errors:
+            self.problems.add(MixedPrecisionError(
+                "missing_source", "no unquantized (16-bit) source: the plan takes the model's structure, norms, "
+                "embeddings and router from it", where=self.config.where(),
+                fix="add fp16_path (or a 16-bit entry under sources) pointing at the BF16/FP16 checkpoint"))
+        return ""
+
+    def _check_architectures(self) -> None:
+        base = self.skeleton.hf_config
+        for source in self.sources.values():
+            if source is self.skeleton:
+                continue
+            cfg = source.hf_config
+            diffs = [f"{k}: {cfg.get(k)!r} vs {base.get(k)!r}" for k in ARCHITECTURE_KEYS
+                     if k in cfg and k in base and cfg[k] != base[k]]
+            if diffs:
+                self.problems.add(MixedPrecisionError(
+                    "architecture_mismatch",
+                    f"source {source.label!r} is not the same model as skeleton {self.skeleton.label!r}: " + "; ".join(diffs),
+                    where=f"{source.path / 'config.json'} vs {self.skeleton.path / 'config.json'}",
+                    fix=f"point {source.label!r} at a checkpoint of the same model (same config.json apart from quantization)"))
+
+    def _scan_headers(self) -> None:
+        for source in self.sources.values():
+            for problem in source.scan():
+                self.problems.add(problem)
+
+    def _geometry(self) -> ModelGeometry:
+        cfg_path = self.skeleton.path / "config.json"
+        try:
+            geometry = ModelGeometry.from_hf_config(self.skeleton.hf_config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise MixedPrecisionError("corrupt_config", f"{cfg_path} lacks a model dimension ({e})", where=str(cfg_path),
+                                      fix="restore the model's original config.json") from None
+        for problem in geometry.tp_problems(self.tp):
+            self.problems.add(MixedPrecisionError(
+                "tp_indivisible", f"tp_size {self.tp}: {problem}", where=str(cfg_path),
+                fix=f"choose a --tp-size that divides the head and intermediate counts ({_valid_tps(geometry)})"))
+        return geometry
+
+    # ---- module assignment --------------------------------------------------------------------
+    def _assign_modules(self) -> dict[str, ModuleAssignment]:
+        names = self.skeleton.module_names()
+        classify_fast = _TemplateClassifier()
+        refs = {m: classify_fast(m) for m in names}
+        explicit = self._explicit(refs)
+        default = self.config.default
+        default_rule = f"default {default!r} ({self.config.default_origin})" if default else None
+        skeleton_rule = f"unquantized source {self.skeleton.label!r} (not mapped)"
+        rules = self.config.rules
+        modules = {}
+        for name, ref in refs.items():
+            entry = explicit.get(name)
+            if entry is not None:
+                label, why = entry
+            elif ref.role.quantizable:
+                label, why = self.skeleton.label, skeleton_rule
+                for rule in rules:
+                    if rule.matches(name):
+                        label, why = rule.label, rule.describe()
+                        break
+                else:
+                    if default:
+                        label, why = default, default_rule
+            else:
+                label, why = self.skeleton.label, skeleton_rule
+            assignment = self._assign(ref, self.aliases.get(label, label), why)
+            if assignment is not None:
+                modules[name] = assignment
+        return modules
+
+    def _explicit(self, refs: dict[str, ModuleRef]) -> dict[str, tuple[str, str]]:
+        """weight_mapping entries per module; a fused name (qkv_proj, experts) maps all its members."""
+        members: dict[str, list[str]] = defaultdict(list)
+        for name, ref in refs.items():
+            if ref.group != name:
+                members[ref.group].append(name)
+        out = {}
+        for module, entry in self.config.weight_mapping.items():
+            targets = [module] if module in refs else members.get(module)
+            if not targets:
+                self.problems.add_similar(("unknown_module",), f"{entry.key!r} ({entry.origin})", lambda ex, n: MixedPrecisionError(
+                    "unknown_module", f"{n} weight_mapping name(s) match no module of the model: {_more(ex, n)}",
+                    where=f"{self.config.where()}; model {self.skeleton.path}",
+                    fix="use checkpoint names such as model.layers.0.self_attn.q_proj(.weight) (see `sglang-mp analyze`)"))
+                continue
+            for target in targets:
+                out[target] = (entry.label, entry.describe())
+        return out
+
+    def _assign(self, ref: ModuleRef, label: str, why: str) -> ModuleAssignment | None:
+        source = self.sources[label]
+        entries = source.module_entries(ref.name)
+        if not entries:
+            self.problems.add_similar(("missing_tensor", label, why), ref.name, lambda ex, n: MixedPrecisionError(
+                "missing_tensor", f"{n} module(s) assigned to source {label!r} have no tensors there: {_more(ex, n)}",
+                where=f"{source.path} (assigned by {why})",
+                fix=f"map them to a source that has them (e.g. weight_mapping '<module>: {self.skeleton.label}') or narrow {why}"))
+            return None
+        scheme = module_scheme(source.scheme, entries)
+        shape = self._logical_shape(ref)
+        nbytes = 0
+        for entry in entries.values():
+            start, stop = entry["data_offsets"]
+            nbytes += stop - start
+        params = _numel(shape) if shape is not None else 0
+        bias = entries.get("bias")
+        if bias is not None:
+            params += _numel(bias["shape"])
+        assignment = ModuleAssignment(ref, label, scheme, why, shape, nbytes, params, source)
+        if shape is not None:
+            self._check_tensors(assignment, entries)
+        return assignment
+
+    def _logical_shape(self, ref: ModuleRef) -> tuple[int, ...] | None:
+        """config.json's shape for the module, checked against the skeleton's own weight."""
+        key = (ref.role, ref.shard, ref.name.rsplit(".", 1)[-1])  # all weight_shape depends on
+        expected = self._shapes.get(key, _UNSET)
+        if expected is _UNSET:
+            expected = self._shapes[key] = self.geometry.weight_shape(ref)
+        weight = self.skeleton.module_entries(ref.name).get("weight")
+        actual = tuple(weight["shape"]) if weight is not None else None
+        if expected is None:
+            return actual
+        if actual is not None and actual != expected:
+            self._shape_error(self.skeleton, ref.name + ".weight", weight, ref, expected, (weight["dtype"],),
+                              "config.json", f"the skeleton {self.skeleton.path} does not match its own config.json")
+        return expected
+
+    def _check_tensors(self, a: ModuleAssignment, entries: dict[str, dict]) -> None:
+        if len(a.shape) == 2:
+            specs, required = _specs(a.scheme, a.shape[0], a.shape[1])
+        else:
+            weight = entries.get("weight")
+            specs, required = _vector_spec(weight["dtype"] if weight else "BF16", a.shape)
+        if not required <= entries.keys():
+            for suffix in sorted(required - entries.keys()):
+                self._missing_part(a, suffix)
+        for suffix, entry in entries.items():
+            checked = specs.get(suffix)
+            if checked is None:
+                continue
+            spec, shape, numel = checked
+            if entry["shape"] != shape or entry["dtype"] not in spec.dtypes:
+                self._shape_error(a.source, f"{a.name}.{suffix}", entry, a.ref, spec.shape, spec.dtypes, a.scheme.label(), a.rule)
+            elif entry["data_offsets"][1] - entry["data_offsets"][0] != numel * DTYPE_BYTES[entry["dtype"]]:
+                file = a.source.file_of(f"{a.name}.{suffix}")
+                self.problems.add(corrupt_entry(file, f"tensor {a.name}.{suffix}: {entry['dtype']}{shape} does not fit bytes {entry['data_offsets']}"))
+
+    def _missing_part(self, a: ModuleAssignment, suffix: str) -> None:
+        src = a.source
+        self.problems.add_similar(("missing_part", a.label, suffix, a.scheme), a.name, lambda ex, n: MixedPrecisionError(
+            "missing_tensor", f"{n} module(s) in source {src.label!r} ({a.scheme.label()}) lack their {suffix!r} tensor: {_more(ex, n)}",
+            where=str(src.path), fix=f"the checkpoint is incomplete for {a.scheme.label()}; re-export it or map these modules elsewhere"))
+
+    def _shape_error(self, source: CheckpointSource, name: str, entry: dict, ref: ModuleRef, shape, dtypes, scheme_label, why) -> None:
+        actual = tuple(entry["shape"])
+        key = ("shape_mismatch", source.label, name.rsplit(".", 1)[-1], actual, entry["dtype"], shape)
+        file = source.file_of(name)
+        self.problems.add_similar(key, name, lambda ex, n: MixedPrecisionError(
+            "shape_mismatch",
+            f"{n} tensor(s) of source {source.label!r} are {entry['dtype']}{list(actual)}, but config.json "
+            f"({ref.role.value}, {scheme_label}) needs {'/'.join(dtypes)}{list(shape)}: {_more(ex, n)}",
+            where=f"{file} (source {source.path}; {why})",
+            fix="this checkpoint is of another model size or a different export; use the matching release or map these modules elsewhere"))
+
+    # ---- groups -------------------------------------------------------------------------------
+    def _group(self, modules: dict[str, ModuleAssignment]) -> dict[str, GroupAssignment]:
+        members: dict[str, list[ModuleAssignment]] = defaultdict(list)
+        for a in modules.values():
+            members[a.ref.group].append(a)
+        groups = {}
+        for prefix, items in members.items():
+            schemes = {a.scheme for a in items}
+            if len(schemes) > 1:
+                self._mixed_group(prefix, items)
+                continue
+            labels = sorted({a.label for a in items})
+            scheme = items[0].scheme
+            groups[prefix] = GroupAssignment(prefix, "+".join(labels), scheme, [a.name for a in items], items[0].ref.role)
+            if scheme.quantized:
+                self._check_rank_shapes(groups[prefix], sorted({a.rule for a in items}))
+        return groups
+
+    def _mixed_group(self, prefix: str, items: list[ModuleAssignment]) -> None:
+        by_scheme: dict[str, list[str]] = defaultdict(list)
+        for a in items:
+            by_scheme[f"{a.scheme.label()} from {a.label!r}"].append(f"{a.name.rsplit(prefix.rsplit('.', 1)[0] + '.', 1)[-1]}")
+        parts = [f"{k}: {_more(v[:EXAMPLES], len(v))}" for k, v in by_scheme.items()]
+        self.problems.add(MixedPrecisionError(
+            "mixed_group",
+            f"SGLang fuses {prefix} into one layer, but its members have different precisions -- " + "; ".join(parts),
+            where=f"{prefix} (decided by: {'; '.join(sorted({a.rule for a in items}))})",
+            fix="map every member of the fused layer (q/k/v, gate/up, or all experts of a layer) to the same precision"))
+
+    def _check_rank_shapes(self, group: GroupAssignment, rules: list[str]) -> None:
+        problems = _rank_problems(self.geometry, group.role, group.prefix.rsplit(".", 1)[-1], group.scheme, self.tp)
+        for problem in problems:
+            key = ("tp_indivisible", group.scheme, group.role, group.prefix.rsplit(".", 1)[-1], problem)
+            self.problems.add_similar(key, group.prefix, lambda ex, n, p=problem, g=group, rules=rules: MixedPrecisionError(
+                "tp_indivisible", f"{g.scheme.label()} at tp_size {self.tp}: {p}, in {n} layer(s): {_more(ex, n)}",
+                where=f"source {g.label!r} ({g.role.value}); decided by {'; '.join(rules)}",
+                fix=f"use a --tp-size this precision can split ({_valid_tps(self.geometry, g)}) or map these layers to another precision"))
+
+    def _unused_rules(self, modules: dict[str, ModuleAssignment]) -> list[str]:
+        used = {a.rule for a in modules.values()}
+        return [f"{r.describe()} decides no module: it matches no linear, or earlier rules / weight_mapping names take all it matches" for r in self.config.rules if r.describe() not in used]
+
+
+_UNSET = object()
+
+
+class _TemplateClassifier:
+    """``naming.classify`` once per name template: the 36,000 expert projections of a 235B model
+    are 3 templates (``model.layers.#.mlp.experts.#.gate_proj``); numbers are put back per name."""
+
+    _DIGITS = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+    def __init__(self):
+        self._cache: dict[str, tuple] = {}
+
+    def __call__(self, name: str) -> ModuleRef:
+        template = self._DIGITS.sub("#", name)
+        recipe = self._cache.get(template)
+        if recipe is None:
+            recipe = self._cache[template] = self._recipe(name)
+        if recipe[0] is None:
+            return classify(name)
+        role, shard, keep, extra, layer_at, expert_at = recipe
+        parts = name.split(".")
+        group = name if keep is None else ".".join(parts[:keep]) + extra
+        layer = int(parts[layer_at]) if layer_at is not None else None
+        expert = int(parts[expert_at]) if expert_at is not None else None
+        return ModuleRef(name, role, layer, group, shard, expert)
+
+    @staticmethod
+    def _recipe(name: str) -> tuple:
+        """How classify's answer for ``name`` is built from its parts (None: not expressible)."""
+        ref = classify(name)
+        parts = name.split(".")
+        layer_at = next((i + 1 for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None)
+        expert_at = next((i for i, p in enumerate(parts) if p.isdigit() and int(p) == ref.expert and i != layer_at), None) if ref.expert is not None else None
+        if ref.group == name:
+            keep, extra = None, ""
+        elif name.startswith(ref.group + "."):
+            keep, extra = ref.group.count(".") + 1, ""
+        else:
+            keep, extra = len(parts) - 1, "." + ref.group.rsplit(".", 1)[-1]
+        rebuilt = ModuleRef(name, ref.role, int(parts[layer_at]) if layer_at is not None else None,
+                            name if keep is None else ".".join(parts[:keep]) + extra, ref.shard,
+                            int(parts[expert_at]) if expert_at is not None else None)
+        if rebuilt != ref:
+            return (None,) * 6
+        return ref.role, ref.shard, keep, extra, layer_at, expert_at
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+_CheckedSpecs = tuple[dict[str, tuple[TensorSpec, list[int], int]], frozenset]
+
+
+def _with_sizes(specs: dict[str, TensorSpec]) -> _CheckedSpecs:
+    """Each spec with its shape as a list (header entries hold lists) and its element count,
+    and the suffixes that must be present."""
+    checked = {s: (spec, list(spec.shape), _numel(spec.shape)) for s, spec in specs.items()}
+    return checked, frozenset(s for s, spec in specs.items() if not spec.optional)
+
+
+@lru_cache(maxsize=None)
+def _specs(scheme: Scheme, n: int, k: int) -> _CheckedSpecs:
+    return _with_sizes(expected_tensors(scheme, n, k))
+
+
+@lru_cache(maxsize=None)
+def _vector_spec(dtype: str, shape: tuple[int, ...]) -> _CheckedSpecs:
+    return _with_sizes({"weight": TensorSpec((dtype,), shape)})
+
+
+@lru_cache(maxsize=None)
+def _rank_problems(geometry: ModelGeometry, role: Role, leaf: str, scheme: Scheme, tp: int) -> tuple[str, ...]:
+    rank_shape = geometry.rank_shape(role, leaf, tp)
+    return tuple(rank_problems(scheme, rank_shape)) if rank_shape is not None else ()
+
+
+def _valid_tps(geometry: ModelGeometry, group: GroupAssignment | None = None) -> str:
+    ok = [tp for tp in (1, 2, 4, 8, 16) if not geometry.tp_problems(tp)
+          and (group is None or not _rank_problems(geometry, group.role, group.prefix.rsplit(".", 1)[-1], group.scheme, tp))]
+    return "valid here: " + ", ".join(map(str, ok)) if ok else "none of 1, 2, 4, 8, 16 works"

@@ -1,0 +1,323 @@
+"""Header-first checkpoint readers: one :class:`CheckpointSource` per checkpoint directory.
+
+A source knows its tensors (name, file, dtype, shape, byte range) from safetensors headers
+(single file, several files, or ``model.safetensors.index.json``) or from the pickle of
+PyTorch ``.bin`` files (+ ``pytorch_model.bin.index.json``) — never from tensor data. Parsed
+headers are cached per file (path, size, mtime), so planning the same sources twice is cheap;
+tensor data is read only by ``read_tensor`` (the serving loader), which imports torch lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import MixedPrecisionError, PlanErrors
+from ..formats import DTYPE_BYTES, Scheme, detect_scheme
+from ..naming import TENSOR_SUFFIXES
+from .safetensors_header import corrupt_entry, entry_problem, json_loads, read_header
+from .torch_bin import read_bin_tensors
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SUFFIX_SET = frozenset(TENSOR_SUFFIXES)
+_EMPTY: dict = {}
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype name: BF16, F16, F32, F8_E4M3, I32, ...
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]  # byte range in the file's data section (in the storage for .bin)
+    storage: str | None = None  # .bin only: the zip storage key holding the bytes
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+# (path, size, mtime_ns) -> raw header entries; headers of big checkpoints are parsed once.
+# Entries stay raw (json dicts) until a tensor is asked for: a plan touches a fraction of each source.
+_HEADER_CACHE: dict[tuple[str, int, int], dict] = {}
+
+
+def _file_entries(path: Path) -> dict:
+    """{tensor name: raw safetensors entry (dict) or TensorInfo (.bin)} of one weight file."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    cached = _HEADER_CACHE.get(key)
+    if cached is None:
+        cached = _bin_entries(path) if path.suffix == ".bin" else read_header(path)
+        _HEADER_CACHE[key] = cached
+    return cached
+
+
+def _bin_entries(path: Path) -> dict[str, dict]:
+    out = {}
+    for name, t in read_bin_tensors(path).items():
+        itemsize = DTYPE_BYTES[t.dtype]
+        offsets = [t.offset * itemsize, (t.offset + _numel(t.shape)) * itemsize]
+        out[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": offsets, "storage": t.storage}
+    return out
+
+
+def _info(name: str, path: Path, entry: dict) -> TensorInfo:
+    problem = entry_problem(name, entry)
+    if problem:
+        raise corrupt_entry(path, problem)
+    return TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"]), entry.get("storage"))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class CheckpointSource:
+    """One checkpoint directory under a label of the mixed config.
+
+    ``origin`` says where the config declared it (``cfg.yaml:4 (fp8_path)``) for messages.
+    """
+
+    def __init__(self, label: str, path: str | os.PathLike, *, origin: str | None = None):
+        self.label = label
+        self.path = Path(path)
+        self.origin = origin or str(self.path)
+        self._handles: dict[Path, object] = {}
+        self._problems: list[MixedPrecisionError] | None = None
+        self._entry: dict[str, dict] = {}  # tensor name -> raw header entry (dtype, shape, data_offsets)
+        self._file_of: dict[str, Path] = {}  # tensor name -> file
+        self._infos: dict[str, TensorInfo] = {}
+        self._modules: dict[str, dict[str, dict]] | None = None  # module -> {suffix: entry}
+
+    def __repr__(self) -> str:
+        return f"CheckpointSource({self.label!r}, {str(self.path)!r})"
+
+    # ---- directory and config ---------------------------------------------------------------
+    def check_exists(self) -> MixedPrecisionError | None:
+        if not self.path.is_dir():
+            what = "is not a directory" if self.path.exists() else "does not exist"
+            return MixedPrecisionError(
+                "missing_source", f"source {self.label!r}: checkpoint directory {self.path} {what}",
+                where=self.origin, fix=f"point {self.label!r} at a model directory (or create it with `sglang-mp convert`)")
+        if not (self.path / "config.json").is_file():
+            return MixedPrecisionError(
+                "missing_file", f"source {self.label!r}: {self.path / 'config.json'} is missing",
+                where=self.origin, fix="copy the model's config.json into the directory (it says the architecture and quantization)")
+        return None
+
+    def _require(self) -> None:
+        problem = self.check_exists()
+        if problem:
+            raise problem
+
+    @cached_property
+    def hf_config(self) -> dict:
+        self._require()
+        path = self.path / "config.json"
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise MixedPrecisionError("corrupt_config", f"{path} is not valid JSON: {e}", where=str(path),
+                                      fix="restore the model's original config.json") from None
+        if not isinstance(cfg, dict):
+            raise MixedPrecisionError("corrupt_config", f"{path} is not a JSON object", where=str(path),
+                                      fix="restore the model's original config.json")
+        return cfg
+
+    @cached_property
+    def quant_config(self) -> dict | None:
+        qc = self.hf_config.get("quantization_config")
+        if qc is None and (self.path / "quantize_config.json").is_file():
+            qc = json.loads((self.path / "quantize_config.json").read_text(encoding="utf-8"))
+            qc.setdefault("quant_method", "gptq")
+        return qc
+
+    @cached_property
+    def scheme(self) -> Scheme:
+        where = f"{self.path / 'config.json'} (source {self.label!r})"
+        return detect_scheme({**self.hf_config, "quantization_config": self.quant_config}, where=where)
+
+    # ---- tensors ---------------------------------------------------------------------------
+    def weight_files(self) -> tuple[list[Path], Path | None, dict[str, str] | None]:
+        """(data files, index file or None, index weight_map or None)."""
+        self._require()
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            index = self.path / index_name
+            if index.is_file():
+                weight_map = self._read_index(index)
+                return [self.path / f for f in sorted(set(weight_map.values()))], index, weight_map
+        files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("pytorch_model*.bin"))
+        if not files:
+            raise MixedPrecisionError(
+                "missing_file", f"source {self.label!r}: no *.safetensors, {SAFETENSORS_INDEX} or pytorch_model*.bin in {self.path}",
+                where=self.origin, fix="point the source at a directory holding the checkpoint's weight files")
+        return files, None, None
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json_loads(index.read_bytes())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise MixedPrecisionError("corrupt_index", f"{index} has no valid weight_map ({e})", where=str(index),
+                                      fix="restore the checkpoint's index file (it maps each tensor to its file)") from None
+        return weight_map
+
+    def scan(self) -> list[MixedPrecisionError]:
+        """Parse every header once; return the problems found (missing / corrupt files) instead of raising."""
+        if self._problems is not None:
+            return self._problems
+        problems: list[MixedPrecisionError] = []
+        try:
+            files, index, weight_map = self.weight_files()
+        except MixedPrecisionError as e:
+            self._problems = [e]
+            return self._problems
+        for file in files:
+            if not file.is_file():
+                n = sum(1 for f in weight_map.values() if f == file.name) if weight_map else 0
+                problems.append(MixedPrecisionError(
+                    "missing_file", f"source {self.label!r}: {file.name} is listed in {index.name} ({n} tensors) but missing",
+                    where=str(file), fix=f"download {file.name} into {self.path}"))
+                continue
+            try:
+                entries = _file_entries(file)
+            except MixedPrecisionError as e:
+                problems.append(e)
+                continue
+            self._entry.update(entries)
+            self._file_of.update(dict.fromkeys(entries, file))
+        if weight_map is not None and not problems:
+            problems += self._index_mismatches(index, weight_map)
+        self._problems = problems
+        return problems
+
+    def _index_mismatches(self, index: Path, weight_map: dict[str, str]) -> list[MixedPrecisionError]:
+        names: dict[str, str] = {}
+        for file in dict.fromkeys(self._file_of.values()):
+            names.update(dict.fromkeys(_file_entries(file), file.name))
+        if names == weight_map:  # the usual case, compared in C
+            return []
+        absent = [n for n, f in weight_map.items() if names.get(n) != f]
+        if not absent:
+            return []
+        shown = ", ".join(f"{n} (in {weight_map[n]})" for n in absent[:5])
+        return [MixedPrecisionError(
+            "missing_tensor", f"source {self.label!r}: {len(absent)} tensor(s) listed in {index.name} are not in the named file's header: {shown}",
+            where=str(index), fix="the index and the weight files are from different exports; download them again together")]
+
+    def _checked(self) -> None:
+        if self._problems == []:
+            return
+        problems = self.scan()
+        if problems:
+            raise problems[0] if len(problems) == 1 else PlanErrors(problems)
+
+    @property
+    def tensor_names(self):
+        """Names of every tensor the checkpoint stores (a view; no TensorInfo is built)."""
+        self._checked()
+        return self._file_of.keys()
+
+    def has_tensor(self, name: str) -> bool:
+        self._checked()
+        return name in self._file_of
+
+    def tensor(self, name: str) -> TensorInfo:
+        info = self._infos.get(name)
+        if info is not None:
+            return info
+        self._checked()
+        file = self._file_of.get(name)
+        if file is None:
+            raise MixedPrecisionError("missing_tensor", f"source {self.label!r} has no tensor {name}",
+                                      where=str(self.path), fix="check the tensor name or map the module to another source")
+        info = self._infos[name] = _info(name, file, self._entry[name])
+        return info
+
+    def file_of(self, name: str) -> Path:
+        self._checked()
+        return self._file_of[name]
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor as a TensorInfo (builds them all: planning uses ``module_tensors``)."""
+        return {name: self.tensor(name) for name in self.tensor_names}
+
+    def module_entries(self, module: str) -> dict[str, dict]:
+        """{suffix: raw header entry} of one module ({} if the checkpoint has none of its tensors);
+        what planning reads, without building a TensorInfo per tensor."""
+        modules = self._modules
+        if modules is None:
+            modules = self._modules = self._group_by_module()
+        return modules.get(module, _EMPTY)
+
+    def _group_by_module(self) -> dict[str, dict[str, dict]]:
+        self._checked()
+        out: dict[str, dict[str, dict]] = {}
+        suffixes = _SUFFIX_SET
+        for name, entry in self._entry.items():
+            module, _, suffix = name.rpartition(".")
+            if not module or suffix not in suffixes:
+                module, suffix = name, ""
+            group = out.get(module)
+            if group is None:
+                out[module] = {suffix: entry}
+            else:
+                group[suffix] = entry
+        return out
+
+    def module_tensors(self, module: str) -> dict[str, TensorInfo]:
+        """{suffix: TensorInfo} of one module ({} if the checkpoint has none of its tensors)."""
+        return {suffix: self.tensor(f"{module}.{suffix}" if suffix else module) for suffix in self.module_entries(module)}
+
+    def module_names(self) -> dict[str, None]:
+        """Module names in checkpoint order (tensor suffixes stripped), as an ordered set."""
+        if self._modules is None:
+            self._modules = self._group_by_module()
+        return dict.fromkeys(self._modules)
+
+    @property
+    def modules(self) -> dict[str, dict[str, TensorInfo]]:
+        """{module name: {tensor suffix: TensorInfo}}; the unit mappings speak of."""
+        return {m: self.module_tensors(m) for m in self.module_names()}
+
+    # ---- tensor data (serving only) ------------------------------------------------------------
+    def open(self, file: str | os.PathLike):
+        """A cached handle on a weight file: ``safe_open`` for safetensors, the mmapped state
+        dict for ``.bin``. Imports safetensors / torch only here."""
+        path = Path(file)
+        handle = self._handles.get(path)
+        if handle is None:
+            if path.suffix == ".bin":
+                import torch
+
+                handle = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            else:
+                from safetensors import safe_open
+
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            self._handles[path] = handle
+        return handle
+
+    def read_tensor(self, name: str):
+        info = self.tensor(name)
+        handle = self.open(info.file)
+        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
