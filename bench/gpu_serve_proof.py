@@ -1,0 +1,347 @@
+#!/usr/bin/env python3
+"""GPU proof: tiny Qwen3 and Qwen3-MoE mixes served by SGLang 0.5.17 match a transformers reference.
+
+Everything from nothing: generate tiny random-weight models, convert them (fp16/ fp8/ int4, RTN),
+write the mixes, start each through ``launch_mixed_precision_server.py`` and check that
+
+* ``/generate``, ``/v1/completions`` and ``/v1/chat/completions`` answer;
+* greedy outputs match a reference computed with transformers on the same GPU from the same
+  sources (16-bit layers as stored, quantized layers dequantized, fp8 layers' activations quantized
+  per token-group of 128 as SGLang's W8A8 block kernels do): identical tokens for all-bf16 mixes,
+  and for every mix the log-probabilities SGLang returns (prompt and generated tokens, teacher-forced
+  through the reference) within the tolerance below;
+* the weight memory SGLang holds (parameter bytes logged by the mixed loader after loading) is
+  within 2% of the plan's per-rank bytes.
+
+Tolerance. Both sides compute the same function; they differ by floating-point arithmetic only.
+SGLang runs it in bf16 (unit roundoff u = 2^-8), the reference runs it in fp32. How far bf16
+arithmetic alone moves the log-probabilities of *this* model is measured on the same GPU by running
+the reference in bf16 and in fp32: delta = max |lp_bf16 - lp_fp32| over every compared position. SGLang's
+kernels are also bf16 but sum in other orders, fuse norms/rotary and (fp8 layers) round activations
+near e4m3 boundaries differently, so each of those contributes a deviation of the same order:
+tolerance = 3 * delta + 0.02 nats (0.02 covers bf16 rounding of the log-probabilities themselves,
+|lp| up to ~8 nats * 2^-8). The measured delta, tolerance and max deviation are written per mix.
+
+Usage (on the GPU machine, from the repository root, after ``source bench/gpu_setup.sh``, which
+unpacks SGLang and the JIT kernel cache and installs this package so SGLang's workers see the plugin):
+    python bench/gpu_serve_proof.py --out bench/results/gpu_serve_proof [--only qwen3_moe/attn-fp8+experts-int4,all-bf16]
+
+Results: OUT/results.json and OUT/results.md (the card named), server logs in OUT/logs/. The
+summary is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+ARCHS = ("qwen3", "qwen3_moe")
+# mix name -> (default source for linears, rules); "mlp" means the routed experts for MoE models.
+MIXES = {
+    "attn-bf16+mlp-fp8": ("fp16", [("model.layers.*.mlp.*", "fp8")]),
+    "attn-fp8+experts-int4": ("fp16", [("model.layers.*.mlp.*", "int4"), ("model.layers.*.self_attn.*", "fp8")]),
+    "attn-bf16+experts-int4": ("fp16", [("model.layers.*.mlp.*", "int4")]),
+    "all-bf16": ("fp16", []),
+    "all-fp8": ("fp8", []),
+    "all-int4": ("int4", []),
+}
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog because",
+    "In the beginning the universe was created. This has made a lot of people",
+    "def fibonacci(n):",
+]
+SERVER_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--disable-cuda-graph",
+                "--mem-fraction-static", "0.5", "--dtype", "bfloat16", "--log-level", "info"]
+MEMORY_TOLERANCE = 0.02
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass
+class Result:
+    name: str
+    arch: str
+    mix: str
+    ok: bool = False
+    error: str | None = None
+    startup_s: float | None = None
+    endpoints: dict = field(default_factory=dict)  # endpoint -> "ok" or error
+    layers: str | None = None  # the loader's audit line (method classes)
+    tokens_identical_bf16_ref: bool | None = None
+    tokens_identical_fp32_ref: bool | None = None
+    token_match_rate: float | None = None
+    max_abs_dlogprob: float | None = None
+    bf16_noise_delta: float | None = None
+    tolerance: float | None = None
+    weight_bytes: int | None = None
+    plan_bytes: int | None = None
+    weight_vs_plan: float | None = None
+    checks: dict = field(default_factory=dict)  # criterion -> bool
+    samples: list = field(default_factory=list)
+
+
+# ---- environment ------------------------------------------------------------------------------
+def ensure_environment() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: run this on the GPU machine (source bench/gpu_setup.sh first)")
+    try:
+        import sglang
+    except ImportError:
+        sys.exit("sglang is not importable: source bench/gpu_setup.sh (or pip install sglang==0.5.17)")
+    if "mixed_precision" not in {ep.name for ep in entry_points(group="sglang.srt.plugins")}:
+        log("installing the package (its sglang.srt.plugins entry point must be visible to SGLang's workers)")
+        # PYTHONPATH off: the SGLang bundle's `kernels` package breaks setuptools' metadata step.
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],
+                       check=True, env={**os.environ, "PYTHONPATH": ""})
+    return {
+        "card": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "capability": "sm%d%d" % torch.cuda.get_device_capability(0),
+        "torch": torch.__version__,
+        "sglang": getattr(sglang, "__version__", "?"),
+        "cuda": torch.version.cuda,
+        "jit_cache": os.environ.get("TVM_FFI_CACHE_DIR"),
+    }
+
+
+def prepare_models(workdir: Path, archs: list[str]) -> dict[str, Path]:
+    from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
+    from sglang_mixed_precision.tinymodels import make_tiny_model
+
+    out = {}
+    for arch in archs:
+        base = workdir / arch
+        if not (base / "bf16" / "config.json").is_file():
+            log(f"{arch}: generating the tiny model")
+            make_tiny_model(arch, base / "bf16")
+        if not (base / "converted" / "int4" / "config.json").is_file():
+            log(f"{arch}: converting to fp16/ fp8/ int4/ (rtn)")
+            convert(ConvertOptions(model_path=str(base / "bf16"), output_dir=str(base / "converted"), method="rtn",
+                                   overwrite=True, progress=False))
+        out[arch] = base / "converted"
+    return out
+
+
+def write_mix(converted: Path, mix: str) -> Path:
+    import yaml
+
+    default, rules = MIXES[mix]
+    doc = {"mixed_precision": {"sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"}, "default": default,
+                               "rules": [{"match": m, "source": s} for m, s in rules]}}
+    path = converted / f"{mix}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# ---- one mix ----------------------------------------------------------------------------------
+def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
+    from sglang_mixed_precision.serving import client
+
+    res = Result(f"{arch}/{mix}", arch, mix)
+    config = write_mix(converted, mix)
+    port = client.free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = out / "logs" / f"{arch}__{mix}.log"
+    cmd = [sys.executable, str(REPO / "launch_mixed_precision_server.py"), "--enable-mixed-precision",
+           "--mixed-precision-config", str(config), "--model-path", str(converted / "fp16"), "--host", "127.0.0.1",
+           "--port", str(port), "--plan-dir", str(out / "plans" / arch / mix), "--tp-size", str(args.tp_size),
+           "--dp-size", str(args.dp_size), *SERVER_FLAGS, *args.sglang_arg]
+    log(f"{res.name}: starting {' '.join(cmd[1:])}")
+    os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
+    proc = client.start_server(cmd, log_path)
+    try:
+        res.startup_s = round(client.wait_until_ready(base, proc, args.step_timeout, log_path, progress=log), 1)
+        log(f"{res.name}: ready after {res.startup_s}s")
+        sglang_out = query_endpoints(base, res, args)
+        compare_with_reference(config, sglang_out, res, args)
+        read_log(log_path, res)
+        decide(res)
+    except Exception as e:  # one mix failing must not stop the others
+        res.error = f"{type(e).__name__}: {e}"
+        log(f"{res.name}: FAILED {res.error}\n{traceback.format_exc()}")
+        read_log(log_path, res)
+    finally:
+        client.stop_server(proc)
+    return res
+
+
+def query_endpoints(base: str, res: Result, args) -> list[dict]:
+    """Greedy /generate on token ids (with log-probs), plus the two OpenAI endpoints."""
+    from sglang_mixed_precision.serving import client
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(Path(args.workdir) / res.arch / "converted" / "fp16"))
+    outputs = []
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        r = client.post_json(f"{base}/generate", {
+            "input_ids": ids,
+            "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True},
+            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 1,
+        }, timeout=args.step_timeout)
+        meta = r["meta_info"]
+        output = [(float(lp), int(t)) for lp, t, *_ in meta["output_token_logprobs"]]
+        prompt_lps = [(None if lp is None else float(lp), int(t)) for lp, t, *_ in meta["input_token_logprobs"]]
+        outputs.append({"prompt": prompt, "prompt_ids": ids, "output_ids": [t for _, t in output],
+                        "output_logprobs": [lp for lp, _ in output], "input_logprobs": prompt_lps, "text": r["text"]})
+    res.endpoints["/generate"] = "ok"
+    model_id = client.get_json(f"{base}/v1/models")["data"][0]["id"]
+    comp = client.post_json(f"{base}/v1/completions", {"model": model_id, "prompt": PROMPTS[0], "max_tokens": args.max_new_tokens,
+                                                       "temperature": 0}, timeout=args.step_timeout)
+    res.endpoints["/v1/completions"] = "ok" if comp["choices"] and comp["choices"][0]["text"] is not None else "empty"
+    res.checks["completions_equals_generate"] = comp["choices"][0]["text"] == outputs[0]["text"]
+    chat = client.post_json(f"{base}/v1/chat/completions", {"model": model_id, "temperature": 0, "max_tokens": args.max_new_tokens,
+                                                            "messages": [{"role": "user", "content": "Say hello."}]},
+                            timeout=args.step_timeout)
+    content = chat["choices"][0]["message"]["content"] if chat.get("choices") else None
+    res.endpoints["/v1/chat/completions"] = "ok" if content is not None else "empty"
+    res.samples = [{"prompt": o["prompt"], "text": o["text"]} for o in outputs] + [{"chat": content}]
+    return outputs
+
+
+def compare_with_reference(config: Path, outputs: list[dict], res: Result, args) -> None:
+    import torch
+
+    from sglang_mixed_precision.reference import build_reference_model, greedy, plan_from_config, teacher_forced_logprobs
+
+    plan = plan_from_config(config, tp_size=args.tp_size)
+    models = {dt: build_reference_model(plan, dtype=dt, device="cuda", simulate_w8a8=True) for dt in (torch.float32, torch.bfloat16)}
+    dev, noise, same16, same32, matches, total = 0.0, 0.0, True, True, 0, 0
+    for o in outputs:
+        ids = o["prompt_ids"] + o["output_ids"]
+        lp32 = teacher_forced_logprobs(models[torch.float32], ids)
+        lp16 = teacher_forced_logprobs(models[torch.bfloat16], ids)
+        # (position predicting token t, token t, SGLang's log-prob of it)
+        n = len(o["prompt_ids"])
+        pairs = [(i - 1, t, lp) for i, (lp, t) in enumerate(o["input_logprobs"]) if lp is not None and i > 0]
+        pairs += [(n - 1 + j, t, lp) for j, (t, lp) in enumerate(zip(o["output_ids"], o["output_logprobs"]))]
+        for pos, t, lp in pairs:
+            dev = max(dev, abs(lp - float(lp32[pos, t])))
+            noise = max(noise, abs(float(lp16[pos, t]) - float(lp32[pos, t])))
+        ref16, _ = greedy(models[torch.bfloat16], o["prompt_ids"], len(o["output_ids"]))
+        ref32, _ = greedy(models[torch.float32], o["prompt_ids"], len(o["output_ids"]))
+        same16 &= ref16 == o["output_ids"]
+        same32 &= ref32 == o["output_ids"]
+        matches += sum(a == b for a, b in zip(ref32, o["output_ids"]))
+        total += len(o["output_ids"])
+        o["reference_fp32_ids"], o["reference_bf16_ids"] = ref32, ref16
+    res.max_abs_dlogprob = round(dev, 5)
+    res.bf16_noise_delta = round(noise, 5)
+    res.tolerance = round(3 * noise + 0.02, 5)
+    res.tokens_identical_bf16_ref, res.tokens_identical_fp32_ref = same16, same32
+    res.token_match_rate = round(matches / max(total, 1), 4)
+    res.plan_bytes = plan_rank_bytes(plan)
+    del models
+    torch.cuda.empty_cache()
+
+
+def plan_rank_bytes(plan) -> int:
+    from sglang_mixed_precision.report import summary
+
+    return summary(plan)["per_rank"][0]["bytes"]
+
+
+def read_log(log_path: Path, res: Result) -> None:
+    """The loader's audit line (method classes) and parameter bytes."""
+    import re
+
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return
+    audit = re.findall(r"mixed_precision audit: .*", text)
+    if audit:
+        res.layers = audit[-1].split("layers: ", 1)[-1]
+    mem = re.findall(r"mixed_precision: weight memory (\d+) bytes in parameters; plan (\d+) bytes", text)
+    if mem:
+        res.weight_bytes, logged_plan = int(mem[-1][0]), int(mem[-1][1])
+        res.plan_bytes = res.plan_bytes or logged_plan
+        res.weight_vs_plan = round((res.weight_bytes - res.plan_bytes) / res.plan_bytes, 5)
+
+
+def decide(res: Result) -> None:
+    res.checks["endpoints_answer"] = all(v == "ok" for v in res.endpoints.values()) and len(res.endpoints) == 3
+    res.checks["logprobs_within_tolerance"] = res.max_abs_dlogprob is not None and res.max_abs_dlogprob <= res.tolerance
+    if res.mix == "all-bf16":
+        res.checks["tokens_identical"] = bool(res.tokens_identical_bf16_ref or res.tokens_identical_fp32_ref)
+    res.checks["weight_memory_within_2pct"] = res.weight_vs_plan is not None and abs(res.weight_vs_plan) <= MEMORY_TOLERANCE
+    required = [k for k in res.checks if k != "completions_equals_generate"]
+    res.ok = all(res.checks[k] for k in required)
+
+
+# ---- report -----------------------------------------------------------------------------------
+def markdown(env: dict, results: list[Result], seconds: float) -> str:
+    lines = [
+        "# GPU serve proof", "",
+        f"Card: **{env['card']}** ({env['capability']}) x {env['gpus']}, torch {env['torch']}, CUDA {env['cuda']}, "
+        f"sglang {env['sglang']}; tp_size {env['tp_size']}, dp_size {env['dp_size']}; total {seconds:.0f}s.", "",
+        "Tolerance per mix: 3 x (max |log-prob| difference between the reference in bf16 and in fp32 on this GPU) + 0.02 nats.", "",
+        "| model | mix | pass | startup s | endpoints | tokens = ref (bf16 / fp32) | max abs dlogprob | tolerance | weights vs plan | layers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ends = "ok" if r.endpoints and all(v == "ok" for v in r.endpoints.values()) else (r.error or str(r.endpoints))[:60]
+        mem = f"{r.weight_bytes} / {r.plan_bytes} ({100 * r.weight_vs_plan:+.2f}%)" if r.weight_vs_plan is not None else "-"
+        lines.append(f"| {r.arch} | {r.mix} | {'PASS' if r.ok else 'FAIL'} | {r.startup_s} | {ends} | "
+                     f"{r.tokens_identical_bf16_ref} / {r.tokens_identical_fp32_ref} ({r.token_match_rate}) | "
+                     f"{r.max_abs_dlogprob} | {r.tolerance} | {mem} | {r.layers or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, env: dict, results: list[Result], seconds: float) -> None:
+    (out / "results.json").write_text(json.dumps({"environment": env, "seconds": round(seconds, 1),
+                                                  "results": [asdict(r) for r in results]}, indent=2))
+    (out / "results.md").write_text(markdown(env, results, seconds))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="results directory")
+    ap.add_argument("--workdir", default=None, help="models and conversions (default: OUT/work)")
+    ap.add_argument("--only", default="", help="comma list of substrings of 'arch/mix' names to run (default: all)")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--step-timeout", type=float, default=900.0, help="seconds per server start / request")
+    ap.add_argument("--tp-size", type=int, default=1, help="tensor parallelism (GPUs per replica)")
+    ap.add_argument("--dp-size", type=int, default=1, help="data-parallel replicas")
+    ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang flag (repeat; e.g. --sglang-arg=--skip-server-warmup)")
+    args = ap.parse_args()
+    started = time.time()
+    out = Path(args.out).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    args.workdir = str(Path(args.workdir).resolve()) if args.workdir else str(out / "work")
+    env = ensure_environment()
+    env.update(tp_size=args.tp_size, dp_size=args.dp_size)
+    log(f"card: {env['card']} ({env['capability']}); sglang {env['sglang']}; JIT cache {env['jit_cache']}")
+    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+    runs = [(a, m) for a in ARCHS for m in MIXES if not wanted or any(w in f"{a}/{m}" for w in wanted)]
+    converted = prepare_models(Path(args.workdir), sorted({a for a, _ in runs}))
+    results = []
+    for arch, mix in runs:
+        results.append(run_mix(arch, mix, converted[arch], args, out))
+        r = results[-1]
+        log(f"{r.name}: {'PASS' if r.ok else 'FAIL'} dlogprob {r.max_abs_dlogprob} (tol {r.tolerance}), weights {r.weight_vs_plan}")
+        seconds = time.time() - started
+        write_results(out, env, results, seconds)  # after every mix: a run cut short keeps what it measured
+    print("\n" + markdown(env, results, seconds))
+    passed = sum(r.ok for r in results)
+    print(f"SUMMARY: {passed}/{len(results)} mixes passed on {env['card']} in {seconds:.0f}s -> {out / 'results.md'}")
+    return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

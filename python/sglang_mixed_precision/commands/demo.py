@@ -1,0 +1,143 @@
+"""`sglang-mp demo`: a small model, converted, planned as a mix, then served (or run on CPU).
+
+1. generate a tiny random-weight model (Qwen3-MoE by default) in ``--workdir``;
+2. convert it to fp16/ fp8/ int4/ (round-to-nearest int4: seconds);
+3. write a mix: attention fp8, routed experts (or the dense MLP) int4, the rest bf16; plan it;
+4. with an NVIDIA GPU and SGLang: start ``launch_mixed_precision_server.py`` on it and ask ``/generate``;
+   without: generate through the reference path (transformers, each layer from its source) and say
+   what serving needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+from ..tinymodels import ARCHITECTURES
+
+PROMPTS = ["The capital of France is", "Once upon a time"]
+MIX_RULES = {
+    # arch kind -> rules, most specific first (the converter's config format)
+    "moe": [{"match": "model.layers.*.mlp.experts.*", "source": "int4"},
+            {"match": "model.layers.*.self_attn.*", "source": "fp8"}],
+    "dense": [{"match": "model.layers.*.mlp.*", "source": "int4"},
+              {"match": "model.layers.*.self_attn.*", "source": "fp8"}],
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default="sglang-mp-demo", help="where the model, its conversions and the mix go")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="qwen3_moe")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--cpu", action="store_true", help="use the reference path even if a GPU is present")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--server-timeout", type=float, default=1200.0,
+                   help="seconds to wait for SGLang (the first start builds the GPTQ-Marlin kernels: minutes)")
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def step(n: int, msg: str) -> float:
+    say(f"\n[{n}/4] {msg}")
+    return time.time()
+
+
+def prepare(workdir: Path, arch: str) -> Path:
+    """Steps 1-3: model, conversions, mix config; returns the config path."""
+    from ..convert.pipeline import ConvertOptions, convert
+    from ..tinymodels import make_tiny_model
+
+    t = step(1, f"tiny {arch} model -> {workdir / 'bf16'}")
+    if not (workdir / "bf16" / "config.json").is_file():
+        make_tiny_model(arch, workdir / "bf16")
+    say(f"      done in {time.time() - t:.1f}s")
+    t = step(2, "converting to fp16/ fp8/ int4/ (int4: round-to-nearest GPTQ format)")
+    convert(ConvertOptions(model_path=str(workdir / "bf16"), output_dir=str(workdir / "converted"), method="rtn",
+                           overwrite=True, progress=False))
+    say(f"      done in {time.time() - t:.1f}s")
+    import yaml
+
+    kind = "moe" if "moe" in arch else "dense"
+    doc = {"mixed_precision": {"sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"}, "default": "fp16",
+                               "rules": MIX_RULES[kind]}}
+    config = workdir / "converted" / "mix.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return config
+
+
+def gpu_ready() -> str | None:
+    """Why SGLang cannot serve here (None if it can)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no NVIDIA GPU is visible (torch.cuda.is_available() is False)"
+    if importlib.util.find_spec("sglang") is None:
+        return "sglang is not installed (pip install 'sglang==0.5.17')"
+    major, minor = torch.cuda.get_device_capability()
+    if major * 10 + minor < 80:
+        return f"the GPU is SM{major}{minor}; FP8-block and GPTQ-Marlin kernels need SM80 or newer"
+    return None
+
+
+def serve(config: Path, workdir: Path, args) -> int:
+    from ..serving import client, launcher
+
+    port = args.port or client.free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = launcher.sglang_command(["--enable-mixed-precision", "--mixed-precision-config", str(config),
+                                   "--plan-dir", str(workdir / "plan"), "--host", "127.0.0.1", "--port", str(port),
+                                   "--mem-fraction-static", "0.5", "--disable-cuda-graph"])
+    log = workdir / "server.log"
+    say(f"      starting SGLang (log: {log}); the first start builds the GPTQ-Marlin kernels, which takes minutes")
+    proc = client.start_server(cmd, log)
+    try:
+        waited = client.wait_until_ready(base, proc, args.server_timeout, log, progress=say)
+        say(f"      ready after {waited:.0f}s")
+        for prompt in PROMPTS:
+            out = client.post_json(f"{base}/generate", {"text": prompt, "sampling_params": {
+                "temperature": 0, "max_new_tokens": args.max_new_tokens}})
+            say(f"      {prompt!r} -> {out['text']!r}")
+    finally:
+        client.stop_server(proc)
+    return 0
+
+
+def run_reference(config: Path, args, why: str) -> int:
+    from ..reference import generate_reference, plan_from_config
+
+    say(f"      serving with SGLang is not possible here: {why}")
+    say("      generating through the reference path instead (transformers; every layer's weights from its source,"
+        " fp8/int4 dequantized, fp8 activations quantized as the W8A8 kernels do)")
+    plan = plan_from_config(config)
+    for out in generate_reference(plan, PROMPTS, args.max_new_tokens, simulate_w8a8=True):
+        say(f"      {out.prompt!r} -> {out.text!r}")
+    say("\nTo serve this mix with SGLang's kernels you need an NVIDIA GPU (SM80+, e.g. A100/H100) and sglang==0.5.17:\n"
+        f"  python launch_mixed_precision_server.py --enable-mixed-precision --mixed-precision-config {config} "
+        f"--model-path {config.parent / 'fp16'} --port 30000")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..plan import build_plan
+    from ..report import format_tables
+
+    started = time.time()
+    workdir = Path(args.workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = prepare(workdir, args.arch)
+    step(3, f"mix {config}: attention fp8, {'experts' if 'moe' in args.arch else 'MLP'} int4, the rest bf16")
+    plan = build_plan(load_config(config), tp_size=1)
+    say(format_tables(plan))
+    (workdir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1, default=str))
+    step(4, "serving")
+    why = "--cpu was given" if args.cpu else gpu_ready()
+    rc = run_reference(config, args, why) if why else serve(config, workdir, args)
+    say(f"\ndemo finished in {time.time() - started:.0f}s")
+    return rc
+

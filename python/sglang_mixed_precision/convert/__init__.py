@@ -1,0 +1,10 @@
+"""16-bit model -> fp16/ fp8/ int4/ model directories in the formats official releases use.
+
+``fp8_block``  FP8-E4M3 with one float32 scale per 128x128 tile (Qwen3-FP8 / DeepSeek-V3 layout)
+``gptq_pack``  GPTQ v1 int4 packing (qweight / qzeros / scales / g_idx) and its symmetric grid
+``gptq``       the GPTQ algorithm (Hessian, dampening, blocked error compensation, act-order)
+``calibration``calibration tokens and layer-by-layer activation capture (MoE routing included)
+``writer``     streaming safetensors shards, index and resume state
+``dequant``    independent dequantizers used to verify outputs (and by the reference forward)
+``pipeline``   the conversion driver behind ``sglang-mp convert``
+"""

@@ -1,0 +1,446 @@
+"""Calibrated GPTQ over a model, one decoder layer at a time.
+
+Calibration text is tokenized with the model's tokenizer and cut into sequences; the last
+sequences are held out to measure each layer's output error (GPTQ vs round-to-nearest). The
+embeddings give layer 0's inputs; each decoder layer is rebuilt from the model's transformers
+class with its 16-bit weights, its linears are quantized in the order data flows through them
+(q/k/v, o, gate/up, down), each from the inputs produced by the already-quantized parts, and the
+quantized layer's outputs become the next layer's inputs. Only one layer and the activations of
+the calibration tokens are in memory.
+
+MoE: the router (kept 16-bit) picks each token's top-k experts; every expert's Hessians come
+from the tokens routed to it only. Experts with fewer than ``min_expert_tokens`` tokens fall back
+to round-to-nearest and are reported.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import MixedPrecisionError
+from ..naming import Role, classify
+from .gptq import HessianAccumulator, gptq_quantize
+from .gptq_pack import GptqTensors, rtn_quantize
+from .dequant import dequant_gptq
+
+# Data-flow order of a decoder layer's linears: a stage's inputs depend on all earlier stages.
+STAGE_OF_LEAF = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "w1": 2, "w3": 2,
+                 "down_proj": 3, "w2": 3}
+FORWARD_BATCH = 8  # sequences per forward call (bounds attention memory)
+
+
+# -- calibration tokens -------------------------------------------------------------------------
+@dataclass
+class CalibrationSet:
+    calib: torch.Tensor  # [n, seqlen] token ids used for Hessians
+    heldout: torch.Tensor  # [m, seqlen] token ids used only to measure error
+    total_tokens: int
+    note: str = ""
+
+
+def calibration_text(calib_file: str | None) -> str:
+    if calib_file is None:
+        from ..tinymodels import corpus_text
+
+        return corpus_text()
+    p = Path(calib_file)
+    if not p.is_file():
+        raise MixedPrecisionError("calib_file_missing", "calibration file not found", where=str(p),
+                                  fix="pass a UTF-8 text file to --calib_file, or omit it to use the bundled corpus")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def split_windows(ids: torch.Tensor, nsamples: int, seqlen: int) -> CalibrationSet:
+    """Non-overlapping windows; about 1 in 8 (at least one) held out at the end of the text."""
+    total = ids.numel()
+    note = ""
+    if total < 2 * seqlen:
+        seqlen = max(8, total // 4)
+        note = f"text has only {total} tokens: sequences shortened to {seqlen}"
+    windows = ids[: (total // seqlen) * seqlen].view(-1, seqlen)
+    n_held = max(1, windows.shape[0] // 8)
+    calib = windows[:-n_held][:nsamples]
+    if calib.shape[0] < nsamples:
+        note = (note + "; " if note else "") + f"text gives {calib.shape[0]} of the {nsamples} requested sequences of {seqlen} tokens"
+    return CalibrationSet(calib, windows[-n_held:], total, note)
+
+
+def calibration_set(model_path: Path, calib_file: str | None, nsamples: int, seqlen: int) -> CalibrationSet:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_path))
+    except Exception as e:  # transformers raises many types for a missing / broken tokenizer
+        raise MixedPrecisionError("no_tokenizer", f"cannot load the model's tokenizer: {e}", where=str(model_path),
+                                  fix="add the tokenizer files to the model directory, or use --method rtn") from e
+    ids = torch.tensor(tok(calibration_text(calib_file))["input_ids"], dtype=torch.long)
+    if ids.numel() < 64:
+        raise MixedPrecisionError("calib_too_short", f"calibration text has only {ids.numel()} tokens",
+                                  where=calib_file or "bundled corpus", fix="pass a longer --calib_file")
+    return split_windows(ids, nsamples, seqlen)
+
+
+def _fields(t: GptqTensors):
+    return t.qweight, t.qzeros, t.scales, t.g_idx
+
+
+def split_rows(t: GptqTensors, rows: list[int]) -> list[GptqTensors]:
+    """Split a GPTQ matrix quantized as one along its output rows (N; qzeros by N/8)."""
+    qw = t.qweight.split(rows, dim=1)
+    qz = t.qzeros.split([r // 8 for r in rows], dim=1)
+    sc = t.scales.split(rows, dim=1)
+    return [GptqTensors(a.contiguous(), b.contiguous(), c.contiguous(), t.g_idx.clone()) for a, b, c in zip(qw, qz, sc)]
+
+
+def same_input_groups(modules: list[str]) -> list[list[str]]:
+    """Modules of one stage that read the same tensor (q/k/v; gate/up of one MLP)."""
+    groups: dict[str, list[str]] = {}
+    for m in modules:
+        groups.setdefault(m.rsplit(".", 1)[0], []).append(m)
+    return list(groups.values())
+
+
+# -- the transformers decoder layer ------------------------------------------------------------
+class LayerFactory:
+    """Builds a model's transformers decoder layer and rotary embedding from its config."""
+
+    def __init__(self, model_path: Path):
+        import transformers
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        self.config = AutoConfig.from_pretrained(str(model_path))
+        self.config._attn_implementation = "sdpa"  # causal attention without building a mask
+        if hasattr(self.config, "_experts_implementation"):
+            self.config._experts_implementation = "eager"  # the per-expert loop; no fused kernels on CPU
+        module = sys.modules[MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config)].__module__]
+        self.layer_cls = self._find(module, "DecoderLayer")
+        self.rotary = self._find(module, "RotaryEmbedding")(self.config)
+        self.transformers = transformers
+
+    @staticmethod
+    def _find(module, suffix: str):
+        hits = [v for k, v in vars(module).items() if k.endswith(suffix) and isinstance(v, type) and not k.startswith("_")]
+        if not hits:
+            raise MixedPrecisionError("unsupported_architecture", f"{module.__name__} has no *{suffix} class",
+                                      fix="use --method rtn for this architecture")
+        return hits[0]
+
+    def position_embeddings(self, x: torch.Tensor):
+        pos = torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)
+        return self.rotary(x, pos)
+
+    def build(self, layer_idx: int, tensors: dict[str, torch.Tensor], prefix: str) -> "LayerWeights":
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, layer_idx=layer_idx)
+        lw = LayerWeights(layer, prefix)
+        lw.load(tensors)
+        layer.eval()
+        return lw
+
+
+class LayerWeights:
+    """Maps checkpoint tensors onto a transformers layer, including transformers' fused 3-D
+    experts (``experts.gate_up_proj`` [E, 2I, H] = gate rows then up rows; ``experts.down_proj``)."""
+
+    def __init__(self, layer: torch.nn.Module, prefix: str):
+        self.layer = layer
+        self.prefix = prefix  # "model.layers.3."
+
+    def _rel(self, name: str) -> str:
+        return name[len(self.prefix):]
+
+    def _fused_expert_target(self, rel_module: str):
+        """(param, index) where an expert projection lives inside a fused 3-D parameter, or None."""
+        parts = rel_module.split(".")  # mlp.experts.<e>.<proj>
+        base, e, proj = ".".join(parts[:-2]), int(parts[-2]), parts[-1]
+        try:
+            experts = self.layer.get_submodule(base)
+        except AttributeError:
+            return None
+        if proj in ("gate_proj", "up_proj") and hasattr(experts, "gate_up_proj"):
+            p = experts.gate_up_proj
+            half = p.shape[1] // 2
+            rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+            return p, (e, rows)
+        if proj == "down_proj" and isinstance(getattr(experts, "down_proj", None), torch.nn.Parameter):
+            return experts.down_proj, (e,)
+        return None
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        sd = {}
+        expected = dict(self.layer.state_dict(keep_vars=True))
+        fused: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            rel = self._rel(name)
+            if rel in expected:
+                sd[rel] = t.float()
+                continue
+            module = rel.rsplit(".", 1)[0]
+            target = self._fused_expert_target(module) if ".experts." in rel else None
+            if target is None:
+                raise MixedPrecisionError("unsupported_architecture", f"tensor {name} has no place in {type(self.layer).__name__}",
+                                          where=name, fix="use --method rtn for this model")
+            param, idx = target
+            key = next(k for k, v in expected.items() if v is param)
+            buf = fused.setdefault(key, torch.zeros(param.shape, dtype=torch.float32))
+            buf[idx] = t.float()
+        sd.update(fused)
+        missing = set(expected) - set(sd)
+        if missing:
+            raise MixedPrecisionError("unsupported_architecture", f"layer tensors missing from the checkpoint: {sorted(missing)[:5]}",
+                                      where=self.prefix, fix="use --method rtn for this model")
+        self.layer.load_state_dict(sd, assign=True, strict=True)
+
+    def set_weight(self, module: str, w: torch.Tensor) -> None:
+        rel = self._rel(module)
+        target = self._fused_expert_target(rel) if ".experts." in rel else None
+        if target is not None:
+            param, idx = target
+            param.data[idx] = w.to(param.dtype)
+        else:
+            self.layer.get_submodule(rel).weight.data.copy_(w)
+
+    def submodule(self, module: str) -> torch.nn.Module:
+        return self.layer.get_submodule(self._rel(module))
+
+
+# -- GPTQ over the model -----------------------------------------------------------------------
+@dataclass
+class ErrorTally:
+    """Sum of squared output errors and of squared reference outputs on held-out inputs."""
+
+    gptq: float = 0.0
+    rtn: float = 0.0
+    ref: float = 0.0
+
+    def add(self, h: torch.Tensor, w: torch.Tensor, w_gptq: torch.Tensor, w_rtn: torch.Tensor) -> None:
+        # ||X D^T||^2 = tr(D X^T X D^T) = sum((D @ H) * D) * n/2 with H = 2/n X^T X: common factor dropped
+        def q(d):
+            return float(((d @ h) * d).sum())
+
+        self.gptq += q(w_gptq - w)
+        self.rtn += q(w_rtn - w)
+        self.ref += q(w)
+
+    def relative(self) -> tuple[float, float]:
+        r = max(self.ref, 1e-30)
+        return (self.gptq / r) ** 0.5, (self.rtn / r) ** 0.5
+
+
+@dataclass
+class GptqStats:
+    rtn_fallback: dict[str, int] = field(default_factory=dict)  # expert module -> tokens it got
+    per_layer: dict[int, tuple[float, float]] = field(default_factory=dict)
+    total: ErrorTally = field(default_factory=ErrorTally)
+    expert_tokens: dict[str, int] = field(default_factory=dict)
+
+
+class GptqInt4:
+    """The int4 method of the pipeline: calibrated GPTQ, one layer at a time."""
+
+    name = "gptq"
+
+    def __init__(self, model, plan, opts, log=print):
+        self.model, self.plan, self.opts, self.log = model, plan, opts, log
+        self.data = calibration_set(model.path, opts.calib_file, opts.nsamples, opts.seqlen)
+        self.factory = LayerFactory(model.path)
+        cfg = self.factory.config
+        self.top_k = getattr(cfg, "num_experts_per_tok", None)
+        self.act = self.factory.transformers.activations.ACT2FN[getattr(cfg, "hidden_act", "silu")]
+        self.stats = GptqStats()
+        self.hidden: torch.Tensor | None = None  # calibration activations entering the next layer
+        self.hidden_ho: torch.Tensor | None = None
+        log(f"gptq: {self.data.calib.shape[0]} calibration x {self.data.calib.shape[1]} tokens, "
+            f"{self.data.heldout.shape[0]} held out ({self.data.total_tokens} tokens of text)"
+            + (f"; {self.data.note}" if self.data.note else ""))
+
+    # pipeline interface ------------------------------------------------------------------------
+    def quantize_unit(self, unit, tensors: dict[str, torch.Tensor]) -> dict[str, GptqTensors]:
+        if unit.layer is None:
+            self._embed(tensors)
+            return {}
+        return self._layer(unit, tensors, written=None)
+
+    def skip_unit(self, unit, tensors, written: dict[str, torch.Tensor]) -> None:
+        """Resume: the layer is already written; replay it with the written weights to move on."""
+        if unit.layer is None:
+            self._embed(tensors)
+        else:
+            self._layer(unit, tensors, written=written)
+
+    def report(self) -> dict:
+        g, r = self.stats.total.relative()
+        return {
+            "method": "gptq",
+            "calibration_sequences": int(self.data.calib.shape[0]),
+            "seqlen": int(self.data.calib.shape[1]),
+            "heldout_sequences": int(self.data.heldout.shape[0]),
+            "calibration_note": self.data.note,
+            "heldout_gptq_error": g,
+            "heldout_rtn_error": r,
+            "per_layer_heldout_error": {str(k): {"gptq": v[0], "rtn": v[1]} for k, v in self.stats.per_layer.items()},
+            "rtn_fallback": self.stats.rtn_fallback,
+            "expert_tokens": self.stats.expert_tokens,
+        }
+
+    # steps -------------------------------------------------------------------------------------
+    def _embed(self, tensors: dict[str, torch.Tensor]) -> None:
+        emb = [t for n, t in tensors.items() if classify(n.rsplit(".", 1)[0]).role is Role.EMBEDDING]
+        if not emb:
+            raise MixedPrecisionError("unsupported_architecture", "no token embedding found outside the layers",
+                                      where=str(self.model.path), fix="use --method rtn for this model")
+        table = emb[0].float()
+        self.hidden = table[self.data.calib]
+        self.hidden_ho = table[self.data.heldout]
+
+    def _forward(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        with torch.no_grad():
+            for i in range(0, x.shape[0], FORWARD_BATCH):
+                xb = x[i : i + FORWARD_BATCH]
+                out = lw.layer(xb, attention_mask=None, position_embeddings=self.factory.position_embeddings(xb))
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outs)
+
+    def _capture(self, lw: LayerWeights, inputs: list[list[str]], moe_block: str | None):
+        """Run calibration and held-out tokens through the layer; return one (calib, held-out)
+        Hessian pair per list of modules that read the same input, and the MoE block's inputs."""
+        hess = []
+        moe_in: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+        phase = [0]
+        hooks = []
+        for group in inputs:
+            k = lw.submodule(group[0]).in_features
+            pair = (HessianAccumulator(k), HessianAccumulator(k))
+            hess.append(pair)
+            hooks.append(lw.submodule(group[0]).register_forward_pre_hook(lambda mod, args, pair=pair: pair[phase[0]].add(args[0])))
+        if moe_block is not None:
+            hooks.append(lw.submodule(moe_block).register_forward_pre_hook(
+                lambda mod, args: moe_in[phase[0]].append(args[0].reshape(-1, args[0].shape[-1]))))
+        try:
+            self._forward(lw, self.hidden)
+            phase[0] = 1
+            self._forward(lw, self.hidden_ho)
+        finally:
+            for h in hooks:
+                h.remove()
+        moe = (torch.cat(moe_in[0]), torch.cat(moe_in[1])) if moe_block is not None else None
+        return hess, moe
+
+    def _quantize(self, modules: list[str], tensors: dict[str, torch.Tensor], h: HessianAccumulator,
+                  h_ho: HessianAccumulator, tally: ErrorTally, lw: LayerWeights) -> dict[str, GptqTensors]:
+        """GPTQ for modules that read the same input: GPTQ treats output rows independently, so
+        they are quantized as one matrix with one Hessian, then split back. Writes the
+        dequantized weights into the layer so later stages see the quantized model."""
+        ws = [tensors[f"{m}.weight"].float() for m in modules]
+        rtn = [rtn_quantize(w, self.opts.group_size) for w in ws]
+        w_rtn = [dequant_gptq(r.qweight, r.qzeros, r.scales, r.g_idx) for r in rtn]
+        if h.n < self.opts.min_expert_tokens:
+            for m, r, d in zip(modules, rtn, w_rtn):
+                self.stats.rtn_fallback[m] = h.n
+                lw.set_weight(m, d)
+            return dict(zip(modules, rtn))
+        res = gptq_quantize(torch.cat(ws), h.hessian, group_size=self.opts.group_size,
+                            damp_percent=self.opts.damp_percent, act_order=self.opts.desc_act)
+        rows = [w.shape[0] for w in ws]
+        parts = split_rows(res.tensors, rows)
+        deqs = res.dequantized.split(rows)
+        for m, w, d, dr in zip(modules, ws, deqs, w_rtn):
+            lw.set_weight(m, d)
+            if h_ho.n:
+                tally.add(h_ho.hessian, w, d, dr)
+        return dict(zip(modules, parts))
+
+    def _layer(self, unit, tensors, written: dict[str, torch.Tensor] | None) -> dict[str, GptqTensors]:
+        prefix = f"{unit.tensors[0].split('.layers.')[0]}.layers.{unit.layer}."
+        lw = self.factory.build(unit.layer, tensors, prefix)
+        out: dict[str, GptqTensors] = {}
+        tally = ErrorTally()
+        if written is not None:
+            for m, w in written.items():
+                lw.set_weight(m, w)
+        else:
+            for stage, modules in self._stages(unit.quantized_modules):
+                plain = [m for m in modules if classify(m).role is not Role.ROUTED_EXPERT]
+                experts = [m for m in modules if classify(m).role is Role.ROUTED_EXPERT]
+                moe_block = self._moe_block(experts, prefix) if experts else None
+                inputs = same_input_groups(plain)
+                hess, moe = self._capture(lw, inputs, moe_block)
+                for group, (h, h_ho) in zip(inputs, hess):
+                    out.update(self._quantize(group, tensors, h, h_ho, tally, lw))
+                if experts:
+                    out.update(self._experts(lw, unit, tensors, moe, tally, prefix, moe_block))
+        self.hidden = self._forward(lw, self.hidden)
+        self.hidden_ho = self._forward(lw, self.hidden_ho)
+        if written is None:
+            self.stats.per_layer[unit.layer] = tally.relative()
+            for attr in ("gptq", "rtn", "ref"):
+                setattr(self.stats.total, attr, getattr(self.stats.total, attr) + getattr(tally, attr))
+        return out
+
+    @staticmethod
+    def _stages(modules: list[str]) -> list[tuple[int, list[str]]]:
+        stages: dict[int, list[str]] = {}
+        for m in modules:
+            leaf = m.rsplit(".", 1)[-1]
+            if leaf not in STAGE_OF_LEAF:
+                raise MixedPrecisionError("unsupported_architecture", f"no calibration order known for {m}",
+                                          where=m, fix="use --method rtn, or --skip this module")
+            stages.setdefault(STAGE_OF_LEAF[leaf], []).append(m)
+        # experts' down projections are handled with their gate/up from the same routed tokens
+        if 2 in stages and 3 in stages:
+            moved = [m for m in stages[3] if classify(m).role is Role.ROUTED_EXPERT]
+            stages[2] += moved
+            stages[3] = [m for m in stages[3] if m not in moved]
+        return sorted((k, v) for k, v in stages.items() if v)
+
+    @staticmethod
+    def _moe_block(experts: list[str], prefix: str) -> str:
+        base = classify(experts[0]).group  # model.layers.3.mlp.experts
+        return base.rsplit(".", 1)[0]  # model.layers.3.mlp
+
+    def _router_weight(self, tensors, moe_block: str) -> torch.Tensor:
+        for n, t in tensors.items():
+            ref = classify(n.rsplit(".", 1)[0])
+            if ref.role is Role.ROUTER and n.startswith(moe_block + ".") and n.endswith(".weight") and "shared" not in n:
+                return t.float()
+        raise MixedPrecisionError("unsupported_architecture", f"no router weight found in {moe_block}", where=moe_block,
+                                  fix="use --method rtn for this model")
+
+    def route(self, x: torch.Tensor, router_w: torch.Tensor) -> torch.Tensor:
+        """Top-k expert indices per token [T, k] (softmax is monotonic, so top-k of the logits)."""
+        return torch.topk(x @ router_w.t(), self.top_k, dim=-1).indices
+
+    def _experts(self, lw, unit, tensors, moe, tally, prefix, moe_block) -> dict[str, GptqTensors]:
+        x, x_ho = moe
+        router_w = self._router_weight(tensors, moe_block)
+        sel, sel_ho = self.route(x, router_w), self.route(x_ho, router_w)
+        by_expert: dict[int, dict[str, str]] = {}
+        for m in unit.quantized_modules:
+            ref = classify(m)
+            if ref.role is Role.ROUTED_EXPERT:
+                by_expert.setdefault(ref.expert, {})[ref.shard] = m
+        out = {}
+        for e, projs in sorted(by_expert.items()):
+            xe = x[(sel == e).any(dim=-1)]
+            xe_ho = x_ho[(sel_ho == e).any(dim=-1)]
+            for m in projs.values():
+                self.stats.expert_tokens[m] = int(xe.shape[0])
+            gate_up = [projs[s] for s in ("w1", "w3") if s in projs]
+            h, h_ho = HessianAccumulator(xe.shape[1]), HessianAccumulator(xe.shape[1])
+            h.add(xe)
+            h_ho.add(xe_ho)
+            out.update(self._quantize(gate_up, tensors, h, h_ho, tally, lw))
+            if "w2" in projs:  # down: inputs are act(gate) * up computed with the quantized gate/up
+                g, u = (dequant_gptq(*_fields(out[projs[s]])) for s in ("w1", "w3"))
+                mid, mid_ho = self.act(xe @ g.t()) * (xe @ u.t()), self.act(xe_ho @ g.t()) * (xe_ho @ u.t())
+                h, h_ho = HessianAccumulator(mid.shape[1]), HessianAccumulator(mid.shape[1])
+                h.add(mid)
+                h_ho.add(mid_ho)
+                out.update(self._quantize([projs["w2"]], tensors, h, h_ho, tally, lw))
+        return out

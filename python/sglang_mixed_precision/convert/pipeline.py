@@ -1,0 +1,313 @@
+"""The conversion driver: input checks, plan, then one streaming pass over the decoder layers.
+
+Each unit (the non-layer tensors, then decoder layer 0, 1, ...) is read once from the input
+shards, quantized for every requested output and streamed into that output's shards; only the
+unit in flight is held in memory. Peak RAM above the interpreter + libraries is about
+    2 x the largest unit's 16-bit bytes + 48 bytes x the largest tensor's elements
+    (+ for gptq: 24 bytes x K_max^2 for Hessians / inverse Cholesky, + the calibration activations)
+independent of the number of layers (measured by bench/convert_memory.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import MixedPrecisionError
+from .fp8_block import DEFAULT_BLOCK, quantize_fp8_block
+from .gptq_pack import GptqTensors, rtn_quantize
+from .model_dir import InputModel
+from .outputs import copy_side_files, fp8_quantization_config, gptq_quantization_config, write_config, write_fp16
+from .plan import ConversionPlan, Unit, build_plan
+from .verify import DEFAULT_MAX_ERROR, OutputCheck, check_output, format_check
+from .writer import STATE_FILE, ShardedWriter, parse_size
+
+FORMATS = ("fp16", "fp8", "int4")
+OUTPUT_NAMES = ("fp16", "fp8", "int4", "mixed_precision_config.yaml", "convert_report.json")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ConvertOptions:
+    model_path: str
+    output_dir: str
+    formats: tuple[str, ...] = FORMATS
+    method: str = "gptq"  # int4: "gptq" (calibrated) or "rtn" (round to nearest)
+    group_size: int = 128
+    desc_act: bool = False
+    damp_percent: float = 0.01
+    calib_file: str | None = None
+    nsamples: int = 128
+    seqlen: int = 512
+    min_expert_tokens: int = 32
+    skip: list[str] = field(default_factory=list)
+    overwrite: bool = False
+    max_shard_size: str = "2GB"
+    verify: bool = False
+    check: bool = True  # reload and measure the outputs after writing
+    max_error_fp8: float = DEFAULT_MAX_ERROR["fp8"]
+    max_error_int4: float = DEFAULT_MAX_ERROR["int4"]
+    progress: bool = True
+    seed: int = 0
+
+    def fingerprint(self, model: InputModel) -> dict:
+        """What must match for a rerun to reuse finished shards."""
+        keys = ("method", "group_size", "desc_act", "damp_percent", "nsamples", "seqlen", "min_expert_tokens", "skip", "seed")
+        calib = Path(self.calib_file).read_bytes() if self.calib_file else b"bundled"
+        return {
+            "version": FORMAT_VERSION,
+            "input": str(Path(self.model_path).resolve()),
+            "input_bytes": model.total_bytes,
+            "calib_sha1": hashlib.sha1(calib).hexdigest(),
+            **{k: getattr(self, k) for k in keys},
+        }
+
+
+@dataclass
+class ConversionReport:
+    output_dir: str
+    seconds: float
+    input_bytes: int
+    checks: dict[str, OutputCheck] = field(default_factory=dict)
+    int4_method: dict = field(default_factory=dict)  # what the int4 quantizer reports (RTN fallbacks, errors)
+    resumed_shards: dict[str, int] = field(default_factory=dict)
+    skipped_groups: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "checks"}
+        d["checks"] = {f: {"errors": c.errors, "problems": c.problems} for f, c in self.checks.items()}
+        return d
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- output directory ---------------------------------------------------------------------------
+def prepare_output_dir(opts: ConvertOptions, fingerprint: dict) -> Path:
+    """Refuse a non-empty output dir unless it is an interrupted run of the same conversion
+    (resume) or --overwrite is given (then only what the converter writes is removed)."""
+    out = Path(opts.output_dir)
+    if out.exists() and not out.is_dir():
+        raise MixedPrecisionError("output_not_dir", "the output path exists and is not a directory", where=str(out),
+                                  fix="pick a new --output_dir")
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    if opts.overwrite:
+        for name in OUTPUT_NAMES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        return out
+    states = [out / f / STATE_FILE for f in ("fp8", "int4") if (out / f / STATE_FILE).exists()]
+    if states and all(json.loads(s.read_text()).get("fingerprint") == fingerprint for s in states):
+        return out
+    reason = "holds another conversion (different input or settings)" if states else "is not empty"
+    raise MixedPrecisionError("output_not_empty", f"the output directory {reason}", where=str(out),
+                              fix="pass --overwrite to replace the converter's outputs there, or pick a new --output_dir")
+
+
+# -- int4 methods -------------------------------------------------------------------------------
+class RtnInt4:
+    """Round-to-nearest symmetric int4: no calibration."""
+
+    name = "rtn"
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def quantize_unit(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> dict[str, GptqTensors]:
+        return {m: rtn_quantize(tensors[f"{m}.weight"], self.group_size) for m in unit.quantized_modules}
+
+    def skip_unit(self, unit: Unit, tensors: dict[str, torch.Tensor], written: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def report(self) -> dict:
+        return {"method": "rtn"}
+
+
+def make_int4_method(opts: ConvertOptions, model: InputModel, plan: ConversionPlan):
+    if opts.method == "rtn":
+        return RtnInt4(opts.group_size)
+    if opts.method == "gptq":
+        from .calibration import GptqInt4
+
+        return GptqInt4(model, plan, opts, log=_log)
+    raise MixedPrecisionError("bad_method", f"unknown int4 method {opts.method!r}", fix="use --method gptq or --method rtn")
+
+
+# -- the pass over units ------------------------------------------------------------------------
+def _fp8_tensors(plan: ConversionPlan, unit: Unit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in unit.tensors:
+        module = name.rsplit(".", 1)[0]
+        if module in unit.quantized_modules and name.endswith(".weight"):
+            q, s = quantize_fp8_block(tensors[name], plan.fp8_block)
+            out[f"{module}.weight"] = q
+            out[f"{module}.weight_scale_inv"] = s
+        else:
+            out[name] = tensors[name]
+    return out
+
+
+def _int4_passthrough(unit: Unit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    quantized = {f"{m}.weight" for m in unit.quantized_modules}
+    return {n: tensors[n] for n in unit.tensors if n not in quantized}
+
+
+def _unit_done(unit: Unit, writers: dict[str, ShardedWriter]) -> bool:
+    """A unit is done when every output already holds all of its tensors (resume)."""
+    for fmt, w in writers.items():
+        for name in unit.tensors:
+            module = name.rsplit(".", 1)[0]
+            if module in unit.quantized_modules and name.endswith(".weight"):
+                probe = f"{module}.weight" if fmt == "fp8" else f"{module}.qweight"
+            else:
+                probe = name
+            if w.needs(probe):
+                return False
+    return True
+
+
+def _read_written_int4(out_dir: Path, unit: Unit) -> dict[str, torch.Tensor]:
+    """Dequantized int4 weights of a finished unit, read back from its shards (resume of gptq)."""
+    from .dequant import dequant_gptq
+    from .verify import _OutputReader
+
+    state = json.loads((out_dir / STATE_FILE).read_text())
+    weight_map = {n: s["file"] for s in state["shards"] for n in s["tensors"]}
+    reader = _OutputReader.__new__(_OutputReader)
+    reader.path, reader.weight_map, reader._handles = out_dir, weight_map, {}
+    from safetensors import safe_open
+
+    reader._open = safe_open
+    return {
+        m: dequant_gptq(*(reader.read(f"{m}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")))
+        for m in unit.quantized_modules
+    }
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _unit_bytes(model: InputModel, unit: Unit) -> int:
+    return sum(model.tensors[n].nbytes for n in unit.tensors)
+
+
+def run_units(model: InputModel, plan: ConversionPlan, opts: ConvertOptions, writers: dict[str, ShardedWriter], int4) -> None:
+    bar = _progress_bar(model.total_bytes, opts.progress)
+    try:
+        for unit in plan.units:
+            bar.set_postfix_str(unit.label)
+            done = _unit_done(unit, writers)
+            if done and (int4 is None or isinstance(int4, RtnInt4)):
+                bar.update(_unit_bytes(model, unit))
+                continue
+            tensors = {n: model.read(n) for n in unit.tensors}
+            if done:  # gptq resume: carry the calibration activations through the written layer
+                int4.skip_unit(unit, tensors, _read_written_int4(writers["int4"].out_dir, unit))
+            else:
+                if "fp8" in writers:
+                    for name, t in _fp8_tensors(plan, unit, tensors).items():
+                        writers["fp8"].add(name, t)
+                if "int4" in writers:
+                    for name, t in _int4_passthrough(unit, tensors).items():
+                        writers["int4"].add(name, t)
+                    for module, g in int4.quantize_unit(unit, tensors).items():
+                        for name, t in g.as_dict(module).items():
+                            writers["int4"].add(name, t)
+            del tensors
+            model.release()  # unmap the input shards: their touched pages would otherwise stay resident
+            bar.update(_unit_bytes(model, unit))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+
+
+# -- entry point --------------------------------------------------------------------------------
+def convert(opts: ConvertOptions) -> ConversionReport:
+    t0 = time.time()
+    bad = [f for f in opts.formats if f not in FORMATS]
+    if bad or not opts.formats:
+        raise MixedPrecisionError("bad_format", f"unknown output format(s) {bad}", fix=f"choose from {', '.join(FORMATS)}")
+    if opts.group_size not in (32, 64, 128, -1):
+        raise MixedPrecisionError("bad_group_size", f"group_size {opts.group_size} is not supported",
+                                  fix="use --group_size 32, 64, 128 or -1")
+    model = InputModel(opts.model_path)
+    model.check_supported()
+    model.check_not_quantized()
+    plan = build_plan(model, skip=opts.skip, group_size=opts.group_size if "int4" in opts.formats else None,
+                      fp8_block=DEFAULT_BLOCK)
+    fingerprint = opts.fingerprint(model)
+    out = prepare_output_dir(opts, fingerprint)
+    _log(f"convert: {model.architecture} {model.total_bytes / 2**20:.1f} MiB in {len(model.files)} shard(s), "
+         f"{len(plan.quantized)} linear modules to quantize, {len(plan.units)} units -> {out}")
+    if plan.skipped_groups:
+        _log(f"convert: left 16-bit by --skip: {', '.join(plan.skipped_groups)}")
+
+    report = ConversionReport(str(out), 0.0, model.total_bytes, skipped_groups=plan.skipped_groups)
+    if "fp16" in opts.formats:
+        write_fp16(model, out / "fp16", progress=_log)
+
+    max_bytes = parse_size(opts.max_shard_size)
+    writers = {f: ShardedWriter(out / f, max_bytes, fingerprint) for f in ("fp8", "int4") if f in opts.formats}
+    for f, w in writers.items():
+        report.resumed_shards[f] = w.resumed_shards
+        if w.resumed_shards:
+            _log(f"convert: {f}: resuming, {w.resumed_shards} finished shard(s) kept")
+    int4 = make_int4_method(opts, model, plan) if "int4" in writers else None
+    if any(not w.complete for w in writers.values()):
+        run_units(model, plan, opts, writers, int4)
+    for f, w in writers.items():
+        if not w.complete:
+            w.finish()
+        copy_side_files(model, out / f)
+    if "fp8" in writers:
+        write_config(model, out / "fp8", fp8_quantization_config(plan))
+    if "int4" in writers:
+        # float16 like official GPTQ-Int4 releases: SGLang 0.5.17's GPTQ-Marlin MoE keeps fp16 scales
+        # and requires fp16 activations, so a bf16 config would not serve with stock flags.
+        write_config(model, out / "int4", gptq_quantization_config(plan, desc_act=opts.desc_act,
+                                                                   damp_percent=opts.damp_percent, method=opts.method),
+                     dtype="float16")
+        report.int4_method = int4.report()
+
+    if opts.check or opts.verify:
+        for f in writers:
+            report.checks[f] = check_output(f, out / f, model, plan)
+            _log(format_check(report.checks[f]))
+    report.seconds = time.time() - t0
+    (out / "convert_report.json").write_text(json.dumps(report.to_json(), indent=1))
+    if opts.verify:
+        gate_verification(report, opts)
+    return report
+
+
+def gate_verification(report: ConversionReport, opts: ConvertOptions) -> None:
+    limits = {"fp8": opts.max_error_fp8, "int4": opts.max_error_int4}
+    failures = []
+    for f, c in report.checks.items():
+        failures += c.problems
+        failures += [f"{f}: {m} relative error {e:.4f} > {limits[f]}" for m, e in c.errors.items() if e > limits[f]]
+    if failures:
+        raise MixedPrecisionError("verify_failed", f"{len(failures)} check(s) failed:\n  " + "\n  ".join(failures[:30]),
+                                  where=report.output_dir,
+                                  fix="inspect the listed modules; raise --max_error_fp8/--max_error_int4 if expected, "
+                                      "or leave them 16-bit with --skip")

@@ -1,0 +1,180 @@
+"""Streaming safetensors output: shards written tensor by tensor, an index, and resume state.
+
+A shard's tensor bytes go to a body file as they arrive, so memory never holds more than the
+tensor being written; closing the shard writes the safetensors header and appends the body.
+Closed shards are recorded in ``.convert_state.json``; a rerun with the same fingerprint skips
+every tensor of a closed shard and redoes only what was in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+STATE_FILE = ".convert_state.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MB' / bytes -> bytes (decimal units, as transformers' max_shard_size)."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class _OpenShard:
+    """One shard being written: header entries in memory, data in a body file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.body_path = path.with_name(path.name + ".body")
+        self.body = open(self.body_path, "wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot store {name} with dtype {t.dtype} in safetensors")
+        data = tensor_bytes(t)
+        self.body.write(data)
+        n = data.nbytes
+        self.entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.size, self.size + n]}
+        self.size += n
+
+    def close(self) -> None:
+        self.body.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * ((-len(header)) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out, open(self.body_path, "rb") as body:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(body, out, 16 * 2**20)
+        os.replace(tmp, self.path)
+        self.body_path.unlink()
+
+    def abort(self) -> None:
+        self.body.close()
+        self.body_path.unlink(missing_ok=True)
+
+
+class ShardedWriter:
+    """Writes one output model directory's tensors into size-bounded shards, resumably."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int, fingerprint: dict):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.fingerprint = fingerprint
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.state = self._load_state()
+        self.done: set[str] = {n for s in self.state["shards"] for n in s["tensors"]}
+        self._shard: _OpenShard | None = None
+        self._clear_partials()
+
+    # -- resume state -------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / STATE_FILE
+
+    def _load_state(self) -> dict:
+        if self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+            if state.get("fingerprint") == self.fingerprint:
+                return state
+        return {"fingerprint": self.fingerprint, "shards": [], "complete": False}
+
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_name(STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.state_path)
+
+    def _clear_partials(self) -> None:
+        """Drop shards that were in flight when a previous run stopped (not in the state)."""
+        recorded = {s["file"] for s in self.state["shards"]}
+        for p in self.out_dir.glob("part-*.safetensors*"):
+            if p.name not in recorded:
+                p.unlink()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.state.get("complete"))
+
+    @property
+    def resumed_shards(self) -> int:
+        return len(self.state["shards"])
+
+    # -- writing ------------------------------------------------------------------------------
+    def needs(self, name: str) -> bool:
+        return name not in self.done
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.done:
+            return
+        if self._shard is None:
+            idx = len(self.state["shards"]) + 1
+            self._shard = _OpenShard(self.out_dir / f"part-{idx:05d}.safetensors")
+        self._shard.add(name, t)
+        self.done.add(name)
+        if self._shard.size >= self.max_shard_bytes:
+            self.close_shard()
+
+    def close_shard(self) -> None:
+        if self._shard is None:
+            return
+        shard, self._shard = self._shard, None
+        shard.close()
+        self.state["shards"].append({"file": shard.path.name, "tensors": list(shard.entries), "bytes": shard.size})
+        self._save_state()
+
+    def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.abort()
+            self.done -= set(self._shard.entries)
+            self._shard = None
+
+    def finish(self) -> dict[str, str]:
+        """Close the last shard, give shards their final names, write the index; return weight_map."""
+        self.close_shard()
+        shards = self.state["shards"]
+        total = len(shards)
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        for i, s in enumerate(shards, 1):
+            final = f"model-{i:05d}-of-{total:05d}.safetensors"
+            if s["file"] != final:
+                os.replace(self.out_dir / s["file"], self.out_dir / final)
+                s["file"] = final
+            total_size += s["bytes"]
+            for n in s["tensors"]:
+                weight_map[n] = final
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        self.state["complete"] = True
+        self._save_state()
+        return weight_map

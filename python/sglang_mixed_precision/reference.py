@@ -1,0 +1,253 @@
+"""Reference forward pass: transformers, with every module's weights taken from its planned source.
+
+The correctness oracle for the GPU proofs, and the way a machine without a GPU runs a mix. The model
+is built from the skeleton's ``config.json`` (``AutoModelForCausalLM.from_config``); each parameter
+is filled from the source the plan assigns to its module: 16-bit tensors as stored, fp8 and GPTQ
+modules dequantized with the converter's independent dequantizers (``convert.dequant``).
+transformers stores MoE experts fused (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj
+[E, H, I]``) while checkpoints store one module per expert; the loader stacks them.
+
+``simulate_w8a8`` also models what SGLang's FP8 block kernels do to activations: each fp8 module's
+input is quantized per token and group of 128 channels to float8_e4m3 with a dynamic scale
+(``amax / 448``), then dequantized. GPTQ-Marlin is weight-only (W4A16): its inputs stay as they are.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MixedPrecisionError
+
+FP8_MAX = 448.0  # largest float8_e4m3fn
+ACT_GROUP = 128  # SGLang's per-token-group activation quantization width for block FP8
+# checkpoint expert projection -> (transformers fused parameter, position inside it)
+_EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0),
+                 "up_proj": ("gate_up_proj", 1), "w3": ("gate_up_proj", 1),
+                 "down_proj": ("down_proj", 0), "w2": ("down_proj", 0)}
+
+
+@dataclass
+class ReferenceOutput:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    logits: torch.Tensor  # [generated tokens, vocab] float32: the logits each greedy token was taken from
+    prompt: str | None = None
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        return torch.log_softmax(self.logits.float(), dim=-1)
+
+
+@dataclass
+class _Fill:
+    done: set = field(default_factory=set)  # parameter names filled
+    used: set = field(default_factory=set)  # checkpoint module names used
+
+
+# ---- weights --------------------------------------------------------------------------------
+def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
+    """A module's 16-bit-equivalent tensors ({"weight": ..., "bias": ...}) from its planned source.
+
+    16-bit tensors come back as stored; fp8 / GPTQ weights dequantized to float32.
+    """
+    from .convert.dequant import dequant_fp8_block, dequant_gptq
+
+    a = plan.modules[module]
+    source = plan.sources[a.label]
+    raw = {suffix: source.read_tensor(info.name) for suffix, info in a.tensors.items()}
+    scheme = a.scheme
+    out = {k: v for k, v in raw.items() if k == "bias"}
+    if scheme.kind == "unquantized":
+        return raw
+    if scheme.kind == "fp8":
+        if scheme.fp8_block:
+            out["weight"] = dequant_fp8_block(raw["weight"], raw["weight_scale_inv"], tuple(scheme.fp8_block))
+        else:  # per-channel [N, 1] or per-tensor scalar scale
+            scale = raw.get("weight_scale", raw.get("weight_scale_inv"))
+            out["weight"] = raw["weight"].float() * scale.float().reshape(-1, 1) if scale.numel() > 1 else raw["weight"].float() * scale.float()
+        return out
+    if scheme.kind == "gptq":
+        out["weight"] = dequant_gptq(raw["qweight"], raw["qzeros"], raw["scales"], raw.get("g_idx") if scheme.desc_act else None,
+                                     bits=scheme.bits)
+        return out
+    raise MixedPrecisionError("unsupported_scheme", f"no dequantizer for {scheme.label()}", where=module)
+
+
+def fill_model(model: torch.nn.Module, plan) -> None:
+    """Copy every planned module into ``model``'s parameters; every parameter must be filled."""
+    params = dict(model.named_parameters())
+    fill = _Fill()
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for module, a in plan.modules.items():
+        ref = a.ref
+        tensors = module_weights(plan, module)
+        if ref.expert is not None:
+            leaf = module.rsplit(".", 1)[-1]
+            experts.setdefault(ref.group, {}).setdefault(ref.expert, {})[leaf] = tensors["weight"]
+            fill.used.add(module)
+            continue
+        for suffix, tensor in tensors.items():
+            name = f"{module}.{suffix}"
+            if name not in params:
+                if _tied_lm_head(model, name):
+                    fill.used.add(module)
+                    continue
+                raise MixedPrecisionError("reference_no_parameter", f"the transformers model has no parameter {name}",
+                                          where=str(plan.skeleton_path / "config.json"),
+                                          fix="the reference supports the architectures transformers builds from config.json")
+            _copy(params[name], tensor, name)
+            fill.done.add(name)
+            fill.used.add(module)
+    for base, per_expert in experts.items():
+        _fill_experts(params, base, per_expert, fill)
+    missing = sorted(set(params) - fill.done - _tied_names(model))
+    if missing:
+        raise MixedPrecisionError("reference_unfilled", f"{len(missing)} parameter(s) have no planned source: {', '.join(missing[:5])}",
+                                  fix="the plan must cover every tensor of the model")
+
+
+def _fill_experts(params: dict, base: str, per_expert: dict, fill: _Fill) -> None:
+    """Stack per-expert checkpoint modules into transformers' fused expert parameters."""
+    for fused in ("gate_up_proj", "down_proj"):
+        name = f"{base}.{fused}"
+        if name not in params:
+            raise MixedPrecisionError("reference_no_parameter", f"the transformers model has no fused expert parameter {name}",
+                                      fix="the reference stacks experts for models with fused experts (transformers 5)")
+        parts = []
+        for e in sorted(per_expert):
+            pieces = sorted((_EXPERT_PARTS[leaf][1], w) for leaf, w in per_expert[e].items() if _EXPERT_PARTS[leaf][0] == fused)
+            parts.append(torch.cat([w for _, w in pieces], dim=0))
+        _copy(params[name], torch.stack(parts), name)
+        fill.done.add(name)
+
+
+def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise MixedPrecisionError("reference_shape", f"{name}: source gives {tuple(tensor.shape)}, the model has {tuple(param.shape)}",
+                                  fix="the sources must be of the skeleton's model size")
+    with torch.no_grad():
+        param.copy_(tensor.to(param.dtype))
+
+
+def _tied_names(model) -> set[str]:
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return {"lm_head.weight"} if tied else set()
+
+
+def _tied_lm_head(model, name: str) -> bool:
+    return name in _tied_names(model)
+
+
+# ---- W8A8 activation model -------------------------------------------------------------------
+def fake_quant_fp8_activation(x: torch.Tensor, group: int = ACT_GROUP) -> torch.Tensor:
+    """Per token and group of ``group`` channels: scale = amax / 448, round to e4m3, scale back."""
+    shape = x.shape
+    if shape[-1] % group:
+        raise MixedPrecisionError("reference_act_group", f"activation width {shape[-1]} is not a multiple of {group}")
+    g = x.float().reshape(-1, shape[-1] // group, group)
+    scale = g.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / FP8_MAX
+    q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return q.reshape(shape).to(x.dtype)
+
+
+def simulate_fp8_activations(model: torch.nn.Module, plan) -> int:
+    """Quantize the inputs of the model's fp8 modules as SGLang's W8A8 kernels do; returns how many."""
+    modules = dict(model.named_modules())
+    count = 0
+    fp8_experts = {a.ref.group for a in plan.modules.values() if a.scheme.kind == "fp8" and a.ref.expert is not None}
+    for name, a in plan.modules.items():
+        if a.scheme.kind == "fp8" and a.ref.expert is None and isinstance(modules.get(name), torch.nn.Linear):
+            modules[name].register_forward_pre_hook(lambda mod, args: (fake_quant_fp8_activation(args[0]), *args[1:]))
+            count += 1
+    for group in fp8_experts:
+        experts = modules[group]
+        experts.forward = types.MethodType(_quantized_experts_forward, experts)
+        count += 1
+    return count
+
+
+def _quantized_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' fused-experts loop, with both expert GEMM inputs fake-quantized to fp8."""
+    act = self.act_fn
+    out = torch.zeros_like(hidden_states)
+    for e in torch.unique(top_k_index).tolist():
+        token, slot = torch.where(top_k_index == e)
+        x = fake_quant_fp8_activation(hidden_states[token])
+        gate, up = torch.nn.functional.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        h = fake_quant_fp8_activation(act(gate) * up)
+        y = torch.nn.functional.linear(h, self.down_proj[e]) * top_k_weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+# ---- model, tokenizer, generation -------------------------------------------------------------
+def build_reference_model(plan, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                          simulate_w8a8: bool = False) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(plan.skeleton_path))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fill_model(model, plan)
+    if simulate_w8a8:
+        simulate_fp8_activations(model, plan)
+    return model.eval()
+
+
+def load_tokenizer(plan):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(plan.skeleton_path))
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the float32 logits each was chosen from (KV-cached decoding)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    out = model(input_ids=ids, use_cache=True)
+    tokens, logits = [], []
+    for _ in range(max_new_tokens):
+        step = out.logits[0, -1].float()
+        token = int(step.argmax())
+        tokens.append(token)
+        logits.append(step.cpu())
+        if stop_ids and token in stop_ids:
+            break
+        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, torch.stack(logits) if logits else torch.empty(0)
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log-softmax over the vocabulary at every position of ``ids`` ([len(ids), vocab], float32)."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+    return torch.log_softmax(logits, dim=-1).cpu()
+
+
+def generate_reference(plan, prompts: list[str] | list[list[int]], max_new_tokens: int, *, dtype: torch.dtype = torch.float32,
+                       device: str = "cpu", simulate_w8a8: bool = False, stop_at_eos: bool = False,
+                       model=None, tokenizer=None) -> list[ReferenceOutput]:
+    """Greedy continuations of ``prompts`` (text, or token ids) with their logits."""
+    model = model or build_reference_model(plan, dtype=dtype, device=device, simulate_w8a8=simulate_w8a8)
+    tokenizer = tokenizer or load_tokenizer(plan)
+    stop = {tokenizer.eos_token_id} if stop_at_eos and tokenizer.eos_token_id is not None else None
+    outputs = []
+    for prompt in prompts:
+        ids = list(prompt) if not isinstance(prompt, str) else tokenizer(prompt)["input_ids"]
+        tokens, logits = greedy(model, ids, max_new_tokens, stop)
+        outputs.append(ReferenceOutput(ids, tokens, tokenizer.decode(tokens), logits, prompt if isinstance(prompt, str) else None))
+    return outputs
+
+
+def plan_from_config(config_path: str | Path, tp_size: int = 1):
+    from .config import load_config
+    from .plan import build_plan
+
+    return build_plan(load_config(config_path), tp_size=tp_size)

@@ -1,0 +1,88 @@
+"""Start an SGLang server process, wait for it and talk to its HTTP API (stdlib only).
+
+Used by ``sglang-mp demo`` and the GPU proof script; imports no SGLang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], log_path: str | Path) -> subprocess.Popen:
+    """Run ``cmd`` in its own process group, output to ``log_path``."""
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM the server's process group (SGLang's workers included), SIGKILL after ``grace`` s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+
+
+def log_tail(log_path: str | Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_until_ready(base_url: str, proc: subprocess.Popen, timeout: float, log_path: str | Path | None = None,
+                     progress=print, every: float = 30.0) -> float:
+    """Poll ``/health_generate`` until it answers 200; returns the seconds waited.
+
+    Raises ``RuntimeError`` (with the log's tail) if the process exits or ``timeout`` passes.
+    """
+    start = last = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}:\n{log_tail(log_path) if log_path else ''}")
+        try:
+            with urllib.request.urlopen(f"{base_url}/health_generate", timeout=10) as r:
+                if r.status == 200:
+                    return time.time() - start
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        now = time.time()
+        if now - start > timeout:
+            raise RuntimeError(f"the server was not ready after {timeout:.0f}s:\n{log_tail(log_path) if log_path else ''}")
+        if now - last >= every:
+            progress(f"  ... waiting for the server ({now - start:.0f}s)")
+            last = now
+        time.sleep(1.0)
+
+
+def post_json(url: str, payload: dict, timeout: float = 120.0) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"POST {url} -> HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
+
+
+def get_json(url: str, timeout: float = 30.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())

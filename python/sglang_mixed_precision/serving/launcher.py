@@ -1,0 +1,286 @@
+"""``launch_mixed_precision_server.py`` / ``sglang-mp launch``: validate the plan, then start SGLang.
+
+With ``--enable-mixed-precision`` the launcher resolves and validates the mixed config for the
+requested ``--tp-size`` (every rank's shapes against its kernels) and fails fast with the plan's
+errors; otherwise it prints the plan's tables, writes the plan directory and runs
+``python -m sglang.launch_server`` on it with every other argument passed through unchanged,
+supervising it for managed restarts (:class:`Supervisor`). Without ``--enable-mixed-precision`` the
+arguments go to ``sglang.launch_server`` untouched (the process becomes it): stock SGLang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from ..errors import MixedPrecisionError
+from .settings import INT4_MOE_KERNELS
+
+SGLANG_SERVER = ("-m", "sglang.launch_server")
+PLUGIN_GROUP, PLUGIN_NAME = "sglang.srt.plugins", "mixed_precision"
+# Flags only the launcher understands; SGLang never sees them.
+OWN_FLAGS = ("--enable-mixed-precision", "--mixed-precision-config", "--plan-dir", "--int4-moe-kernel", "--print-command")
+# Flags the launcher reads (for the plan) and hands on to SGLang: (dest, SGLang flag, aliases).
+SHARED_FLAGS = (
+    ("model_path", "--model-path", ("--model",)),
+    ("host", "--host", ()),
+    ("port", "--port", ()),
+    ("tp_size", "--tp-size", ("--tensor-parallel-size", "--tp")),
+    ("dp_size", "--dp-size", ("--data-parallel-size", "--dp")),
+    ("pp_size", "--pp-size", ("--pipeline-parallel-size",)),
+    ("max_running_requests", "--max-running-requests", ()),
+    ("max_total_tokens", "--max-total-tokens", ()),
+    ("dtype", "--dtype", ()),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixed precision (any other flag is passed to SGLang unchanged)")
+    g.add_argument("--enable-mixed-precision", action="store_true",
+                   help="serve the mix of --mixed-precision-config; without it this is `python -m sglang.launch_server`")
+    g.add_argument("--mixed-precision-config", metavar="YAML", help="the mixed-precision config")
+    g.add_argument("--plan-dir", metavar="DIR", help="where to write the plan directory SGLang serves (default: a temp dir)")
+    g.add_argument("--int4-moe-kernel", choices=INT4_MOE_KERNELS, default="wna16",
+                   help="int4 experts: Triton WNA16 (default; runs in bf16 models) or GPTQ-Marlin MoE (fp16 models only in SGLang 0.5.17)")
+    g.add_argument("--print-command", action="store_true", help="validate, write the plan directory, print the SGLang command, exit")
+    s = p.add_argument_group("SGLang server arguments the plan depends on")
+    for dest, flag, aliases in SHARED_FLAGS:
+        kind = int if dest in ("port", "tp_size", "dp_size", "pp_size", "max_running_requests", "max_total_tokens") else str
+        s.add_argument(flag, *aliases, dest=dest, type=kind, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch_mixed_precision_server.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    add_arguments(p)
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(launcher arguments, arguments for SGLang that the launcher does not read)."""
+    return build_parser().parse_known_args(argv)
+
+
+def stock_argv(argv: list[str]) -> list[str]:
+    """Without --enable-mixed-precision: SGLang gets the arguments as given (minus --print-command)."""
+    return [a for a in argv if a != "--print-command"]
+
+
+def shared_argv(args: argparse.Namespace, model_path: str) -> list[str]:
+    out = ["--model-path", model_path]
+    for dest, flag, _ in SHARED_FLAGS:
+        value = getattr(args, dest)
+        if dest != "model_path" and value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def check_plugin_installed() -> None:
+    """SGLang's workers only see the mix through the entry point of an installed package."""
+    names = {ep.name for ep in entry_points(group=PLUGIN_GROUP)}
+    if PLUGIN_NAME not in names:
+        raise MixedPrecisionError("plugin_not_installed", "the sglang.srt.plugins entry point 'mixed_precision' is not installed",
+                                  fix="install the package into SGLang's environment: pip install -e <repo> (or pip install sglang-mixed-precision)")
+    allowed = os.environ.get("SGLANG_PLUGINS", "")
+    if allowed and PLUGIN_NAME not in {x.strip() for x in allowed.split(",")}:
+        raise MixedPrecisionError("plugin_disabled", f"SGLANG_PLUGINS={allowed!r} does not list 'mixed_precision'",
+                                  fix="add mixed_precision to SGLANG_PLUGINS or unset it")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """(YAML path, skeleton label or None): --model-path names the mix's model or a plan directory."""
+    from .plandir import is_plan_dir
+
+    model = Path(args.model_path).expanduser() if args.model_path else None
+    if args.mixed_precision_config:
+        config = Path(args.mixed_precision_config).expanduser().resolve()
+    elif model is not None and is_plan_dir(model):
+        import json
+
+        config = Path(json.loads((model / "config.json").read_text())["quantization_config"]["config_path"])
+    else:
+        raise MixedPrecisionError("launch_no_config", "--enable-mixed-precision needs --mixed-precision-config",
+                                  fix="pass --mixed-precision-config <yaml> (or --model-path <plan directory>)")
+    if model is None or is_plan_dir(model):
+        return config, None
+    return config, skeleton_label(config, model)
+
+
+def skeleton_label(config_path: Path, model: Path) -> str:
+    """The label of the source at ``model``: it gives the served model its config.json."""
+    from ..config import load_config
+
+    cfg = load_config(config_path)
+    target = model.resolve()
+    for label, spec in cfg.sources.items():
+        if Path(spec.path).resolve() == target:
+            return label
+    listed = ", ".join(f"{label}: {spec.path}" for label, spec in cfg.sources.items())
+    raise MixedPrecisionError("launch_model_not_a_source", f"--model-path {model} is none of the config's sources ({listed})",
+                              where=str(config_path), fix="pass the mix's 16-bit model as --model-path, or omit it")
+
+
+def default_plan_dir(config: Path, skeleton: str | None, tp: int, kernel: str) -> Path:
+    key = hashlib.sha256(f"{config}|{skeleton}|{tp}|{kernel}".encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / "sglang-mp-plans" / f"{config.stem}-tp{tp}-{key}"
+
+
+def prepare_mixed(args: argparse.Namespace, out=sys.stdout) -> Path:
+    """Validate the plan at the requested TP size, print it, write the plan directory."""
+    from ..report import format_tables
+    from .plandir import make_plan_dir
+
+    if (args.pp_size or 1) > 1:
+        raise MixedPrecisionError("launch_pp_unsupported", "pipeline parallelism is not supported with a mixed-precision plan",
+                                  fix="use --tp-size (and --dp-size) instead of --pp-size")
+    config, skeleton = resolve_config(args)
+    tp = args.tp_size or 1
+    plan_dir = Path(args.plan_dir) if args.plan_dir else default_plan_dir(config, skeleton, tp, args.int4_moe_kernel)
+    plan, path = make_plan_dir(config, plan_dir, tp_size=tp, skeleton=skeleton, int4_moe_kernel=args.int4_moe_kernel)
+    print(format_tables(plan), file=out)
+    print(f"\nplan directory: {path} (tp_size {tp}, dp_size {args.dp_size or 1}; int4 MoE kernel {args.int4_moe_kernel})",
+          file=out, flush=True)
+    return path
+
+
+def sglang_command(argv: list[str], out=sys.stdout) -> list[str]:
+    """The command that serves ``argv``: stock SGLang, or SGLang on the plan directory."""
+    args, rest = parse(argv)
+    if not args.enable_mixed_precision:
+        given = [f for f in OWN_FLAGS[1:4] if any(a == f or a.startswith(f + "=") for a in argv)]
+        if given:
+            raise MixedPrecisionError("launch_flag_without_enable", f"{', '.join(given)} given without --enable-mixed-precision",
+                                      fix="add --enable-mixed-precision to serve the mix (or drop the flag for stock SGLang)")
+        return [sys.executable, *SGLANG_SERVER, *stock_argv(argv)]
+    return mixed_command(args, rest, out)
+
+
+def mixed_command(args: argparse.Namespace, rest: list[str], out=sys.stdout) -> list[str]:
+    """Validate and write the plan of ``args``; the SGLang command serving it."""
+    check_plugin_installed()
+    plan_dir = prepare_mixed(args, out)
+    return [sys.executable, *SGLANG_SERVER, *shared_argv(args, str(plan_dir)), *rest]
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Supervisor:
+    """Runs the mixed server and restarts it when its runtime asks for another config.
+
+    ``POST /mixed_precision/reload`` with ``"restart": true`` (a change no in-place reload can do)
+    writes a request to the file named by ``SGLANG_MP_RESTART_FILE``; the supervisor validates the
+    new config like a fresh launch, stops the server and starts it on the new plan. An invalid
+    config is reported and the running server is left alone.
+    """
+
+    def __init__(self, args: argparse.Namespace, command_for, first_command: list[str], restart_file: Path, *,
+                 poll: float = 1.0, out=sys.stdout):
+        self.args, self.command_for, self.command = args, command_for, first_command
+        self.restart_file, self.poll, self.out = Path(restart_file), poll, out
+        self.proc: subprocess.Popen | None = None
+
+    def run(self) -> int:
+        from .runtime import RESTART_FILE_ENV
+
+        env = {**os.environ, RESTART_FILE_ENV: str(self.restart_file)}
+        self.restart_file.unlink(missing_ok=True)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.proc = self._start(env)
+            while True:
+                rc = self.proc.poll()
+                if rc is not None:
+                    return rc
+                self._maybe_restart(env)
+                time.sleep(self.poll)
+        except _Stop as stop:
+            return 128 + stop.signum
+        finally:
+            if self.proc is not None:
+                stop_process_group(self.proc)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.restart_file.unlink(missing_ok=True)
+
+    def _on_signal(self, signum, frame):
+        raise _Stop(signum)
+
+    def _start(self, env: dict) -> subprocess.Popen:
+        print(f"starting: {shlex.join(self.command)}", file=self.out, flush=True)
+        # Its own session: stopping it reaches SGLang's scheduler and detokenizer processes too.
+        return subprocess.Popen(self.command, env=env, start_new_session=True)
+
+    def _maybe_restart(self, env: dict) -> None:
+        from .runtime import read_restart_request
+
+        try:
+            request = read_restart_request(self.restart_file)
+        except (MixedPrecisionError, ValueError) as e:
+            print(f"error: ignoring the restart request: {e}", file=self.out, flush=True)
+            self.restart_file.unlink(missing_ok=True)
+            return
+        if request is None:
+            return
+        self.restart_file.unlink(missing_ok=True)
+        args = argparse.Namespace(**{**vars(self.args), "mixed_precision_config": request["config_path"]})
+        print(f"restart requested with {request['config_path']}: validating", file=self.out, flush=True)
+        try:
+            command = self.command_for(args)
+        except MixedPrecisionError as e:
+            print(f"error: the new config was refused, the server keeps running: {e}", file=self.out, flush=True)
+            return
+        stop_process_group(self.proc)
+        self.args, self.command = args, command
+        self.proc = self._start(env)
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the process group of ``proc``, SIGKILL what is left after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def restart_file_for(plan_dir_parent: Path) -> Path:
+    return plan_dir_parent / f"restart-request-{os.getpid()}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().print_help()
+        print("\nEvery other SGLang server argument is accepted: see `python -m sglang.launch_server --help`.")
+        return 0
+    args, rest = parse(argv)
+    try:
+        cmd = sglang_command(argv)
+    except MixedPrecisionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_command:
+        print(shlex.join(cmd))
+        return 0
+    if not args.enable_mixed_precision:
+        os.execv(cmd[0], cmd)  # stock SGLang, as if started directly
+    plan_dir = Path(cmd[cmd.index("--model-path") + 1])
+    supervisor = Supervisor(args, lambda a: mixed_command(a, rest), cmd, restart_file_for(plan_dir.parent))
+    return supervisor.run()

@@ -1,0 +1,130 @@
+"""``MixedPrecisionModelLoader``: load a mixed plan into the model SGLang built for it.
+
+SGLang's ``DefaultModelLoader`` reads every weight file of one directory. The mixed loader keeps its
+model construction and replaces only the weight stream: per source, it opens the files that hold
+planned tensors (one cached handle per file), reads exactly the planned keys and hands them to the
+model's own ``load_weights`` under their checkpoint names (``q_proj.qweight``,
+``experts.3.up_proj.weight_scale_inv``...), which SGLang maps onto its fused parameters. The load is
+recorded and audited (:mod:`.audit`) before the methods' ``process_weights_after_loading`` (Marlin
+repack, FP8 scale layout) run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+
+import torch
+from sglang.srt.model_loader.loader import DefaultModelLoader, device_loading_context
+
+from ..errors import MixedPrecisionError
+from .audit import LoadRecorder, audit_model
+from .quant_config import MixedPrecisionConfig
+
+logger = logging.getLogger(__name__)
+
+
+class PlanWeightStream:
+    """Iterable of ``(checkpoint tensor name, tensor)``: exactly the plan's tensors, source by source.
+
+    Counts what it reads: ``yielded`` (tensor name -> times), ``bytes_read`` and ``files_opened``
+    per source label.
+    """
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.yielded: Counter = Counter()
+        self.bytes_read: Counter = Counter()
+        self.files_opened: dict[str, set[str]] = defaultdict(set)
+        self.seconds: dict[str, float] = {}
+
+    def __iter__(self):
+        for label, infos in self.plan.tensors_by_source().items():
+            yield from self._read_source(label, infos)
+
+    def _read_source(self, label: str, infos):
+        source = self.plan.sources[label]
+        start = time.perf_counter()
+        try:
+            # File by file, in storage order: each file is opened once and read front to back.
+            for info in sorted(infos, key=lambda i: (str(i.file), i.data_offsets[0])):
+                handle = source.open(info.file)
+                self.files_opened[label].add(str(info.file))
+                tensor = handle[info.name] if isinstance(handle, dict) else handle.get_tensor(info.name)
+                self.yielded[info.name] += 1
+                self.bytes_read[label] += tensor.numel() * tensor.element_size()
+                yield info.name, tensor
+        finally:
+            source.close()
+            self.seconds[label] = time.perf_counter() - start
+        logger.info("mixed_precision: source %r (%s): read %d tensors, %.1f MiB from %d file(s) in %.2fs",
+                    label, source.path, len(infos), self.bytes_read[label] / 2**20, len(self.files_opened[label]),
+                    self.seconds[label])
+
+
+def mixed_config_of(model: torch.nn.Module) -> MixedPrecisionConfig:
+    """The MixedPrecisionConfig the model was built with."""
+    config = getattr(model, "quant_config", None)
+    if isinstance(config, MixedPrecisionConfig):
+        return config
+    for module in model.modules():
+        config = getattr(module, "quant_config", None)
+        if isinstance(config, MixedPrecisionConfig):
+            return config
+    raise MixedPrecisionError("loader_without_plan", f"{type(model).__name__} was not built with the mixed_precision config",
+                              fix="serve a plan directory (quantization_config.quant_method: mixed_precision)")
+
+
+def process_weights_after_loading(model: torch.nn.Module, target_device: torch.device) -> None:
+    """Let every layer's method prepare its weights for its kernel (as SGLang's default loader does)."""
+    for _, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            with device_loading_context(module, target_device):
+                method.process_weights_after_loading(module)
+
+
+class MixedPrecisionModelLoader(DefaultModelLoader):
+    """SGLang's default loader with the plan's weight stream and a post-load audit."""
+
+    def __init__(self, load_config):
+        super().__init__(load_config)
+        self.stream: PlanWeightStream | None = None
+        self.report = None
+        self.weight_bytes: int | None = None
+
+    def download_model(self, model_config) -> None:
+        """Sources are local directories named by the plan: nothing to download."""
+
+    def _get_all_weights(self, model_config, model):
+        self.stream = PlanWeightStream(mixed_config_of(model).plan)
+        return self.stream
+
+    def load_weights_and_postprocess(self, model, weights, target_device):
+        if not isinstance(weights, PlanWeightStream):
+            raise MixedPrecisionError("loader_stream", "the mixed loader loads only its plan's weight stream",
+                                      fix="load a mixed model through SGLang's get_model_loader (the plugin selects this loader)")
+        config = mixed_config_of(model)
+        recorder = LoadRecorder(model)
+        try:
+            model.load_weights(recorder.track(weights))
+        finally:
+            recorder.detach()
+        self.report = audit_model(model, config.plan, recorder, weights.yielded, config.settings.int4_moe_kernel)
+        self.report.raise_if_failed(where=config.settings.config_path)
+        logger.info("%s; read %s", self.report.summary(),
+                    ", ".join(f"{label}: {n / 2**20:.1f} MiB" for label, n in sorted(weights.bytes_read.items())))
+        process_weights_after_loading(model, target_device)
+        self.weight_bytes = log_weight_memory(model, config.plan)
+
+
+def log_weight_memory(model: torch.nn.Module, plan) -> int:
+    """Bytes the model's parameters hold after loading, next to what the plan expects per rank."""
+    from ..report import summary
+
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    planned = summary(plan)["per_rank"][0]["bytes"]
+    logger.info("mixed_precision: weight memory %d bytes in parameters; plan %d bytes per rank (%+.2f%%)",
+                held, planned, 100.0 * (held - planned) / max(planned, 1))
+    return held

@@ -1,0 +1,185 @@
+"""Real SGLang models on CPU for the serving tests (one gloo process group per test process).
+
+SGLang 0.5.17 builds and loads whole Qwen3 / Qwen3-MoE models on CPU once its distributed groups,
+runtime context and DP-attention state exist. Two CUDA-only details are pinned: the rotary
+embedding takes its CPU path, and GPTQ-Marlin's constructor is told an SM90 GPU (it only asks the
+capability to check kernel support). Marlin's weight repack needs CUDA, so loads with int4 layers
+stop before ``process_weights_after_loading``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+from pathlib import Path
+
+import pytest
+
+sglang = pytest.importorskip("sglang")
+
+MIXES = {
+    # name: (default source, rules) -- sources fp16/fp8/int4 from the converter
+    "attn_bf16_mlp_fp8": ("fp16", [("model.layers.*.mlp.*", "fp8")]),
+    "attn_fp8_mlp_int4": ("fp16", [("model.layers.*.mlp.*", "int4"), ("model.layers.*.self_attn.*", "fp8")]),
+    "attn_fp8_mlp_bf16": ("fp16", [("model.layers.*.self_attn.*", "fp8")]),
+    "per_layer": ("fp16", [("model.layers.0.mlp.*", "int4"), ("model.layers.1.mlp.*", "fp8"),
+                           ("model.layers.1.self_attn.*", "int4")]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.lru_cache(maxsize=None)
+def init_sglang_cpu() -> None:
+    """Plugin registered, hooks applied, TP=1 gloo group, CPU-only details pinned."""
+    import sglang.srt.layers.quantization.marlin_utils as marlin_utils
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_mixed_precision.serving.plugin import register
+
+    register()
+    HookRegistry.apply_hooks()
+    init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                 distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo")
+    initialize_model_parallel(1)
+    rope_base._is_cpu = True
+    marlin_utils.get_device_capability = lambda *a, **k: (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def converted(model_dir: str, max_shard_size: str = "2GB") -> Path:
+    """fp16/ fp8/ int4/ of a tiny model (RTN int4), once per test process."""
+    from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
+
+    out = Path(model_dir).parent / f"converted-{max_shard_size}"
+    convert(ConvertOptions(model_path=model_dir, output_dir=str(out), method="rtn", max_shard_size=max_shard_size,
+                           check=False, progress=False))
+    return out
+
+
+def write_mix(root: Path, name: str, default: str, rules: list[tuple[str, str]]) -> Path:
+    import yaml
+
+    doc = {"mixed_precision": {"sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"}, "default": default,
+                               "rules": [{"match": m, "source": s} for m, s in rules]}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def mix_config(model_dir: str, mix: str, max_shard_size: str = "2GB") -> Path:
+    default, rules = MIXES[mix]
+    return write_mix(converted(model_dir, max_shard_size), mix, default, rules)
+
+
+def model_config(path: str | Path, dtype: str = "bfloat16"):
+    """SGLang's ModelConfig for ``path``, with the server args and DP state it needs published."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.dp_attention import initialize_dp_attention
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
+    init_sglang_cpu()
+    server_args = ServerArgs(model_path=str(path), device="cpu", dtype=dtype)
+    publish(server_args, role="scheduler")
+    config = ModelConfig(model_path=str(path), dtype=dtype)
+    initialize_dp_attention(server_args, config)
+    return config
+
+
+@contextlib.contextmanager
+def without_postprocess():
+    """Marlin repacks on CUDA only: stop int4 loads after load_weights and the audit."""
+    import sglang_mixed_precision.serving.loader as loader_module
+
+    original = loader_module.process_weights_after_loading
+    loader_module.process_weights_after_loading = lambda model, device: None
+    try:
+        yield
+    finally:
+        loader_module.process_weights_after_loading = original
+
+
+def load_on_cpu(path: str | Path, *, load_format: str = "auto", postprocess: bool = True):
+    """(model, loader) through SGLang's get_model_loader, as a scheduler does."""
+    from sglang.srt.configs.device_config import DeviceConfig
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.model_loader.loader import get_model_loader
+
+    config = model_config(path)
+    loader = get_model_loader(load_config=LoadConfig(load_format=load_format), model_config=config)
+    with contextlib.nullcontext() if postprocess else without_postprocess():
+        model = loader.load_model(model_config=config, device_config=DeviceConfig("cpu", 0))
+    return model, loader
+
+
+def methods_by_prefix(model) -> dict[str, str]:
+    return {name: type(m.quant_method).__name__ for name, m in model.named_modules()
+            if getattr(m, "quant_method", None) is not None}
+
+
+def read_source_tensor(plan, name: str):
+    """The tensor ``name`` straight from the file of the source the plan assigns it to."""
+    from safetensors import safe_open
+
+    from sglang_mixed_precision.naming import split_tensor_name
+
+    assignment = plan.modules[split_tensor_name(name)[0]]
+    info = assignment.tensors[split_tensor_name(name)[1]]
+    with safe_open(str(info.file), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
+    """One TP rank on CPU (spawned): load the plan directory, report its audit and its shards."""
+    import functools
+
+    import sglang.srt.distributed.parallel_state as parallel_state
+    import torch
+    import sglang.srt.layers.quantization.marlin_utils as marlin_utils
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from sglang.srt.configs.device_config import DeviceConfig
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.layers.dp_attention import initialize_dp_attention
+    from sglang.srt.model_loader import loader as loader_module
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_mixed_precision.serving.plugin import register
+
+    try:
+        register()
+        HookRegistry.apply_hooks()
+        # CPU groups: no NCCL / custom all-reduce communicators.
+        parallel_state.init_model_parallel_group = functools.partial(
+            parallel_state.init_model_parallel_group, use_pynccl=False, use_custom_allreduce=False,
+            use_mscclpp_allreduce=False, use_torch_symm_mem_allreduce=False)
+        init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
+                                     distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+        initialize_model_parallel(world)
+        rope_base._is_cpu = True
+        marlin_utils.get_device_capability = lambda *a, **k: (9, 0)
+        server_args = ServerArgs(model_path=plan_dir, device="cpu", tp_size=world)
+        publish(server_args, role="scheduler")
+        config = ModelConfig(model_path=plan_dir, dtype="bfloat16")
+        initialize_dp_attention(server_args, config)
+        # Looked up after apply_hooks(): the plugin's hook replaced the module attribute.
+        loader = loader_module.get_model_loader(load_config=LoadConfig(load_format="auto"), model_config=config)
+        with without_postprocess():
+            model = loader.load_model(model_config=config, device_config=DeviceConfig("cpu", 0))
+        # Through a file: tensors sent over the queue would outlive this process's shared memory.
+        shards = Path(plan_dir).parent / f"rank{rank}.pt"
+        torch.save({k: v.detach().clone() for k, v in model.named_parameters() if ".layers.1." in k}, shards)
+        queue.put((rank, loader.report.ok, loader.report.summary(), str(shards)))
+    except BaseException as e:  # the parent must hear about it rather than time out
+        queue.put((rank, False, f"{type(e).__name__}: {e}", None))

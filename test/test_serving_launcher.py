@@ -1,0 +1,185 @@
+"""launch_mixed_precision_server.py / start_mixed_precision_server.sh / sglang-mp launch and plandir."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving_harness import mix_config
+
+from sglang_mixed_precision.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.serving import launcher
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER = [sys.executable, "-m", "sglang.launch_server"]
+
+
+def test_without_enable_flag_arguments_reach_sglang_untouched():
+    argv = ["--model-path", "/models/x", "--tp", "2", "--port", "30001", "--attention-backend", "triton", "--weird=1"]
+    assert launcher.sglang_command(argv) == SERVER + argv
+    assert launcher.sglang_command(argv + ["--print-command"]) == SERVER + argv
+
+
+def test_mixed_flags_without_enable_are_refused():
+    with pytest.raises(MixedPrecisionError) as e:
+        launcher.sglang_command(["--model-path", "m", "--mixed-precision-config", "c.yaml"])
+    assert e.value.code == "launch_flag_without_enable"
+
+
+def test_enabled_launch_validates_prints_and_serves_the_plan_dir(tiny_qwen3_moe, tmp_path):
+    cfg = mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4")
+    bf16 = cfg.parent / "fp16"
+    out = io.StringIO()
+    cmd = launcher.sglang_command([
+        "--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--model-path", str(bf16),
+        "--host", "127.0.0.1", "--port", "30007", "--tp-size", "2", "--dp-size", "2", "--max-running-requests", "8",
+        "--max-total-tokens", "4096", "--dtype", "bfloat16", "--plan-dir", str(tmp_path / "plan"),
+        "--attention-backend", "triton", "--disable-cuda-graph", "--mem-fraction-static", "0.5"], out=out)
+    plan_dir = str((tmp_path / "plan").resolve())
+    assert cmd == SERVER + [
+        "--model-path", plan_dir, "--host", "127.0.0.1", "--port", "30007", "--tp-size", "2", "--dp-size", "2",
+        "--max-running-requests", "8", "--max-total-tokens", "4096", "--dtype", "bfloat16",
+        "--attention-backend", "triton", "--disable-cuda-graph", "--mem-fraction-static", "0.5"]
+    printed = out.getvalue()
+    assert "Per TP rank (tp_size 2" in printed and "gptq-int4-g128" in printed and "fp8-block128" in printed
+    qc = json.loads((tmp_path / "plan" / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "mixed_precision", "config_path": str(cfg.resolve()), "tp_size": 2,
+                  "int4_moe_kernel": "marlin", "skeleton": "fp16"}
+
+
+def test_plan_errors_fail_before_sglang_starts(tiny_qwen3_moe, tmp_path, capsys):
+    cfg = mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4")
+    with pytest.raises(PlanErrors) as e:
+        launcher.sglang_command(["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--tp-size", "3",
+                                 "--plan-dir", str(tmp_path / "plan")])
+    assert "tp_indivisible" in e.value.codes
+    assert not (tmp_path / "plan").exists()
+    rc = launcher.main(["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--tp-size", "3"])
+    assert rc == 2 and "tp_indivisible" in capsys.readouterr().err
+
+
+def test_launch_argument_errors(tiny_qwen3, tmp_path):
+    cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
+    cases = {
+        "launch_no_config": ["--enable-mixed-precision", "--model-path", str(tmp_path)],
+        "launch_model_not_a_source": ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--model-path", str(tiny_qwen3)],
+        "launch_pp_unsupported": ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--pp-size", "2"],
+    }
+    for code, argv in cases.items():
+        with pytest.raises(MixedPrecisionError) as e:
+            launcher.sglang_command(argv, out=io.StringIO())
+        assert e.value.code == code, argv
+
+
+def test_plan_dir_as_model_path_needs_no_config_flag(tiny_qwen3, tmp_path):
+    from sglang_mixed_precision.serving.plandir import make_plan_dir
+
+    _, path = make_plan_dir(mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8"), tmp_path / "first")
+    cmd = launcher.sglang_command(["--enable-mixed-precision", "--model-path", str(path), "--plan-dir", str(tmp_path / "again")],
+                                  out=io.StringIO())
+    assert cmd[cmd.index("--model-path") + 1] == str((tmp_path / "again").resolve())
+
+
+def test_plan_dir_refuses_to_overwrite_a_model(tiny_qwen3):
+    from sglang_mixed_precision.serving.plandir import make_plan_dir
+
+    cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
+    with pytest.raises(MixedPrecisionError) as e:
+        make_plan_dir(cfg, tiny_qwen3)
+    assert e.value.code == "plan_dir_target"
+
+
+def test_plugin_must_be_installed_and_allowed(monkeypatch):
+    launcher.check_plugin_installed()  # the package is installed with its entry point
+    monkeypatch.setenv("SGLANG_PLUGINS", "some_other_plugin")
+    with pytest.raises(MixedPrecisionError) as e:
+        launcher.check_plugin_installed()
+    assert e.value.code == "plugin_disabled"
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120, **kw)
+
+
+def test_scripts_take_the_same_flags_and_do_not_import_sglang(tiny_qwen3, tmp_path):
+    cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
+    flags = ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--port", "30009",
+             "--plan-dir", str(tmp_path / "plan"), "--print-command"]
+    py = _run([sys.executable, "launch_mixed_precision_server.py", *flags])
+    sh = _run(["bash", "start_mixed_precision_server.sh", *flags])
+    assert py.returncode == 0 and sh.returncode == 0, py.stderr + sh.stderr
+    # Same command, whichever python3 the shell script found.
+    assert py.stdout.splitlines()[-1].split()[1:] == sh.stdout.splitlines()[-1].split()[1:]
+    assert py.stdout.splitlines()[-1].endswith(f"--model-path {(tmp_path / 'plan').resolve()} --port 30009")
+    probe = _run([sys.executable, "-c", "import sys; from sglang_mixed_precision.serving import launcher; "
+                  f"launcher.sglang_command({flags[:-1]!r}); print('sglang' in sys.modules)"])
+    assert probe.stdout.strip().splitlines()[-1] == "False", probe.stderr
+
+
+def test_cli_launch_and_plandir_commands(tiny_qwen3, tmp_path, capsys):
+    from sglang_mixed_precision.cli import main
+
+    cfg = mix_config(str(tiny_qwen3), "per_layer")
+    assert main(["plandir", "--config", str(cfg), "--output", str(tmp_path / "pd"), "--tp-size", "2"]) == 0
+    assert "python -m sglang.launch_server --model-path" in capsys.readouterr().out
+    assert json.loads((tmp_path / "pd" / "config.json").read_text())["quantization_config"]["tp_size"] == 2
+    assert main(["launch", "--enable-mixed-precision", "--mixed-precision-config", str(cfg),
+                 "--plan-dir", str(tmp_path / "pd2"), "--print-command"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(sys.executable)
+
+
+# ---- managed restart -------------------------------------------------------------------------
+def _supervisor(tmp_path, scripts: dict[str, str], refuse: set[str]):
+    """A Supervisor whose 'server' for config C runs ``scripts[C]`` (a python snippet)."""
+    calls = []
+
+    def command_for(args):
+        calls.append(Path(args.mixed_precision_config).name)
+        if calls[-1] in refuse:
+            raise MixedPrecisionError("plan_invalid", f"{calls[-1]} does not plan")
+        return [sys.executable, "-c", scripts[calls[-1]]]
+
+    args, _ = launcher.parse(["--enable-mixed-precision", "--mixed-precision-config", str(tmp_path / "a.yaml")])
+    first = command_for(args)
+    sup = launcher.Supervisor(args, command_for, first, tmp_path / "restart.json", poll=0.05, out=io.StringIO())
+    return sup, calls
+
+
+def _request_restart_when_running(sup, config: Path):
+    import threading
+    import time as _time
+
+    from sglang_mixed_precision.serving.runtime import request_restart
+
+    def later():
+        while sup.proc is None:
+            _time.sleep(0.05)
+        _time.sleep(0.3)
+        request_restart("mixed_precision: {}", config, inline=False, restart_file=str(sup.restart_file))
+
+    threading.Thread(target=later, daemon=True).start()
+
+
+def test_supervisor_restarts_the_server_on_a_valid_request(tmp_path):
+    sup, calls = _supervisor(tmp_path, {"a.yaml": "import time; time.sleep(60)", "b.yaml": "raise SystemExit(3)"}, set())
+    _request_restart_when_running(sup, tmp_path / "b.yaml")
+    assert sup.run() == 3  # the restarted server's exit code
+    assert calls == ["a.yaml", "b.yaml"]
+    assert Path(sup.args.mixed_precision_config).name == "b.yaml"
+    assert "restart requested with" in sup.out.getvalue()
+    assert not sup.restart_file.exists()
+
+
+def test_supervisor_keeps_serving_when_the_new_config_is_refused(tmp_path):
+    sup, calls = _supervisor(tmp_path, {"a.yaml": "import time; time.sleep(1.5)"}, {"bad.yaml"})
+    _request_restart_when_running(sup, tmp_path / "bad.yaml")
+    assert sup.run() == 0  # the first server ran to its end
+    assert calls == ["a.yaml", "bad.yaml"]
+    assert "the new config was refused, the server keeps running" in sup.out.getvalue()
