@@ -183,12 +183,7 @@ def reference_ids(config_text: str, anchor: Path) -> list[list[int]]:
     anchor.write_text(config_text)
     plan = build_plan(parse_config(config_text, anchor), tp_size=1)
     out = generate_reference(plan, PROMPTS, MAX_NEW)
-    ids = []
-    for item in out:
-        if isinstance(item, dict):
-            item = item.get("output_ids", item.get("ids"))
-        ids.append([int(t) for t in item])
-    return ids
+    return [[int(t) for t in item.output_ids] for item in out]
 
 
 # ---- the proof -----------------------------------------------------------------------------------------------

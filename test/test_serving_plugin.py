@@ -111,12 +111,12 @@ def test_dense_mix_builds_each_layer_with_its_sources_method(tiny_qwen3, tmp_pat
 
 def test_moe_mix_uses_marlin_moe_or_wna16_for_int4_experts(tiny_qwen3_moe, tmp_path, sglang_cpu):
     cfg = mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4")
-    _, path = make_plan_dir(cfg, tmp_path / "marlin")
+    _, path = make_plan_dir(cfg, tmp_path / "marlin", int4_moe_kernel="marlin")
     methods = methods_by_prefix(load_on_cpu(path, postprocess=False)[0])
     assert methods["model.layers.0.mlp.experts"] == "GPTQMarlinMoEMethod"
     assert methods["model.layers.1.self_attn.qkv_proj"] == "Fp8LinearMethod"
     assert methods["model.layers.0.mlp.gate"] == "UnquantizedLinearMethod"  # the router stays 16-bit
-    _, path = make_plan_dir(cfg, tmp_path / "wna16", int4_moe_kernel="wna16")
+    _, path = make_plan_dir(cfg, tmp_path / "wna16")  # the default: runs in bf16 models
     methods = methods_by_prefix(load_on_cpu(path, postprocess=False)[0])
     assert methods["model.layers.0.mlp.experts"] == "MoeWNA16Method"
 
