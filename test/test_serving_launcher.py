@@ -50,7 +50,7 @@ def test_enabled_launch_validates_prints_and_serves_the_plan_dir(tiny_qwen3_moe,
     assert "Per TP rank (tp_size 2" in printed and "gptq-int4-g128" in printed and "fp8-block128" in printed
     qc = json.loads((tmp_path / "plan" / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "mixed_precision", "config_path": str(cfg.resolve()), "tp_size": 2,
-                  "int4_moe_kernel": "marlin", "skeleton": "fp16"}
+                  "int4_moe_kernel": "wna16", "skeleton": "fp16"}
 
 
 def test_plan_errors_fail_before_sglang_starts(tiny_qwen3_moe, tmp_path, capsys):
