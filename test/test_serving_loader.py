@@ -108,7 +108,7 @@ def test_dense_mix_loads_every_parameter_from_its_source(tiny_qwen3, tmp_path, s
 
 
 def test_moe_int4_experts_land_in_fused_expert_parameters(tiny_qwen3_moe, tmp_path, sglang_cpu):
-    plan, path = make_plan_dir(mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan")
+    plan, path = make_plan_dir(mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", int4_moe_kernel="marlin")
     model, loader = load_on_cpu(path, postprocess=False)
     experts = model.model.layers[1].mlp.experts
     inter = experts.intermediate_size_per_partition

@@ -12,7 +12,7 @@ from sglang_mixed_precision.serving.plandir import make_plan_dir
 def test_two_ranks_load_their_shards_of_an_fp8_attention_int4_experts_mix(tiny_qwen3_moe, tmp_path):
     import torch.multiprocessing as mp
 
-    plan, path = make_plan_dir(mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", tp_size=2)
+    plan, path = make_plan_dir(mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", tp_size=2, int4_moe_kernel="marlin")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
