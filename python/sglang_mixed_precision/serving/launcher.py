@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import MixedPrecisionError
 from .settings import INT4_MOE_KERNELS
+from .client import stop_server
 
 SGLANG_SERVER = ("-m", "sglang.launch_server")
 PLUGIN_GROUP, PLUGIN_NAME = "sglang.srt.plugins", "mixed_precision"
@@ -209,7 +210,7 @@ class Supervisor:
             return 128 + stop.signum
         finally:
             if self.proc is not None:
-                stop_process_group(self.proc)
+                stop_server(self.proc, grace=30.0)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.restart_file.unlink(missing_ok=True)
@@ -241,23 +242,9 @@ class Supervisor:
         except MixedPrecisionError as e:
             print(f"error: the new config was refused, the server keeps running: {e}", file=self.out, flush=True)
             return
-        stop_process_group(self.proc)
+        stop_server(self.proc, grace=30.0)
         self.args, self.command = args, command
         self.proc = self._start(env)
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the process group of ``proc``, SIGKILL what is left after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def restart_file_for(plan_dir_parent: Path) -> Path:
