@@ -51,13 +51,10 @@ def copy_side_files(src: InputModel, dst: Path) -> None:
             shutil.copy2(src.path / name, dst / name)
 
 
-def write_config(src: InputModel, dst: Path, quantization_config: dict | None, *, dtype: str | None = None) -> None:
+def write_config(src: InputModel, dst: Path, quantization_config: dict | None) -> None:
     cfg = dict(src.config)
     if quantization_config is not None:
         cfg["quantization_config"] = quantization_config
-    if dtype is not None:
-        for key in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]:
-            cfg[key] = dtype
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 

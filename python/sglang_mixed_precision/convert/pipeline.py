@@ -282,11 +282,10 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     if "fp8" in writers:
         write_config(model, out / "fp8", fp8_quantization_config(plan))
     if "int4" in writers:
-        # float16 like official GPTQ-Int4 releases: SGLang 0.5.17's GPTQ-Marlin MoE keeps fp16 scales
-        # and requires fp16 activations, so a bf16 config would not serve with stock flags.
+        # The model's own dtype, as served in the GPU proof. Stock SGLang 0.5.17 runs a bf16 GPTQ MoE
+        # only with `--quantization moe_wna16` (its GPTQ-Marlin MoE keeps fp16 scales) or `--dtype float16`.
         write_config(model, out / "int4", gptq_quantization_config(plan, desc_act=opts.desc_act,
-                                                                   damp_percent=opts.damp_percent, method=opts.method),
-                     dtype="float16")
+                                                                   damp_percent=opts.damp_percent, method=opts.method))
         report.int4_method = int4.report()
 
     if opts.check or opts.verify:
