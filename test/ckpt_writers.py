@@ -1,4 +1,5 @@
-"""Round-to-nearest FP8-block and GPTQ writers for tests: quantized sources of a tiny bf16 model.
+"""Round-to-nearest FP8-block and GPTQ writers for tests: quantized sources of a tiny bf16 model,
+quantized and packed by the converter's own functions (only the checkpoint assembly lives here).
 
 Layouts follow the official releases: FP8 ``weight`` float8_e4m3fn + ``weight_scale_inv`` f32 per
 [128, 128] block (quant_method fp8); GPTQ v1 ``qweight`` int32 [K/8, N], ``qzeros`` int32
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sglang_mixed_precision.convert.fp8_block import quantize_fp8_block
+from sglang_mixed_precision.convert.gptq_pack import rtn_quantize
 from sglang_mixed_precision.naming import classify, split_tensor_name
 
-FP8_MAX = 448.0
 _COPY = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
@@ -30,47 +32,6 @@ def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
 def is_quantizable_linear(name: str, tensor: torch.Tensor) -> bool:
     module, suffix = split_tensor_name(name)
     return suffix == "weight" and tensor.dim() == 2 and classify(module).role.quantizable
-
-
-def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    bn, bk = block
-    n, k = w.shape
-    pad = torch.zeros(-(-n // bn) * bn, -(-k // bk) * bk, dtype=torch.float32)
-    pad[:n, :k] = w.float()
-    blocks = pad.view(pad.shape[0] // bn, bn, pad.shape[1] // bk, bk)
-    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view_as(pad)[:n, :k]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale.float().contiguous()
-
-
-def gptq_quantize(w: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
-    """Symmetric RTN in the GPTQ v1 layout (zero point 2^(bits-1), stored minus one)."""
-    n, k = w.shape
-    pack, maxq = 32 // bits, (1 << bits) - 1
-    g = k if group == -1 else group
-    wt = w.float().t().contiguous()  # [K, N]
-    grouped = wt.view(k // g, g, n)
-    scale = (grouped.abs().amax(dim=1) / (maxq // 2 + 0.5)).clamp(min=1e-8)  # [G, N]
-    zero = (maxq + 1) // 2
-    q = (torch.round(grouped / scale[:, None, :]) + zero).clamp(0, maxq).to(torch.int64).view(k, n)
-    qweight = torch.zeros(k // pack, n, dtype=torch.int64)
-    for j in range(pack):
-        qweight |= q[j::pack] << (bits * j)
-    zeros = torch.full((k // g, n), zero - 1, dtype=torch.int64)
-    qzeros = torch.zeros(k // g, n // pack, dtype=torch.int64)
-    for j in range(pack):
-        qzeros |= zeros[:, j::pack] << (bits * j)
-    return {
-        "qweight": _as_int32(qweight),
-        "qzeros": _as_int32(qzeros),
-        "scales": scale.to(torch.float16),
-        "g_idx": (torch.arange(k, dtype=torch.int32) // g),
-    }
-
-
-def _as_int32(packed: torch.Tensor) -> torch.Tensor:
-    """Unsigned 32-bit words (held in int64) as the int32 bit pattern GPTQ stores."""
-    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
 def _write(out: Path, src: Path, state: dict[str, torch.Tensor], quant_config: dict, dtype: str, shards: int) -> Path:
@@ -102,15 +63,14 @@ def write_fp8_checkpoint(src: Path, out: Path, *, block=(128, 128), shards: int 
     src, state = Path(src), {}
     for name, t in load_state(src).items():
         if is_quantizable_linear(name, t) and (only is None or only(split_tensor_name(name)[0])):
-            q, s = fp8_block_quantize(t, block)
-            state[name], state[name + "_scale_inv"] = q, s
+            state[name], state[name + "_scale_inv"] = quantize_fp8_block(t, block)
         else:
             state[name] = t.contiguous()
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
     return _write(Path(out), src, state, qc, "bfloat16", shards)
 
 
-def write_gptq_checkpoint(src: Path, out: Path, *, bits: int = 4, group_size: int = 128, sym: bool = True,
+def write_gptq_checkpoint(src: Path, out: Path, *, group_size: int = 128, sym: bool = True,
                           desc_act: bool = False, shards: int = 1, only=None, config_overrides: dict | None = None) -> Path:
     """GPTQ v1 copy of ``src``; non-quantized tensors become fp16 as in the official GPTQ releases.
     ``config_overrides`` writes a different quantization_config than the data (unsupported-scheme tests)."""
@@ -118,11 +78,10 @@ def write_gptq_checkpoint(src: Path, out: Path, *, bits: int = 4, group_size: in
     for name, t in load_state(src).items():
         module, _ = split_tensor_name(name)
         if is_quantizable_linear(name, t) and (only is None or only(module)):
-            for suffix, value in gptq_quantize(t, bits, group_size).items():
-                state[f"{module}.{suffix}"] = value.contiguous()
+            state.update(rtn_quantize(t, group_size).as_dict(module))
         else:
             state[name] = t.to(torch.float16).contiguous()
-    qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": sym, "desc_act": desc_act,
           "damp_percent": 0.01, "checkpoint_format": "gptq", **(config_overrides or {})}
     return _write(Path(out), src, state, qc, "float16", shards)
 

@@ -172,15 +172,20 @@ def _bad_pattern(pattern: str, origin: str, why: str) -> MixedPrecisionError:
 # ---- YAML -> MixedConfig ------------------------------------------------------------------------
 def load_config(path: str | Path) -> MixedConfig:
     path = Path(path)
+    text = read_config_text(path, missing_fix="pass the path of your mixed-precision YAML with --config")
+    return parse_config(text, path)
+
+
+def read_config_text(path: Path, *, missing_fix: str) -> str:
+    """The UTF-8 text of a config file; ``missing_fix`` differs per entry point (CLI flag, reload request)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MixedPrecisionError("missing_file", f"config file {path} does not exist", where=str(path),
-                                  fix="pass the path of your mixed-precision YAML with --config") from None
+                                  fix=missing_fix) from None
     except (OSError, UnicodeDecodeError) as e:
         raise MixedPrecisionError("config_syntax", f"cannot read config file {path}: {e}", where=str(path),
                                   fix="pass a UTF-8 YAML file") from None
-    return parse_config(text, path)
 
 
 def parse_config(text: str, path: str | Path | None = None) -> MixedConfig:

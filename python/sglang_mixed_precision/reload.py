@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import parse_config
+from .config import parse_config, read_config_text
 from .errors import MixedPrecisionError, PlanErrors
 from .naming import Role
 from .plan import ARCHITECTURE_KEYS, Plan, build_plan
@@ -214,14 +214,7 @@ def parse_reload_request(body: Any, *, base_dir: Path) -> ReloadRequest:
         raise _bad_request("'config_path' must be a path string", usage)
     path = Path(raw).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MixedPrecisionError("missing_file", f"config file {path} does not exist", where=str(path),
-                                  fix="pass the path of a mixed-precision YAML readable by the server") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MixedPrecisionError("config_syntax", f"cannot read config file {path}: {e}", where=str(path),
-                                  fix="pass a UTF-8 YAML file") from None
+    text = read_config_text(path, missing_fix="pass the path of a mixed-precision YAML readable by the server")
     return ReloadRequest(text, path, False, **flags)
 
 

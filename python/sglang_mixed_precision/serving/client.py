@@ -1,6 +1,6 @@
 """Start an SGLang server process, wait for it and talk to its HTTP API (stdlib only).
 
-Used by ``sglang-mp demo`` and the GPU proof script; imports no SGLang.
+Used by ``sglang-mp demo``, the launcher and the GPU scripts in bench/; imports no SGLang.
 """
 
 from __future__ import annotations
@@ -86,3 +86,20 @@ def post_json(url: str, payload: dict, timeout: float = 120.0) -> dict:
 def get_json(url: str, timeout: float = 30.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+def request(url: str, payload: dict | None = None, timeout: float = 120.0) -> tuple[int, object]:
+    """(HTTP status, body) of a GET, or of a POST of ``payload`` as JSON.
+
+    Error statuses are returned, not raised: callers that check a refusal (400, 409) need them.
+    The body is parsed when the server says it is JSON, else returned as text.
+    """
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, kind, raw = r.status, r.headers.get_content_type(), r.read()
+    except urllib.error.HTTPError as e:
+        status, kind, raw = e.code, e.headers.get_content_type(), e.read()
+    text = raw.decode(errors="replace")
+    return status, json.loads(text) if kind == "application/json" else text
