@@ -99,9 +99,15 @@ def make_tiny_model(
     vocab: int = 2048,
     seed: int = 0,
     max_shard_size: str | None = None,
+    clear_margins: bool = False,
     **overrides,
 ) -> Path:
-    """Write a random-weight bf16 model directory (config, safetensors, tokenizer) and return it."""
+    """Write a random-weight bf16 model directory (config, safetensors, tokenizer) and return it.
+
+    clear_margins: give greedy decoding a margin of several nats (see `_set_clear_margins`), so that
+    two correct bf16 implementations pick the same tokens; off, top-2 logits of a random model are
+    often within 0.01 nats, below the noise of bf16 arithmetic.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -116,6 +122,8 @@ def make_tiny_model(
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+        if clear_margins:
+            _set_clear_margins(model, seed)
     kwargs = {"safe_serialization": True}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
@@ -124,3 +132,27 @@ def make_tiny_model(
     gen = {"bos_token_id": 0, "eos_token_id": 2, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
+
+
+# Logit of the planned next token: c * cos(final hidden state, its embedding direction), c in nats.
+MARGIN_SCALE = 8.0
+
+
+def _set_clear_margins(model, seed: int) -> None:
+    """Embeddings of unit-rms random directions; lm_head row j points at the embedding of the token
+    that a fixed random permutation maps to j. The current token's embedding dominates the final
+    hidden state, so the permuted successor wins by >2 nats (measured on CPU: 2.6 dense, 3.9 MoE at
+    the default sizes), while every layer still moves the log-probs (the softmax's other 2k logits
+    follow the layers' output): a wrong weight shows in the log-probs, a near-tie never flips a token.
+    """
+    import torch
+
+    if model.config.tie_word_embeddings:
+        raise ValueError("clear_margins needs an lm_head of its own: build the model with tie_word_embeddings=False")
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    vocab, hidden = emb.shape
+    gen = torch.Generator().manual_seed(seed + 1)
+    directions = torch.nn.functional.normalize(torch.randn(vocab, hidden, generator=gen), dim=1)
+    successor = torch.randperm(vocab, generator=gen)
+    emb.copy_(directions * hidden**0.5)
+    head.copy_(directions[successor.argsort()] * (MARGIN_SCALE / hidden**0.5))
