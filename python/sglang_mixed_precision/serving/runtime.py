@@ -263,6 +263,31 @@ def _failures(votes) -> list[dict]:
     return [{"rank": rank, "error": json.loads(message)} for rank, ok, message in votes if not ok]
 
 
+def _agreed_step(step: Callable, agree: Callable, log: Callable, failed: str) -> tuple[Any, list, bool]:
+    """Run ``step`` on this rank, then let every rank vote (a rank that raised votes no with its error).
+
+    Returns (step's result, None where it raised; the votes; whether all ranks succeeded).
+    """
+    try:
+        result, ok, message = step(), True, ""
+    except Exception as e:
+        log("mixed_precision reload %s: %s", failed, e)
+        result, ok, message = None, False, json.dumps(error_json(e))
+    votes = agree(ok, message)
+    return result, votes, all(v[1] for v in votes)
+
+
+def _stage(model, active_plan, request: dict) -> tuple[ReloadPlan, StagedReload]:
+    reload_plan = replan_in_worker(active_plan, request)
+    staged = stage_tensors(reload_plan)
+    layer_parameters(model, reload_plan.layers)  # layers exist and take checkpoint bytes, before any copy
+    return reload_plan, staged
+
+
+def _refused(stage: str, votes) -> dict:
+    return {"success": False, "stage": stage, "failures": _failures(votes), "applied": False}
+
+
 @dataclass
 class WorkerState:
     """What a worker remembers of its reloads (for /info)."""
@@ -282,31 +307,18 @@ def execute_reload(model, mixed_config, request: dict, agree: Callable = single_
     ranks agree again (a rank whose copy failed makes every rank restore).
     """
     start = time.perf_counter()
-    staged = None
-    try:
-        reload_plan = replan_in_worker(mixed_config.plan, request)
-        staged = stage_tensors(reload_plan)
-        layer_parameters(model, reload_plan.layers)  # layers exist and take checkpoint bytes, before any copy
-        ok, message = True, ""
-    except Exception as e:
-        logger.warning("mixed_precision reload refused while staging: %s", e)
-        ok, message = False, json.dumps(error_json(e))
-    votes = agree(ok, message)
-    if not all(v[1] for v in votes):
-        return {"success": False, "stage": "stage", "failures": _failures(votes), "applied": False}
+    planned, votes, all_ok = _agreed_step(lambda: _stage(model, mixed_config.plan, request), agree, logger.warning,
+                                          "refused while staging")
+    if not all_ok:
+        return _refused("stage", votes)
+    reload_plan, staged = planned
 
-    applied = None
-    try:
-        applied = apply_staged(model, staged)
-        ok, message = True, ""
-    except Exception as e:
-        logger.error("mixed_precision reload failed while applying (restored): %s", e)
-        ok, message = False, json.dumps(error_json(e))
-    votes = agree(ok, message)
-    if not all(v[1] for v in votes):
+    applied, votes, all_ok = _agreed_step(lambda: apply_staged(model, staged), agree, logger.error,
+                                          "failed while applying (restored)")
+    if not all_ok:
         if applied is not None:
             applied.restore()
-        return {"success": False, "stage": "apply", "failures": _failures(votes), "applied": False}
+        return _refused("apply", votes)
 
     mixed_config.plan = reload_plan.plan
     record = {"config_sha256": reload_plan.sha256, "layers": len(reload_plan.layers), "tensors": len(staged.tensors),
