@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-check", action="store_true", help="everything up to launching SGLang, on CPU")
     ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang flag (repeat)")
     args = ap.parse_args(argv)
+    import torch
+
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir).resolve() if args.workdir else out / "work"
@@ -494,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fp8 in (("A", "fp8_a"), ("B", "fp8_b")):
             configs[name] = work / f"mix_{name.lower()}.yaml"
             configs[name].write_text(mix_yaml(paths, fp8))
-        device = "cpu" if args.cpu_check else "cuda"
+        device = "cuda" if torch.cuda.is_available() and not args.cpu_check else "cpu"
         log(f"reference models of mix A and mix B ({device})")
         refs = {name: Reference(path, device) for name, path in configs.items()}
         (run_cpu_check if args.cpu_check else run_gpu)(res, paths, configs["A"], refs, args, out)

@@ -1,6 +1,7 @@
 """Start an SGLang server process, wait for it and talk to its HTTP API (stdlib only).
 
-Used by ``sglang-mp demo``, the launcher and the GPU scripts in bench/; imports no SGLang.
+Used by ``sglang-mp demo``, the launcher and the GPU scripts in bench/; imports no SGLang, except
+:func:`sglang_argv_problem`, which asks SGLang's own argument parser.
 """
 
 from __future__ import annotations
@@ -103,3 +104,24 @@ def request(url: str, payload: dict | None = None, timeout: float = 120.0) -> tu
         status, kind, raw = e.code, e.headers.get_content_type(), e.read()
     text = raw.decode(errors="replace")
     return status, json.loads(text) if kind == "application/json" else text
+
+
+def sglang_argv_problem(argv: list[str]) -> str | None:
+    """Why SGLang's server argument parser rejects ``argv`` (the arguments after
+    ``-m sglang.launch_server``); None when it accepts them. Checks flags without starting anything."""
+    import argparse
+    import contextlib
+    import io
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(prog="sglang.launch_server", exit_on_error=False)
+    ServerArgs.add_cli_args(parser)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as e:
+        printed = errors.getvalue().strip().splitlines()  # argparse prints the usage, then the error
+        return printed[-1] if printed else str(e)
+    return None
