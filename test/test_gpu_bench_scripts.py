@@ -4,7 +4,6 @@ their log parsing against SGLang's and the loader's own log formats."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -12,17 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fake_sglang_server import load_script as load
 
-REPO = Path(__file__).resolve().parents[1]
 FAKE_SERVER = [sys.executable, str(Path(__file__).with_name("fake_sglang_server.py"))]
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
