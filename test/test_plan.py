@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from sglang_mixed_precision.cli import main as cli_main
 from sglang_mixed_precision.config import load_config, parse_config
 from sglang_mixed_precision.naming import Role
 from sglang_mixed_precision.plan import build_plan
 
-from ckpt_writers import load_state, write_fp8_checkpoint, write_gptq_checkpoint
-
-
-@pytest.fixture(scope="module")
-def moe_sources(tiny_qwen3_moe, tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe_sources")
-    return {
-        "fp16": tiny_qwen3_moe,
-        "fp8": write_fp8_checkpoint(tiny_qwen3_moe, root / "fp8"),
-        "int4": write_gptq_checkpoint(tiny_qwen3_moe, root / "int4", shards=2),
-    }
+from ckpt_writers import load_state, write_fp8_checkpoint
 
 
 def seed_yaml(sources, mapping_lines: str) -> str:

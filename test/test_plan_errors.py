@@ -16,16 +16,6 @@ from sglang_mixed_precision.tinymodels import make_tiny_model
 from ckpt_writers import rewrite_checkpoint, write_fp8_checkpoint, write_gptq_checkpoint
 
 
-@pytest.fixture(scope="module")
-def moe(tiny_qwen3_moe, tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe_bad")
-    return {
-        "fp16": tiny_qwen3_moe,
-        "fp8": write_fp8_checkpoint(tiny_qwen3_moe, root / "fp8"),
-        "int4": write_gptq_checkpoint(tiny_qwen3_moe, root / "int4", shards=2),
-    }
-
-
 def yaml_for(sources: dict, extra: str = "") -> str:
     lines = ["mixed_precision:"] + [f"  {label}_path: {path}" for label, path in sources.items()]
     return "\n".join(lines) + "\n" + extra
@@ -44,52 +34,54 @@ def only(err: PlanErrors, code: str) -> MixedPrecisionError:
     return found[0]
 
 
-def test_missing_source_dir(moe, tmp_path):
-    err = plan_errors(yaml_for({"fp16": moe["fp16"], "fp8": tmp_path / "nowhere"}))
+def test_missing_source_dir(moe_sources, tmp_path):
+    err = plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": tmp_path / "nowhere"}))
     e = only(err, "missing_source")
     assert "'fp8'" in str(e) and str(tmp_path / "nowhere") in str(e) and "/cfg/mix.yaml:3 (fp8_path)" in str(e)
 
 
-def test_missing_config_json(moe, tmp_path):
+def test_missing_config_json(moe_sources, tmp_path):
     (tmp_path / "fp8").mkdir()
-    e = only(plan_errors(yaml_for({"fp16": moe["fp16"], "fp8": tmp_path / "fp8"})), "missing_file")
+    e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": tmp_path / "fp8"})), "missing_file")
     assert "config.json" in str(e) and "'fp8'" in str(e)
 
 
-def test_missing_shard_file(moe, tmp_path):
+def int4_without(sources, tmp_path, shard: str):
+    """The int4 source linked file by file into tmp_path/int4, except `shard`."""
     broken = tmp_path / "int4"
     broken.mkdir()
-    for f in moe["int4"].iterdir():
-        if f.name != "model-00002-of-00002.safetensors":
+    for f in sources["int4"].iterdir():
+        if f.name != shard:
             (broken / f.name).symlink_to(f)
-    e = only(plan_errors(yaml_for({"fp16": moe["fp16"], "int4": broken})), "missing_file")
+    return broken
+
+
+def test_missing_shard_file(moe_sources, tmp_path):
+    broken = int4_without(moe_sources, tmp_path, "model-00002-of-00002.safetensors")
+    e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "int4": broken})), "missing_file")
     assert "model-00002-of-00002.safetensors" in str(e) and "model.safetensors.index.json" in str(e)
 
 
-def test_truncated_safetensors(moe, tmp_path):
-    broken = tmp_path / "int4"
-    broken.mkdir()
-    for f in moe["int4"].iterdir():
-        if f.name != "model-00001-of-00002.safetensors":
-            (broken / f.name).symlink_to(f)
-    data = (moe["int4"] / "model-00001-of-00002.safetensors").read_bytes()
+def test_truncated_safetensors(moe_sources, tmp_path):
+    broken = int4_without(moe_sources, tmp_path, "model-00001-of-00002.safetensors")
+    data = (moe_sources["int4"] / "model-00001-of-00002.safetensors").read_bytes()
     (broken / "model-00001-of-00002.safetensors").write_bytes(data[:-4096])
-    e = only(plan_errors(yaml_for({"fp16": moe["fp16"], "int4": broken})), "corrupt_safetensors")
+    e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "int4": broken})), "corrupt_safetensors")
     assert "model-00001-of-00002.safetensors" in str(e) and "truncated" in str(e) and str(len(data)) in str(e)
 
 
-def test_tensor_missing_from_assigned_source(moe, tmp_path):
-    fp8 = rewrite_checkpoint(moe["fp8"], tmp_path / "fp8", lambda s: [s.pop(n) for n in list(s) if ".layers.1.mlp.experts." in n])
-    err = plan_errors(yaml_for({"fp16": moe["fp16"], "fp8": fp8}, "  rules:\n    - {match: '*.mlp.experts.*', source: fp8}\n"))
+def test_tensor_missing_from_assigned_source(moe_sources, tmp_path):
+    fp8 = rewrite_checkpoint(moe_sources["fp8"], tmp_path / "fp8", lambda s: [s.pop(n) for n in list(s) if ".layers.1.mlp.experts." in n])
+    err = plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": fp8}, "  rules:\n    - {match: '*.mlp.experts.*', source: fp8}\n"))
     e = only(err, "missing_tensor")
     msg = str(e)
     assert "24 module(s) assigned to source 'fp8'" in msg and "model.layers.1.mlp.experts.0.gate_proj" in msg
     assert "rule #1 '*.mlp.experts.*' (/cfg/mix.yaml:5)" in msg and str(fp8) in msg
 
 
-def test_quantized_part_missing(moe, tmp_path):
-    fp8 = rewrite_checkpoint(moe["fp8"], tmp_path / "fp8", lambda s: s.pop("model.layers.0.self_attn.o_proj.weight_scale_inv"))
-    e = only(plan_errors(yaml_for({"fp16": moe["fp16"], "fp8": fp8}, "  default: fp8\n")), "missing_tensor")
+def test_quantized_part_missing(moe_sources, tmp_path):
+    fp8 = rewrite_checkpoint(moe_sources["fp8"], tmp_path / "fp8", lambda s: s.pop("model.layers.0.self_attn.o_proj.weight_scale_inv"))
+    e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": fp8}, "  default: fp8\n")), "missing_tensor")
     assert "'weight_scale_inv'" in str(e) and "model.layers.0.self_attn.o_proj" in str(e)
 
 
@@ -105,15 +97,15 @@ def test_shape_disagrees_with_model_config(tiny_qwen3, tmp_path):
     assert "model.safetensors" in msg and "rule #1" in msg
 
 
-def test_wrong_scale_shape(moe, tmp_path):
+def test_wrong_scale_shape(moe_sources, tmp_path):
     name = "model.layers.1.self_attn.q_proj.weight_scale_inv"
-    fp8 = rewrite_checkpoint(moe["fp8"], tmp_path / "fp8", lambda s: s.__setitem__(name, torch.ones(2, 2)))
-    e = only(plan_errors(yaml_for({"fp16": moe["fp16"], "fp8": fp8}, "  default: fp8\n")), "shape_mismatch")
+    fp8 = rewrite_checkpoint(moe_sources["fp8"], tmp_path / "fp8", lambda s: s.__setitem__(name, torch.ones(2, 2)))
+    e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": fp8}, "  default: fp8\n")), "shape_mismatch")
     assert name in str(e) and "F32[2, 2]" in str(e) and "F32/BF16/F16[4, 4]" in str(e)
 
 
-def test_mixed_precision_inside_fused_groups(moe):
-    err = plan_errors(yaml_for(moe, "  default: fp8\n  weight_mapping:\n"
+def test_mixed_precision_inside_fused_groups(moe_sources):
+    err = plan_errors(yaml_for(moe_sources, "  default: fp8\n  weight_mapping:\n"
                                "    model.layers.0.self_attn.q_proj.weight: fp16\n"
                                "    model.layers.1.mlp.experts.5.up_proj: int4\n"))
     groups = {e.where.split(" ")[0]: str(e) for e in err.errors if e.code == "mixed_group"}
@@ -136,8 +128,8 @@ def test_unsupported_scheme(tiny_qwen3, tmp_path, override, needle):
     assert needle in str(e) and "gptq_marlin" in str(e) and str(int4 / "config.json") in str(e)
 
 
-def test_tp_indivisible_for_block_fp8_and_marlin(moe):
-    err = plan_errors(yaml_for(moe, "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
+def test_tp_indivisible_for_block_fp8_and_marlin(moe_sources):
+    err = plan_errors(yaml_for(moe_sources, "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
                                "    - {match: 'model.layers.1.mlp.experts.*', source: int4}\n"), tp=4)
     msgs = [str(e) for e in err.errors if e.code == "tp_indivisible"]
     fp8 = next(m for m in msgs if "fp8-block128" in m)
@@ -163,42 +155,42 @@ def test_fp8_qkv_per_rank_block(tmp_path):
     assert "per-rank N 64 of fused parts [128, 64, 64]" in str(e) and "qkv_proj" in str(e)
 
 
-def test_no_unquantized_source_and_quantized_skeleton(moe):
-    e = only(plan_errors(yaml_for({"fp8": moe["fp8"], "int4": moe["int4"]})), "missing_source")
+def test_no_unquantized_source_and_quantized_skeleton(moe_sources):
+    e = only(plan_errors(yaml_for({"fp8": moe_sources["fp8"], "int4": moe_sources["int4"]})), "missing_source")
     assert "no unquantized" in str(e) and "fp16_path" in str(e)
-    e = only(plan_errors(yaml_for(moe, "  skeleton: fp8\n")), "skeleton_quantized")
+    e = only(plan_errors(yaml_for(moe_sources, "  skeleton: fp8\n")), "skeleton_quantized")
     assert "'fp8'" in str(e)
 
 
-def test_unknown_module_in_weight_mapping(moe):
-    e = only(plan_errors(yaml_for(moe, "  weight_mapping:\n    model.layers.7.self_attn.q_proj.weight: fp8\n")), "unknown_module")
+def test_unknown_module_in_weight_mapping(moe_sources):
+    e = only(plan_errors(yaml_for(moe_sources, "  weight_mapping:\n    model.layers.7.self_attn.q_proj.weight: fp8\n")), "unknown_module")
     assert "'model.layers.7.self_attn.q_proj.weight' (/cfg/mix.yaml:6)" in str(e)
 
 
-def test_independent_errors_are_reported_together(moe, tmp_path):
-    int4 = write_gptq_checkpoint(moe["fp16"], tmp_path / "asym", config_overrides={"sym": False})
-    err = plan_errors(yaml_for({"fp16": moe["fp16"], "fp8": tmp_path / "none", "int4": int4}))
+def test_independent_errors_are_reported_together(moe_sources, tmp_path):
+    int4 = write_gptq_checkpoint(moe_sources["fp16"], tmp_path / "asym", config_overrides={"sym": False})
+    err = plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": tmp_path / "none", "int4": int4}))
     assert sorted(err.codes) == ["missing_source", "unsupported_scheme"]
-    err = plan_errors(yaml_for(moe, "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
+    err = plan_errors(yaml_for(moe_sources, "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
                                "  weight_mapping:\n    model.layers.1.self_attn.k_proj: int4\n"), tp=4)
     assert {"mixed_group", "tp_indivisible"} <= set(err.codes)
     assert str(err).startswith(f"{len(err.errors)} problem(s) found before launch")
 
 
-def test_corrupt_config_json(moe, tmp_path):
+def test_corrupt_config_json(moe_sources, tmp_path):
     broken = tmp_path / "fp8"
     broken.mkdir()
-    for f in moe["fp8"].iterdir():
+    for f in moe_sources["fp8"].iterdir():
         if f.name != "config.json":
             (broken / f.name).symlink_to(f)
     (broken / "config.json").write_text("{not json")
-    e = only(plan_errors(yaml_for({"fp16": moe["fp16"], "fp8": broken})), "corrupt_config")
+    e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": broken})), "corrupt_config")
     assert str(broken / "config.json") in str(e)
 
 
-def test_bad_tp_size_argument(moe):
+def test_bad_tp_size_argument(moe_sources):
     with pytest.raises(MixedPrecisionError) as e:
-        build_plan(parse_config(yaml_for(moe)), tp_size=0)
+        build_plan(parse_config(yaml_for(moe_sources)), tp_size=0)
     assert e.value.code == "bad_argument"
 
 

@@ -180,21 +180,30 @@ def _load_expecting_audit_failure(path) -> str:
     return str(e.value)
 
 
-def test_audit_fails_on_a_dropped_tensor(tiny_qwen3, tmp_path, sglang_cpu, monkeypatch):
+def _stream_renaming(monkeypatch, name: str, to: str | None) -> None:
+    """Make the loader's stream hand SGLang `to` instead of `name` (None: drop it), and count what
+    it read accordingly, as a stream with that bug would."""
     from sglang_mixed_precision.serving.loader import PlanWeightStream
 
-    _, path = make_plan_dir(mix_config(str(tiny_qwen3), "attn_fp8_mlp_bf16"), tmp_path / "plan")
-    dropped = "model.layers.1.self_attn.k_proj.weight_scale_inv"
     real_iter = PlanWeightStream.__iter__
 
-    def dropping(self):
-        for name, tensor in real_iter(self):
-            if name == dropped:
-                self.yielded[name] -= 1  # as if the stream had never read it
-                continue
-            yield name, tensor
+    def altered(self):
+        for n, tensor in real_iter(self):
+            if n == name:
+                self.yielded[name] -= 1
+                if to is None:
+                    continue
+                self.yielded[to] += 1
+                n = to
+            yield n, tensor
 
-    monkeypatch.setattr(PlanWeightStream, "__iter__", dropping)
+    monkeypatch.setattr(PlanWeightStream, "__iter__", altered)
+
+
+def test_audit_fails_on_a_dropped_tensor(tiny_qwen3, tmp_path, sglang_cpu, monkeypatch):
+    _, path = make_plan_dir(mix_config(str(tiny_qwen3), "attn_fp8_mlp_bf16"), tmp_path / "plan")
+    dropped = "model.layers.1.self_attn.k_proj.weight_scale_inv"
+    _stream_renaming(monkeypatch, dropped, None)
     message = _load_expecting_audit_failure(path)
     assert f"tensor {dropped} of source 'fp8' was read 0 times" in message
     assert "model.layers.1.self_attn.qkv_proj.weight_scale_inv lacks 1 shard(s): k" in message
@@ -202,21 +211,8 @@ def test_audit_fails_on_a_dropped_tensor(tiny_qwen3, tmp_path, sglang_cpu, monke
 
 def test_audit_fails_when_sglang_skips_a_name(tiny_qwen3, tmp_path, sglang_cpu, monkeypatch):
     """SGLang's load_weights ignores names it does not know: the audit must not."""
-    from sglang_mixed_precision.serving.loader import PlanWeightStream
-
     _, path = make_plan_dir(mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8"), tmp_path / "plan")
-    victim = "model.layers.0.mlp.down_proj.weight_scale_inv"
-    real_iter = PlanWeightStream.__iter__
-
-    def renamed(self):
-        for name, tensor in real_iter(self):
-            if name == victim:
-                self.yielded[victim] -= 1
-                self.yielded["model.layers.0.mlp.down_proj.scale_inv"] += 1
-                name = "model.layers.0.mlp.down_proj.scale_inv"
-            yield name, tensor
-
-    monkeypatch.setattr(PlanWeightStream, "__iter__", renamed)
+    _stream_renaming(monkeypatch, "model.layers.0.mlp.down_proj.weight_scale_inv", "model.layers.0.mlp.down_proj.scale_inv")
     message = _load_expecting_audit_failure(path)
     assert "parameter model.layers.0.mlp.down_proj.weight_scale_inv (4, 8) torch.float32 was never loaded" in message
     assert "tensor model.layers.0.mlp.down_proj.scale_inv was read but is not in the plan" in message
