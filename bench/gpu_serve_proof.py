@@ -27,6 +27,10 @@ tolerance = 3 * delta + 0.02 nats (0.02 covers bf16 rounding of the log-probabil
 Usage (on the GPU machine, from the repository root, after ``source bench/gpu_setup.sh``, which
 unpacks SGLang and the JIT kernel cache and installs this package so SGLang's workers see the plugin):
     python bench/gpu_serve_proof.py --out bench/results/gpu_serve_proof [--only qwen3_moe/attn-fp8+experts-int4,all-bf16]
+    python bench/gpu_serve_proof.py --out DIR --only qwen3_moe/attn-fp8+experts-int4 --entrypoints attn-fp8+experts-int4
+--entrypoints also serves those mixes' plan directories with plain ``python -m sglang.launch_server``
+(greedy tokens must equal the launcher's), with ``--load-format dummy`` (must answer) and with
+``sglang.Engine`` (tokens must equal the launcher's): three more server starts per mix.
 
 Results: OUT/results.json and OUT/results.md (the card named), server logs in OUT/logs/. The
 summary is printed last.
@@ -92,6 +96,7 @@ class Result:
     plan_bytes: int | None = None
     weight_vs_plan: float | None = None
     checks: dict = field(default_factory=dict)  # criterion -> bool
+    notes: list = field(default_factory=list)  # what went wrong outside the checks
     samples: list = field(default_factory=list)
 
 
@@ -159,9 +164,10 @@ def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
     port = client.free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = out / "logs" / f"{arch}__{mix}.log"
+    plan_dir = out / "plans" / arch / mix
     cmd = [sys.executable, str(REPO / "launch_mixed_precision_server.py"), "--enable-mixed-precision",
            "--mixed-precision-config", str(config), "--model-path", str(converted / "fp16"), "--host", "127.0.0.1",
-           "--port", str(port), "--plan-dir", str(out / "plans" / arch / mix), "--tp-size", str(args.tp_size),
+           "--port", str(port), "--plan-dir", str(plan_dir), "--tp-size", str(args.tp_size),
            "--dp-size", str(args.dp_size), *SERVER_FLAGS, *args.sglang_arg]
     log(f"{res.name}: starting {' '.join(cmd[1:])}")
     os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
@@ -172,13 +178,16 @@ def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
         sglang_out = query_endpoints(base, res, args)
         compare_with_reference(config, sglang_out, res, args)
         read_log(log_path, res)
-        decide(res)
     except Exception as e:  # one mix failing must not stop the others
         res.error = f"{type(e).__name__}: {e}"
         log(f"{res.name}: FAILED {res.error}\n{traceback.format_exc()}")
         read_log(log_path, res)
+        return res
     finally:
         client.stop_server(proc)
+    if args.entrypoints and mix in args.entrypoints:
+        check_entrypoints(res, plan_dir, sglang_out, args, out)
+    decide(res)
     return res
 
 
@@ -191,11 +200,7 @@ def query_endpoints(base: str, res: Result, args) -> list[dict]:
     outputs = []
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
-        r = client.post_json(f"{base}/generate", {
-            "input_ids": ids,
-            "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True},
-            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 1,
-        }, timeout=args.step_timeout)
+        r = client.post_json(f"{base}/generate", {"input_ids": ids, **greedy_request(args)}, timeout=args.step_timeout)
         meta = r["meta_info"]
         output = [(float(lp), int(t)) for lp, t, *_ in meta["output_token_logprobs"]]
         prompt_lps = [(None if lp is None else float(lp), int(t)) for lp, t, *_ in meta["input_token_logprobs"]]
@@ -214,6 +219,71 @@ def query_endpoints(base: str, res: Result, args) -> list[dict]:
     res.endpoints["/v1/chat/completions"] = "ok" if content is not None else "empty"
     res.samples = [{"prompt": o["prompt"], "text": o["text"]} for o in outputs] + [{"chat": content}]
     return outputs
+
+
+def greedy_request(args) -> dict:
+    """The fields of a greedy request with log-probs, for /generate and Engine.generate alike."""
+    return {"sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True},
+            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 1}
+
+
+def output_ids(reply: dict) -> list[int]:
+    return [int(t) for _, t, *_ in reply["meta_info"]["output_token_logprobs"]]
+
+
+# ---- the same mix through SGLang's own entry points --------------------------------------------
+ENGINE_SCRIPT = r"""
+import json, sys
+import sglang as sgl
+plan_dir, prompts, request = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+engine = sgl.Engine(model_path=plan_dir, attention_backend="triton", sampling_backend="pytorch", disable_cuda_graph=True,
+                    mem_fraction_static=0.5, dtype="bfloat16")
+try:
+    replies = [engine.generate(input_ids=ids, **request) for ids in prompts]
+    print("ENGINE_OUTPUT " + json.dumps([[int(t) for _, t, *_ in r["meta_info"]["output_token_logprobs"]] for r in replies]))
+finally:
+    engine.shutdown()
+"""
+
+
+def check_entrypoints(res: Result, plan_dir: Path, outputs: list[dict], args, out: Path) -> None:
+    """The plan directory the launcher wrote, served by plain ``python -m sglang.launch_server`` and by
+    ``sglang.Engine``: the same greedy tokens as through the launcher (same kernels, same weights);
+    and with ``--load-format dummy``: the mix builds and answers without reading a weight."""
+    prompts = [o["prompt_ids"] for o in outputs]
+    expected = [o["output_ids"] for o in outputs]
+    res.checks["launch_server_plan_dir_same_tokens"] = serve_plan_dir(res, plan_dir, prompts, args, out, []) == expected
+    dummy = serve_plan_dir(res, plan_dir, prompts, args, out, ["--load-format", "dummy"])
+    res.checks["load_format_dummy_answers"] = dummy is not None and all(len(ids) == args.max_new_tokens for ids in dummy)
+    log(f"{res.name}: sglang.Engine on the plan directory")
+    p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(plan_dir), json.dumps(prompts), json.dumps(greedy_request(args))],
+                       capture_output=True, text=True, timeout=args.step_timeout)
+    (out / "logs" / f"{res.arch}__{res.mix}__engine.log").write_text(p.stdout + p.stderr)
+    line = [l for l in p.stdout.splitlines() if l.startswith("ENGINE_OUTPUT ")]
+    res.checks["engine_plan_dir_same_tokens"] = bool(line) and json.loads(line[-1].split(" ", 1)[1]) == expected
+
+
+def serve_plan_dir(res: Result, plan_dir: Path, prompts: list[list[int]], args, out: Path, extra: list[str]) -> list[list[int]] | None:
+    """Greedy output ids of `prompts` from stock ``sglang.launch_server`` on the plan directory; None if it fails."""
+    from sglang_mixed_precision.serving import client
+
+    port = client.free_port()
+    base = f"http://127.0.0.1:{port}"
+    tag = "dummy" if extra else "plain"
+    log_path = out / "logs" / f"{res.arch}__{res.mix}__launch_server_{tag}.log"
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(plan_dir), "--host", "127.0.0.1",
+           "--port", str(port), *SERVER_FLAGS, *extra]
+    log(f"{res.name}: {' '.join(cmd[1:])}")
+    proc = client.start_server(cmd, log_path)
+    try:
+        client.wait_until_ready(base, proc, args.step_timeout, log_path, progress=log)
+        return [output_ids(client.post_json(f"{base}/generate", {"input_ids": ids, **greedy_request(args)},
+                                            timeout=args.step_timeout)) for ids in prompts]
+    except Exception as e:
+        res.notes.append(f"launch_server ({tag}): {type(e).__name__}: {e}")
+        return None
+    finally:
+        client.stop_server(proc)
 
 
 def compare_with_reference(config: Path, outputs: list[dict], res: Result, args) -> None:
@@ -302,6 +372,13 @@ def markdown(env: dict, results: list[Result], seconds: float) -> str:
         lines.append(f"| {r.arch} | {r.mix} | {'PASS' if r.ok else 'FAIL'} | {r.startup_s} | {ends} | "
                      f"{r.tokens_identical_bf16_ref} / {r.tokens_identical_fp32_ref} ({r.token_match_rate}) | "
                      f"{r.max_abs_dlogprob} | {r.tolerance} | {mem} | {r.layers or '-'} |")
+    checked = [r for r in results if "engine_plan_dir_same_tokens" in r.checks]
+    if checked:
+        lines += ["", "SGLang's own entry points on the plan directory the launcher wrote (same greedy tokens as "
+                  "through the launcher; --load-format dummy builds the mix and answers without reading weights):", ""]
+        lines += [f"- {r.arch}/{r.mix}: `python -m sglang.launch_server` {r.checks['launch_server_plan_dir_same_tokens']}, "
+                  f"`--load-format dummy` {r.checks['load_format_dummy_answers']}, `sglang.Engine` "
+                  f"{r.checks['engine_plan_dir_same_tokens']}" + (f" ({'; '.join(r.notes)})" if r.notes else "") for r in checked]
     return "\n".join(lines) + "\n"
 
 
@@ -320,8 +397,11 @@ def main() -> int:
     ap.add_argument("--step-timeout", type=float, default=900.0, help="seconds per server start / request")
     ap.add_argument("--tp-size", type=int, default=1, help="tensor parallelism (GPUs per replica)")
     ap.add_argument("--dp-size", type=int, default=1, help="data-parallel replicas")
+    ap.add_argument("--entrypoints", default="", help="comma list of mixes also served from their plan directory by plain "
+                    "`python -m sglang.launch_server` (also with --load-format dummy) and by sglang.Engine")
     ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang flag (repeat; e.g. --sglang-arg=--skip-server-warmup)")
     args = ap.parse_args()
+    args.entrypoints = [m.strip() for m in args.entrypoints.split(",") if m.strip()]
     started = time.time()
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
