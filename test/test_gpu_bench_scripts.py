@@ -1,6 +1,7 @@
-"""bench/gpu_bench_mix.py and bench/gpu_reload_proof.py off the GPU: their --cpu-check modes, their
-server paths against fake_sglang_server.py (SGLang's routes and reply shapes, computed on CPU), and
-their log parsing against SGLang's and the loader's own log formats."""
+"""The GPU scripts off the GPU: gpu_bench_mix.py and gpu_reload_proof.py through their --cpu-check
+modes, their server paths against fake_sglang_server.py (SGLang's routes and reply shapes, computed
+on CPU) and their log parsing against SGLang's and the loader's own log formats; the serve proof's
+entry-point checks with SGLang's processes replaced."""
 
 from __future__ import annotations
 
@@ -150,3 +151,42 @@ def test_bench_misses_name_each_goal(bench):
     assert "decode_b1_mixed_over_stock = 0.980" in text and "ttft_stock_over_mixed = 0.990" not in text
     assert "decode_b32" not in text and "greedy" not in text
     assert "gpu_mem_vs_plan -1.96%" in text and "bytes read 1.100 x plan" in text
+
+
+# ---- serve proof: SGLang's own entry points on the plan directory ------------------------------------------
+def test_serve_proof_entrypoint_checks_compare_with_the_launchers_tokens(tmp_path, monkeypatch):
+    serve = load("gpu_serve_proof")
+    from sglang_mixed_precision.serving import client
+
+    launched = []
+    replies = {"plain": [7, 8, 9], "dummy": [1, 1, 1]}
+
+    monkeypatch.setattr(client, "start_server", lambda cmd, log: launched.append(cmd) or SimpleNamespace(cmd=cmd))
+    monkeypatch.setattr(client, "wait_until_ready", lambda *a, **k: 1.0)
+    monkeypatch.setattr(client, "stop_server", lambda proc: None)
+
+    def generate(url, payload, timeout):
+        ids = replies["dummy" if "--load-format" in launched[-1] else "plain"]
+        return {"meta_info": {"output_token_logprobs": [[-0.5, t, None] for t in ids]}}
+
+    monkeypatch.setattr(client, "post_json", generate)
+    engine_argv = []
+
+    def run_engine(argv, **kw):
+        engine_argv.append(argv)
+        return SimpleNamespace(stdout="loading\nENGINE_OUTPUT [[7, 8, 4]]\n", stderr="")
+
+    monkeypatch.setattr(serve.subprocess, "run", run_engine)
+    (tmp_path / "logs").mkdir()
+    res = serve.Result("qwen3/m", "qwen3", "m")
+    args = SimpleNamespace(max_new_tokens=3, step_timeout=5.0)
+    serve.check_entrypoints(res, tmp_path / "plan", [{"prompt_ids": [1, 2], "output_ids": [7, 8, 9]}], args, tmp_path)
+
+    assert [c[1:3] for c in launched] == [["-m", "sglang.launch_server"]] * 2
+    assert all(c[c.index("--model-path") + 1] == str(tmp_path / "plan") for c in launched)
+    assert "--load-format" not in launched[0] and launched[1][-2:] == ["--load-format", "dummy"]
+    assert engine_argv[0][3] == str(tmp_path / "plan") and json.loads(engine_argv[0][4]) == [[1, 2]]
+    assert res.checks == {"launch_server_plan_dir_same_tokens": True, "load_format_dummy_answers": True,
+                          "engine_plan_dir_same_tokens": False}  # the Engine's third token differs
+    assert "`sglang.Engine` False" in serve.markdown(
+        {"card": "c", "capability": "sm90", "gpus": 1, "torch": "t", "cuda": "c", "sglang": "s", "tp_size": 1, "dp_size": 1}, [res], 1.0)
