@@ -28,6 +28,8 @@ Usage (on the GPU machine, from the repository root, after ``source bench/gpu_se
 unpacks SGLang and the JIT kernel cache and installs this package so SGLang's workers see the plugin):
     python bench/gpu_serve_proof.py --out bench/results/gpu_serve_proof [--only qwen3_moe/attn-fp8+experts-int4,all-bf16]
     python bench/gpu_serve_proof.py --out DIR --only qwen3_moe/attn-fp8+experts-int4 --entrypoints attn-fp8+experts-int4
+--cpu-check runs everything up to starting SGLang on CPU (models, conversions, plans, the launcher's
+validation and plan directory, SGLang's parser on every command, reference tokens bf16 vs fp32).
 --entrypoints also serves those mixes' plan directories with plain ``python -m sglang.launch_server``
 (greedy tokens must equal the launcher's), with ``--load-format dummy`` (must answer) and with
 ``sglang.Engine`` (tokens must equal the launcher's): three more server starts per mix.
@@ -101,6 +103,15 @@ class Result:
 
 
 # ---- environment ------------------------------------------------------------------------------
+def cpu_environment() -> dict:
+    import platform
+
+    import torch
+
+    return {"card": f"CPU check on {platform.processor() or platform.machine()} (no GPU)", "gpus": 0, "capability": "-",
+            "torch": torch.__version__, "sglang": "-", "cuda": None, "jit_cache": None}
+
+
 def ensure_environment() -> dict:
     import torch
 
@@ -165,10 +176,7 @@ def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
     base = f"http://127.0.0.1:{port}"
     log_path = out / "logs" / f"{arch}__{mix}.log"
     plan_dir = out / "plans" / arch / mix
-    cmd = [sys.executable, str(REPO / "launch_mixed_precision_server.py"), "--enable-mixed-precision",
-           "--mixed-precision-config", str(config), "--model-path", str(converted / "fp16"), "--host", "127.0.0.1",
-           "--port", str(port), "--plan-dir", str(plan_dir), "--tp-size", str(args.tp_size),
-           "--dp-size", str(args.dp_size), *SERVER_FLAGS, *args.sglang_arg]
+    cmd = [sys.executable, str(REPO / "launch_mixed_precision_server.py"), *launcher_argv(config, converted, plan_dir, port, args)]
     log(f"{res.name}: starting {' '.join(cmd[1:])}")
     os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
     proc = client.start_server(cmd, log_path)
@@ -188,6 +196,50 @@ def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
     if args.entrypoints and mix in args.entrypoints:
         check_entrypoints(res, plan_dir, sglang_out, args, out)
     decide(res)
+    return res
+
+
+def launcher_argv(config: Path, converted: Path, plan_dir: Path, port: int, args) -> list[str]:
+    return ["--enable-mixed-precision", "--mixed-precision-config", str(config), "--model-path", str(converted / "fp16"),
+            "--host", "127.0.0.1", "--port", str(port), "--plan-dir", str(plan_dir), "--tp-size", str(args.tp_size),
+            "--dp-size", str(args.dp_size), *SERVER_FLAGS, *args.sglang_arg]
+
+
+def cpu_check(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
+    """Everything up to starting SGLang, on CPU: the launcher validates the plan and writes the plan
+    directory, SGLang's own parser accepts the command (and the entry-point commands), and the
+    reference picks the same greedy tokens in bf16 as in fp32 (what the token check relies on)."""
+    import io
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from sglang_mixed_precision.reference import build_reference_model, greedy, plan_from_config
+    from sglang_mixed_precision.serving import client, launcher
+
+    res = Result(f"{arch}/{mix}", arch, mix)
+    config = write_mix(converted, mix)
+    plan_dir = out / "plans" / arch / mix
+    try:
+        cmd = launcher.sglang_command(launcher_argv(config, converted, plan_dir, 30000, args), out=io.StringIO())
+        commands = [cmd[3:]]
+        if mix in args.entrypoints:
+            commands += [["--model-path", str(plan_dir), *SERVER_FLAGS, *extra] for extra in ([], ["--load-format", "dummy"])]
+        problems = [p for p in map(client.sglang_argv_problem, commands) if p]
+        res.checks["sglang_accepts_commands"] = not problems
+        res.notes += problems
+        plan = plan_from_config(config, tp_size=args.tp_size)
+        models = [build_reference_model(plan, dtype=dt, device="cpu", simulate_w8a8=True) for dt in (torch.float32, torch.bfloat16)]
+        tok = AutoTokenizer.from_pretrained(str(converted / "fp16"))
+        ids = [tok(p)["input_ids"] for p in PROMPTS]
+        res.tokens_identical_bf16_ref = all(greedy(models[0], i, args.max_new_tokens)[0] == greedy(models[1], i, args.max_new_tokens)[0]
+                                            for i in ids)
+        res.checks["reference_bf16_equals_fp32"] = res.tokens_identical_bf16_ref
+        res.plan_bytes = plan_rank_bytes(plan)
+    except Exception as e:
+        res.error = f"{type(e).__name__}: {e}"
+    res.ok = res.error is None and all(res.checks.values())
+    log(f"{res.name}: cpu-check {'ok' if res.ok else 'FAILED'} {res.checks} {res.error or ''} {'; '.join(res.notes)}")
     return res
 
 
@@ -388,7 +440,7 @@ def write_results(out: Path, env: dict, results: list[Result], seconds: float) -
     (out / "results.md").write_text(markdown(env, results, seconds))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="results directory")
     ap.add_argument("--workdir", default=None, help="models and conversions (default: OUT/work)")
@@ -399,14 +451,15 @@ def main() -> int:
     ap.add_argument("--dp-size", type=int, default=1, help="data-parallel replicas")
     ap.add_argument("--entrypoints", default="", help="comma list of mixes also served from their plan directory by plain "
                     "`python -m sglang.launch_server` (also with --load-format dummy) and by sglang.Engine")
+    ap.add_argument("--cpu-check", action="store_true", help="everything up to starting SGLang, on CPU (see cpu_check)")
     ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang flag (repeat; e.g. --sglang-arg=--skip-server-warmup)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.entrypoints = [m.strip() for m in args.entrypoints.split(",") if m.strip()]
     started = time.time()
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     args.workdir = str(Path(args.workdir).resolve()) if args.workdir else str(out / "work")
-    env = ensure_environment()
+    env = cpu_environment() if args.cpu_check else ensure_environment()
     env.update(tp_size=args.tp_size, dp_size=args.dp_size)
     log(f"card: {env['card']} ({env['capability']}); sglang {env['sglang']}; JIT cache {env['jit_cache']}")
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -414,7 +467,7 @@ def main() -> int:
     converted = prepare_models(Path(args.workdir), sorted({a for a, _ in runs}))
     results = []
     for arch, mix in runs:
-        results.append(run_mix(arch, mix, converted[arch], args, out))
+        results.append((cpu_check if args.cpu_check else run_mix)(arch, mix, converted[arch], args, out))
         r = results[-1]
         log(f"{r.name}: {'PASS' if r.ok else 'FAIL'} dlogprob {r.max_abs_dlogprob} (tol {r.tolerance}), weights {r.weight_vs_plan}")
         seconds = time.time() - started

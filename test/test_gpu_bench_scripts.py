@@ -190,3 +190,14 @@ def test_serve_proof_entrypoint_checks_compare_with_the_launchers_tokens(tmp_pat
                           "engine_plan_dir_same_tokens": False}  # the Engine's third token differs
     assert "`sglang.Engine` False" in serve.markdown(
         {"card": "c", "capability": "sm90", "gpus": 1, "torch": "t", "cuda": "c", "sglang": "s", "tp_size": 1, "dp_size": 1}, [res], 1.0)
+
+
+def test_serve_proof_cpu_check_plans_validates_and_compares_reference_tokens(tmp_path):
+    serve = load("gpu_serve_proof")
+    argv = ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--cpu-check",
+            "--only", "qwen3_moe/attn-fp8+experts-int4", "--entrypoints", "attn-fp8+experts-int4", "--max-new-tokens", "4"]
+    assert serve.main(argv) == 0
+    (res,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert res["checks"] == {"sglang_accepts_commands": True, "reference_bf16_equals_fp32": True}
+    plan_dir = tmp_path / "out" / "plans" / "qwen3_moe" / "attn-fp8+experts-int4"
+    assert json.loads((plan_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "mixed_precision"
