@@ -33,6 +33,12 @@ def test_roles_counts_and_bytes(tiny_qwen3_moe):
     assert sum(s.tensors for s in a.stats.values()) == len(state)
 
 
+def test_unknown_precision_is_refused(tiny_qwen3_moe):
+    with pytest.raises(MixedPrecisionError) as e:
+        choose_precisions(analyze(tiny_qwen3_moe), attention="fp4")
+    assert e.value.code == "bad_argument" and "precision 'fp4' for attention is not one of fp16, bf16, 16bit, fp8, int4" in str(e.value)
+
+
 def _assignments(plan):
     return {name: a.label for name, a in plan.modules.items()}
 

@@ -152,6 +152,10 @@ def test_yaml_syntax_error_has_line_and_column():
     ("mixed_precision:\n  sources: {'bad label': /a}\n", "config_bad_label", "'bad label'"),
     ("mixed_precision:\n  fp16_path: /a\n  fp8_path: /b\n  weight_mapping:\n    model.x.weight: fp16\n    model.x.bias: fp8\n",
      "config_conflict", "model.x"),
+    ("{}\n", "config_syntax", "no 'mixed_precision:' section"),
+    ("a: \x00\n", "config_syntax", "YAML syntax error: ReaderError"),
+    ("mixed_precision:\n  fp8_path: /b\n  sources: {model: /c}\n  model_path: /m\n", "config_duplicate_label", "label 'model' is taken"),
+    ("mixed_precision:\n  fp16_path: /a\n  rules:\n    - {match: 're:(', source: fp16}\n", "config_bad_pattern", "invalid regular expression"),
 ])
 def test_config_error_catalogue(text, code, needle):
     with pytest.raises(MixedPrecisionError) as e:
@@ -164,6 +168,14 @@ def test_missing_config_file(tmp_path):
     with pytest.raises(MixedPrecisionError) as e:
         load_config(tmp_path / "nope.yaml")
     assert e.value.code == "missing_file" and "nope.yaml" in str(e.value)
+
+
+def test_config_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("mixed_precision:\n  fp16_path: /mod\xe8le\n".encode("latin-1"))
+    with pytest.raises(MixedPrecisionError) as e:
+        load_config(path)
+    assert e.value.code == "config_syntax" and f"cannot read config file {path}" in str(e.value) and "UTF-8" in str(e.value)
 
 
 def test_model_path_picks_or_adds_the_skeleton():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from sglang_mixed_precision.cli import main as cli_main
 from sglang_mixed_precision.config import load_config, parse_config
@@ -10,6 +12,18 @@ from sglang_mixed_precision.naming import Role
 from sglang_mixed_precision.plan import build_plan
 
 from ckpt_writers import load_state, write_fp8_checkpoint
+
+
+PLANNING_CORE = ("errors", "naming", "config", "formats", "formats.fp8", "formats.gptq", "formats.unquantized", "sources",
+                 "sources.safetensors_header", "sources.torch_bin", "geometry", "plan", "report", "analyzer", "shapegen")
+
+
+def test_planning_core_imports_neither_sglang_nor_torch():
+    code = ("import importlib, sys\n"
+            f"for m in {PLANNING_CORE!r}: importlib.import_module('sglang_mixed_precision.' + m)\n"
+            "print(sorted({n.split('.')[0] for n in sys.modules} & {'sglang', 'torch'}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def seed_yaml(sources, mapping_lines: str) -> str:

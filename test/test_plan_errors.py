@@ -192,6 +192,27 @@ def test_bad_tp_size_argument(moe_sources):
     with pytest.raises(MixedPrecisionError) as e:
         build_plan(parse_config(yaml_for(moe_sources)), tp_size=0)
     assert e.value.code == "bad_argument"
+    assert "tp_size must be a positive integer, got 0" in str(e.value)
+
+
+def test_skeleton_alias_without_an_unquantized_source(moe_sources):
+    e = only(plan_errors(yaml_for({"fp8": moe_sources["fp8"]}, "  skeleton: bf16\n")), "missing_source")
+    assert "no unquantized (16-bit) source" in str(e)
+
+
+def test_config_json_without_model_dimensions(moe_sources, tmp_path):
+    broken = tmp_path / "fp16"
+    broken.mkdir()
+    for f in moe_sources["fp16"].iterdir():
+        if f.name != "config.json":
+            (broken / f.name).symlink_to(f)
+    cfg = json.loads((moe_sources["fp16"] / "config.json").read_text())
+    del cfg["hidden_size"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MixedPrecisionError) as e:
+        build_plan(parse_config(yaml_for({"fp16": broken})))
+    assert e.value.code == "corrupt_config"
+    assert f"{broken / 'config.json'} lacks a model dimension ('hidden_size')" in str(e.value)
 
 
 def test_header_entry_that_does_not_fit_its_bytes(tiny_qwen3, tmp_path):
@@ -212,4 +233,4 @@ def test_header_entry_that_does_not_fit_its_bytes(tiny_qwen3, tmp_path):
         f.write(len(new).to_bytes(8, "little") + new)
         f.truncate(8 + len(new) + data_end)
     e = only(plan_errors(yaml_for({"fp16": base})), "corrupt_safetensors")
-    assert name in str(e) and shard.name in str(e)
+    assert name in str(e) and shard.name in str(e) and f"BF16[512] does not fit bytes [{start}, {stop + 2})" in str(e)

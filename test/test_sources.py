@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 from sglang_mixed_precision.errors import MixedPrecisionError
 from sglang_mixed_precision.formats import detect_scheme, expected_tensors
 from sglang_mixed_precision.sources import _HEADER_CACHE, CheckpointSource
+from sglang_mixed_precision.sources.torch_bin import read_bin_tensors
 
 from ckpt_writers import load_state, write_fp8_checkpoint, write_gptq_checkpoint
 
@@ -118,6 +121,31 @@ def test_corrupt_torch_bin(bin_checkpoint, tmp_path):
     assert e.value.code == "corrupt_checkpoint" and "pytorch_model.bin" in str(e.value)
 
 
+def _rezip(src, dst, edit):
+    """A copy of the zip ``src`` with each member's bytes passed through ``edit(name, data)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, edit(info.filename, zin.read(info.filename)))
+    return dst
+
+
+def test_torch_bin_problems_name_the_file(tmp_path):
+    torch.save({"w": torch.ones(4)}, tmp_path / "ok.bin")
+    short = _rezip(tmp_path / "ok.bin", tmp_path / "short.bin", lambda n, b: b[:8] if n.endswith("/data/0") else b)
+    no_pickle = tmp_path / "nopkl.bin"
+    with zipfile.ZipFile(no_pickle, "w") as z:
+        z.writestr("archive/data/0", b"")
+    torch.save({"p": pathlib.PurePosixPath("a")}, tmp_path / "object.bin")
+    torch.save([torch.ones(2)], tmp_path / "list.bin")
+    for path, needle in ((short, "storage 0 of w has 8 bytes, needs 16"), (no_pickle, "no data.pkl in the archive"),
+                         (tmp_path / "object.bin", "unexpected global pathlib.PurePosixPath"),
+                         (tmp_path / "list.bin", "top-level object is a list, not a state dict")):
+        with pytest.raises(MixedPrecisionError) as e:
+            read_bin_tensors(path)
+        assert e.value.code == "corrupt_checkpoint" and f"{path.name} is not a readable PyTorch state dict" in str(e.value)
+        assert needle in str(e.value), path.name
+
+
 def test_truncated_safetensors_is_reported_with_sizes(tiny_qwen3, tmp_path):
     bad = clone(tiny_qwen3, tmp_path / "bad", skip=("model.safetensors",))
     data = (tiny_qwen3 / "model.safetensors").read_bytes()
@@ -141,6 +169,7 @@ def _file(header: dict, data_bytes: int) -> bytes:
     (_file({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 8), "does not fit"),
     (_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12), "trailing bytes"),
     (_file({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, 8), "malformed header entry"),
+    (_file({"a": {"dtype": "F32", "shape": [2]}}, 0), "malformed header entry (KeyError: 'data_offsets')"),
 ])
 def test_corrupt_safetensors_headers(tmp_path, payload, needle):
     (tmp_path / "config.json").write_text("{}")
@@ -158,6 +187,34 @@ def test_index_naming_a_missing_shard(tiny_llama, tmp_path):
     assert "model-00002-of-00009.safetensors" in str(problems[0]) and "model.safetensors.index.json" in str(problems[0])
     with pytest.raises(MixedPrecisionError):
         source.tensor("model.norm.weight")
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": []}', '{"metadata": {}}', "not json"])
+def test_corrupt_index(tiny_qwen3, tmp_path, index):
+    bad = clone(tiny_qwen3, tmp_path / "bad")
+    (bad / "model.safetensors.index.json").write_text(index)
+    problems = CheckpointSource("x", bad).scan()
+    assert [p.code for p in problems] == ["corrupt_index"]
+    assert f"{bad / 'model.safetensors.index.json'} has no valid weight_map" in str(problems[0])
+
+
+def test_unknown_tensor_name(tiny_qwen3):
+    with pytest.raises(MixedPrecisionError) as e:
+        CheckpointSource("a", tiny_qwen3).tensor("model.ghost.weight")
+    assert e.value.code == "missing_tensor" and "source 'a' has no tensor model.ghost.weight" in str(e.value)
+
+
+@pytest.mark.parametrize("file,text,needle", [
+    ("config.json", "[]", "config.json is not a JSON object"),
+    ("quantize_config.json", "{bits: 4", "quantize_config.json is not valid JSON"),
+    ("quantize_config.json", "4", "quantize_config.json is not a JSON object"),
+])
+def test_corrupt_config_files(tiny_qwen3, tmp_path, file, text, needle):
+    out = clone(tiny_qwen3, tmp_path / "m", skip=(file,))
+    (out / file).write_text(text)
+    with pytest.raises(MixedPrecisionError) as e:
+        CheckpointSource("q", out).scheme
+    assert e.value.code == "corrupt_config" and needle in str(e.value) and f"restore the model's original {file}" in str(e.value)
 
 
 def test_index_and_files_disagree(tiny_qwen3, tmp_path):
@@ -202,6 +259,15 @@ def test_fp8_and_gptq_writers_match_the_format_specs(tiny_qwen3, tmp_path):
     ({"quant_method": "awq", "bits": 4}, "'awq'"),
     ({"quant_method": "fp8", "fmt": "e5m2"}, "e5m2"),
     ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size"),
+    (["fp8"], "quantization_config is a list, not a mapping"),
+    ({"quant_method": "compressed-tensors", "config_groups": {}}, "compressed-tensors config with 0 weight groups"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
+     "num_bits=4 type=int are not 8-bit float"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "group"}}}},
+     "strategy 'group'"),
+    ({"quant_method": "compressed-tensors",
+      "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128]}}}},
+     "block_structure [128] is not two positive integers"),
 ])
 def test_unsupported_schemes_say_why(qc, needle):
     with pytest.raises(MixedPrecisionError) as e:
@@ -214,6 +280,7 @@ def test_unsupported_schemes_say_why(qc, needle):
     ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8-block128"),
     ({"quant_method": "fp8"}, "fp8-tensor"),
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}, "fp8-channel"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block"}}}}, "fp8-block128"),
     ({"quant_method": "gptq", "bits": 4, "group_size": -1, "sym": True}, "gptq-int4-gall"),
     ({"quant_method": "gptq", "bits": 8, "group_size": 64, "sym": True, "desc_act": True}, "gptq-int8-g64-act"),
 ])

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import yaml
 
 from .config import Rule
 from .errors import MixedPrecisionError
-from .formats import DTYPE_BYTES, Scheme, expected_tensors
+from .formats import DTYPE_BYTES, Scheme, release_tensors
 from .naming import ModuleRef, Role, classify, module_name
 from .sources import CheckpointSource
 
@@ -52,9 +53,6 @@ class Analysis:
 def analyze(model_path: str | Path) -> Analysis:
     """Classify every tensor of a checkpoint from its headers (index, safetensors or .bin)."""
     source = CheckpointSource("model", Path(model_path).resolve())
-    problem = source.check_exists()
-    if problem:
-        raise problem
     names = list(source.tensor_names)
     result = Analysis(source.path, {}, {}, {}, {}, names)
     for module in source.module_names():
@@ -90,16 +88,8 @@ def estimated_bytes(analysis: Analysis, module: str, label: str) -> int:
     shape = analysis.module_shapes.get(module)
     if label == "fp16" or shape is None or len(shape) != 2:
         return analysis.module_bytes[module]
-    specs = expected_tensors(ASSUMED_SCHEMES[label], shape[0], shape[1])
-    total = 0
-    for suffix, spec in specs.items():
-        if spec.optional and suffix != "g_idx":
-            continue
-        n = 1
-        for d in spec.shape:
-            n *= d
-        total += n * DTYPE_BYTES[spec.dtypes[0]]
-    return total
+    specs = release_tensors(ASSUMED_SCHEMES[label], shape[0], shape[1])
+    return sum(prod(spec.shape) * DTYPE_BYTES[spec.dtypes[0]] for spec in specs.values())
 
 
 # ---- compact rules ------------------------------------------------------------------------------

@@ -73,20 +73,17 @@ class Rule:
     pattern: str
     label: str
     origin: str
-    _regex: re.Pattern = field(repr=False, default=None)
-    _ranges: tuple = field(repr=False, default=())
 
     def __post_init__(self):
-        if self._regex is None:
-            self._regex, self._ranges = compile_pattern(self.pattern, self.origin)
+        self._regex, ranges = compile_pattern(self.pattern, self.origin)
+        self._allowed = [_NumberSet(spans) for spans in ranges]  # one per [a-b] of a glob, in group order
         self._description = f"rule #{self.index} {self.pattern!r} ({self.origin})"
-        self._allowed = [_NumberSet(spans) for spans in self._ranges]
 
     def matches(self, module: str) -> bool:
         m = self._regex.fullmatch(module)
         if m is None:
             return False
-        if self._ranges:
+        if self._allowed:
             for value, allowed in zip(m.groups(), self._allowed):
                 if int(value) not in allowed:
                     return False

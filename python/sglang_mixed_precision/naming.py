@@ -65,6 +65,8 @@ _FUSED_LEAVES = {
     "gate_proj": ("gate_up_proj", "gate"),
     "up_proj": ("gate_up_proj", "up"),
 }
+# routed expert projection -> FusedMoE weight (w1 = gate, w3 = up, w2 = down)
+_EXPERT_SHARDS = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
 # Router names of the MoE architectures we know (Qwen2/3-MoE ``mlp.gate``; Mixtral ``block_sparse_moe.gate``).
 _ROUTER_LEAVES = ("gate", "router")
 _SHARED_EXPERT_PARENTS = ("shared_expert", "shared_experts")
@@ -100,9 +102,9 @@ def classify(module: str) -> ModuleRef:
     parent = parts[-2] if len(parts) > 1 else ""
 
     m = _EXPERT_RE.match(module)
-    if m and m.group("base").split(".")[-1] == "experts":
+    if m:
         proj = m.group("proj")
-        shard = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}.get(proj, proj)
+        shard = _EXPERT_SHARDS.get(proj, proj)
         return ModuleRef(module, Role.ROUTED_EXPERT, layer, m.group("base"), shard, int(m.group("idx")))
 
     if "embed_tokens" in leaf or leaf in ("wte", "word_embeddings"):

@@ -16,6 +16,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from math import prod
 from pathlib import Path
 
 from .config import UNQUANTIZED_ALIASES, MixedConfig
@@ -23,8 +24,9 @@ from .errors import MixedPrecisionError, PlanErrors
 from .formats import DTYPE_BYTES, Scheme, TensorSpec, expected_tensors, module_scheme, rank_problems
 from .geometry import ModelGeometry
 from .naming import ModuleRef, Role, classify
+from .report import summary
 from .sources import CheckpointSource, TensorInfo
-from .sources.safetensors_header import corrupt_entry
+from .sources.safetensors_header import corrupt_safetensors, entry_problem
 
 # config.json keys that must agree between the skeleton and every other source.
 ARCHITECTURE_KEYS = (
@@ -113,8 +115,6 @@ class Plan:
         return dict(out)
 
     def to_json(self) -> dict:
-        from .report import summary
-
         return {
             "tp_size": self.tp_size,
             "skeleton": {"label": self.skeleton_label, "path": str(self.skeleton_path)},
@@ -190,8 +190,7 @@ class _Planner:
         self.sources = {label: CheckpointSource(label, spec.path, origin=spec.origin) for label, spec in config.sources.items()}
 
     def build(self) -> Plan:
-        self._check_sources()
-        skeleton = self._choose_skeleton()
+        skeleton = self._choose_skeleton(self._check_sources())
         self.problems.raise_if_any()
         self.skeleton = self.sources[skeleton]
         self.aliases = {a: skeleton for a in UNQUANTIZED_ALIASES if a not in self.sources}
@@ -202,11 +201,12 @@ class _Planner:
         modules = self._assign_modules()
         groups = self._group(modules)
         self.problems.raise_if_any()
-        plan = Plan(self.config, self.tp, skeleton, self.sources, self.geometry, modules, groups, self._unused_rules(modules))
-        return plan
+        return Plan(self.config, self.tp, skeleton, self.sources, self.geometry, modules, groups, self._unused_rules(modules))
 
     # ---- sources ------------------------------------------------------------------------------
-    def _check_sources(self) -> None:
+    def _check_sources(self) -> list[CheckpointSource]:
+        """The sources whose directory and config.json are usable (the others' problems are recorded)."""
+        usable = []
         for source in self.sources.values():
             problem = source.check_exists()
             if problem:
@@ -216,20 +216,22 @@ class _Planner:
                 source.scheme  # reads config.json, detects the format
             except MixedPrecisionError as e:
                 self.problems.add(e)
+                continue
+            usable.append(source)
+        return usable
 
-    def _choose_skeleton(self) -> str:
-        usable = [s for s in self.sources.values() if "scheme" in s.__dict__]
+    def _choose_skeleton(self, usable: list[CheckpointSource]) -> str:
+        unquantized = [s.label for s in usable if not s.scheme.quantized]
         chosen = self.config.skeleton
-        if chosen is not None and chosen not in self.sources:
-            chosen = next((s.label for s in usable if not s.scheme.quantized), chosen)
+        if chosen is not None and chosen not in self.sources:  # an alias (bf16) no source is labelled with
+            chosen = unquantized[0] if unquantized else None
         if chosen is not None:
-            source = self.sources.get(chosen)
-            if source is not None and "scheme" in source.__dict__ and source.scheme.quantized:
+            source = self.sources[chosen]
+            if source in usable and source.scheme.quantized:
                 self.problems.add(MixedPrecisionError(
                     "skeleton_quantized", f"skeleton {chosen!r} is a quantized checkpoint ({source.scheme.label()})",
                     where=source.origin, fix="name the unquantized (16-bit) source as skeleton"))
             return chosen
-        unquantized = [s.label for s in usable if not s.scheme.quantized]
         for preferred in UNQUANTIZED_ALIASES:
             if preferred in unquantized:
                 return preferred
@@ -340,10 +342,10 @@ class _Planner:
         for entry in entries.values():
             start, stop = entry["data_offsets"]
             nbytes += stop - start
-        params = _numel(shape) if shape is not None else 0
+        params = prod(shape) if shape is not None else 0
         bias = entries.get("bias")
         if bias is not None:
-            params += _numel(bias["shape"])
+            params += prod(bias["shape"])
         assignment = ModuleAssignment(ref, label, scheme, why, shape, nbytes, params, source)
         if shape is not None:
             self._check_tensors(assignment, entries)
@@ -381,8 +383,8 @@ class _Planner:
             if entry["shape"] != shape or entry["dtype"] not in spec.dtypes:
                 self._shape_error(a.source, f"{a.name}.{suffix}", entry, a.ref, spec.shape, spec.dtypes, a.scheme.label(), a.rule)
             elif entry["data_offsets"][1] - entry["data_offsets"][0] != numel * DTYPE_BYTES[entry["dtype"]]:
-                file = a.source.file_of(f"{a.name}.{suffix}")
-                self.problems.add(corrupt_entry(file, f"tensor {a.name}.{suffix}: {entry['dtype']}{shape} does not fit bytes {entry['data_offsets']}"))
+                name = f"{a.name}.{suffix}"
+                self.problems.add(corrupt_safetensors(a.source.file_of(name), entry_problem(name, entry)))
 
     def _missing_part(self, a: ModuleAssignment, suffix: str) -> None:
         src = a.source
@@ -491,20 +493,13 @@ class _TemplateClassifier:
         return ref.role, ref.shard, keep, extra, layer_at, expert_at
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 _CheckedSpecs = tuple[dict[str, tuple[TensorSpec, list[int], int]], frozenset]
 
 
 def _with_sizes(specs: dict[str, TensorSpec]) -> _CheckedSpecs:
     """Each spec with its shape as a list (header entries hold lists) and its element count,
     and the suffixes that must be present."""
-    checked = {s: (spec, list(spec.shape), _numel(spec.shape)) for s, spec in specs.items()}
+    checked = {s: (spec, list(spec.shape), prod(spec.shape)) for s, spec in specs.items()}
     return checked, frozenset(s for s, spec in specs.items() if not spec.optional)
 
 

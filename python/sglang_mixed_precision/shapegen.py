@@ -10,10 +10,11 @@ Llama layouts; quantized shards store exactly what the format modules expect (FP
 from __future__ import annotations
 
 import json
+from math import prod
 from pathlib import Path
 from typing import Iterator
 
-from .formats import DTYPE_BYTES, HF_DTYPES, Scheme, expected_tensors
+from .formats import DTYPE_BYTES, Scheme, config_dtype, release_tensors
 from .geometry import ModelGeometry
 from .naming import classify
 
@@ -50,7 +51,7 @@ def module_names(hf_config: dict) -> Iterator[str]:
 def tensor_specs(hf_config: dict, scheme: Scheme | None = None) -> Iterator[tuple[str, str, tuple[int, ...]]]:
     """(name, safetensors dtype, shape) of every tensor a checkpoint of ``scheme`` stores."""
     g = ModelGeometry.from_hf_config(hf_config)
-    dense_dtype = HF_DTYPES.get(str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"), "BF16")
+    dense_dtype = config_dtype(hf_config)
     if scheme is not None and scheme.kind == "gptq":
         dense_dtype = "F16"  # GPTQ releases keep their unquantized tensors in fp16
     for module in module_names(hf_config):
@@ -59,9 +60,8 @@ def tensor_specs(hf_config: dict, scheme: Scheme | None = None) -> Iterator[tupl
         if shape is None:
             raise ValueError(f"no shape for {module} in a {g.model_type} config")
         if scheme is not None and scheme.quantized and ref.role.quantizable:
-            for suffix, spec in expected_tensors(scheme, *shape).items():
-                if not spec.optional or suffix == "g_idx":
-                    yield f"{module}.{suffix}", spec.dtypes[0], spec.shape
+            for suffix, spec in release_tensors(scheme, *shape).items():
+                yield f"{module}.{suffix}", spec.dtypes[0], spec.shape
         else:
             yield f"{module}.weight", dense_dtype, shape
 
@@ -91,9 +91,7 @@ def write_shape_checkpoint(hf_config: dict, out_dir: str | Path, scheme: Scheme 
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, dtype, shape in tensor_specs(hf_config, scheme):
-        n = DTYPE_BYTES[dtype]
-        for d in shape:
-            n *= d
+        n = DTYPE_BYTES[dtype] * prod(shape)
         if size + n > shard_bytes and shards[-1]:
             shards.append([])
             size = 0
@@ -114,9 +112,7 @@ def write_shape_checkpoint(hf_config: dict, out_dir: str | Path, scheme: Scheme 
 def _write_sparse_shard(path: Path, tensors) -> int:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in tensors:
-        n = DTYPE_BYTES[dtype]
-        for d in shape:
-            n *= d
+        n = DTYPE_BYTES[dtype] * prod(shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -106,14 +106,23 @@ def module_scheme(source_scheme: Scheme, entries: dict[str, dict]) -> Scheme:
     return unquantized_scheme(first["dtype"] if first is not None and first["dtype"] in FLOAT_DTYPES else source_scheme.dtype or "BF16")
 
 
-def detect_scheme(hf_config: dict, *, where: str = "config.json", extra_quant_config: dict | None = None) -> Scheme:
-    """A source's scheme from its config.json (``quantization_config``) — or from
-    ``quantize_config.json`` (older GPTQ exports), passed as ``extra_quant_config``.
+def release_tensors(scheme: Scheme, n: int, k: int) -> dict[str, TensorSpec]:
+    """The tensors the official releases store for a linear: the required ones, and ``g_idx``."""
+    return {s: spec for s, spec in expected_tensors(scheme, n, k).items() if not spec.optional or s == "g_idx"}
+
+
+def config_dtype(hf_config: dict) -> str:
+    """The safetensors dtype of a model's 16-bit tensors, from config.json (bf16 if unsaid)."""
+    return HF_DTYPES.get(str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"), "BF16")
+
+
+def detect_scheme(hf_config: dict, *, where: str = "config.json") -> Scheme:
+    """A source's scheme from its config.json (``quantization_config``).
 
     Raises ``unsupported_scheme`` for anything SGLang cannot run on CUDA in a mixed plan.
     """
-    dtype = HF_DTYPES.get(str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"), "BF16")
-    qc = hf_config.get("quantization_config") or extra_quant_config
+    dtype = config_dtype(hf_config)
+    qc = hf_config.get("quantization_config")
     if not qc:
         return unquantized_scheme(dtype)
     if not isinstance(qc, dict):

@@ -21,9 +21,7 @@ def scheme_from_fp8_config(qc: dict, dtype: str, where: str) -> Scheme:
     block = qc.get("weight_block_size")
     if block is None:
         return Scheme("fp8", dtype=dtype, fp8_strategy="tensor")
-    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise _unsupported(f"weight_block_size {block!r} is not two positive integers", where)
-    return Scheme("fp8", dtype=dtype, fp8_block=(block[0], block[1]), fp8_strategy="block")
+    return Scheme("fp8", dtype=dtype, fp8_block=_block_size(block, "weight_block_size", where), fp8_strategy="block")
 
 
 def scheme_from_compressed_tensors(qc: dict, dtype: str, where: str) -> Scheme:
@@ -38,10 +36,16 @@ def scheme_from_compressed_tensors(qc: dict, dtype: str, where: str) -> Scheme:
     strategy = w.get("strategy", "tensor")
     if strategy == "block":
         block = w.get("block_structure") or [128, 128]
-        return Scheme("fp8", dtype=dtype, fp8_block=(int(block[0]), int(block[1])), fp8_strategy="block")
+        return Scheme("fp8", dtype=dtype, fp8_block=_block_size(block, "block_structure", where), fp8_strategy="block")
     if strategy not in ("channel", "tensor"):
         raise _unsupported(f"compressed-tensors strategy {strategy!r} (channel, tensor or block expected)", where)
     return Scheme("fp8", dtype=dtype, fp8_strategy=strategy)
+
+
+def _block_size(block, key: str, where: str) -> tuple[int, int]:
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise _unsupported(f"{key} {block!r} is not two positive integers", where)
+    return block[0], block[1]
 
 
 def _ceil_div(a: int, b: int) -> int:

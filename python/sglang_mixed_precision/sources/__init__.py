@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 from functools import cached_property
+from math import prod
 from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import MixedPrecisionError, PlanErrors
 from ..formats import DTYPE_BYTES, Scheme, detect_scheme
 from ..naming import TENSOR_SUFFIXES
-from .safetensors_header import corrupt_entry, entry_problem, json_loads, read_header
+from .safetensors_header import corrupt_safetensors, entry_problem, json_loads, read_header
 from .torch_bin import read_bin_tensors
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -37,10 +38,7 @@ class TensorInfo(NamedTuple):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -53,7 +51,7 @@ _HEADER_CACHE: dict[tuple[str, int, int], dict] = {}
 
 
 def _file_entries(path: Path) -> dict:
-    """{tensor name: raw safetensors entry (dict) or TensorInfo (.bin)} of one weight file."""
+    """{tensor name: raw header entry (dtype, shape, data_offsets; .bin adds storage)} of one weight file."""
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     cached = _HEADER_CACHE.get(key)
@@ -67,7 +65,7 @@ def _bin_entries(path: Path) -> dict[str, dict]:
     out = {}
     for name, t in read_bin_tensors(path).items():
         itemsize = DTYPE_BYTES[t.dtype]
-        offsets = [t.offset * itemsize, (t.offset + _numel(t.shape)) * itemsize]
+        offsets = [t.offset * itemsize, (t.offset + prod(t.shape)) * itemsize]
         out[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": offsets, "storage": t.storage}
     return out
 
@@ -75,15 +73,20 @@ def _bin_entries(path: Path) -> dict[str, dict]:
 def _info(name: str, path: Path, entry: dict) -> TensorInfo:
     problem = entry_problem(name, entry)
     if problem:
-        raise corrupt_entry(path, problem)
+        raise corrupt_safetensors(path, problem)
     return TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"]), entry.get("storage"))
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MixedPrecisionError("corrupt_config", f"{path} is not valid JSON: {e}", where=str(path),
+                                  fix=f"restore the model's original {path.name}") from None
+    if not isinstance(value, dict):
+        raise MixedPrecisionError("corrupt_config", f"{path} is not a JSON object", where=str(path),
+                                  fix=f"restore the model's original {path.name}")
+    return value
 
 
 class CheckpointSource:
@@ -101,7 +104,6 @@ class CheckpointSource:
         self._entry: dict[str, dict] = {}  # tensor name -> raw header entry (dtype, shape, data_offsets)
         self._file_of: dict[str, Path] = {}  # tensor name -> file
         self._infos: dict[str, TensorInfo] = {}
-        self._modules: dict[str, dict[str, dict]] | None = None  # module -> {suffix: entry}
 
     def __repr__(self) -> str:
         return f"CheckpointSource({self.label!r}, {str(self.path)!r})"
@@ -127,22 +129,14 @@ class CheckpointSource:
     @cached_property
     def hf_config(self) -> dict:
         self._require()
-        path = self.path / "config.json"
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise MixedPrecisionError("corrupt_config", f"{path} is not valid JSON: {e}", where=str(path),
-                                      fix="restore the model's original config.json") from None
-        if not isinstance(cfg, dict):
-            raise MixedPrecisionError("corrupt_config", f"{path} is not a JSON object", where=str(path),
-                                      fix="restore the model's original config.json")
-        return cfg
+        return _json_object(self.path / "config.json")
 
     @cached_property
     def quant_config(self) -> dict | None:
+        """config.json's ``quantization_config``, or older GPTQ exports' ``quantize_config.json``."""
         qc = self.hf_config.get("quantization_config")
         if qc is None and (self.path / "quantize_config.json").is_file():
-            qc = json.loads((self.path / "quantize_config.json").read_text(encoding="utf-8"))
+            qc = _json_object(self.path / "quantize_config.json")
             qc.setdefault("quant_method", "gptq")
         return qc
 
@@ -233,10 +227,6 @@ class CheckpointSource:
         self._checked()
         return self._file_of.keys()
 
-    def has_tensor(self, name: str) -> bool:
-        self._checked()
-        return name in self._file_of
-
     def tensor(self, name: str) -> TensorInfo:
         info = self._infos.get(name)
         if info is not None:
@@ -261,12 +251,11 @@ class CheckpointSource:
     def module_entries(self, module: str) -> dict[str, dict]:
         """{suffix: raw header entry} of one module ({} if the checkpoint has none of its tensors);
         what planning reads, without building a TensorInfo per tensor."""
-        modules = self._modules
-        if modules is None:
-            modules = self._modules = self._group_by_module()
-        return modules.get(module, _EMPTY)
+        return self._by_module.get(module, _EMPTY)
 
-    def _group_by_module(self) -> dict[str, dict[str, dict]]:
+    @cached_property
+    def _by_module(self) -> dict[str, dict[str, dict]]:
+        """module -> {suffix: raw header entry}, in checkpoint order."""
         self._checked()
         out: dict[str, dict[str, dict]] = {}
         suffixes = _SUFFIX_SET
@@ -287,14 +276,7 @@ class CheckpointSource:
 
     def module_names(self) -> dict[str, None]:
         """Module names in checkpoint order (tensor suffixes stripped), as an ordered set."""
-        if self._modules is None:
-            self._modules = self._group_by_module()
-        return dict.fromkeys(self._modules)
-
-    @property
-    def modules(self) -> dict[str, dict[str, TensorInfo]]:
-        """{module name: {tensor suffix: TensorInfo}}; the unit mappings speak of."""
-        return {m: self.module_tensors(m) for m in self.module_names()}
+        return dict.fromkeys(self._by_module)
 
     # ---- tensor data (serving only) ------------------------------------------------------------
     def open(self, file: str | os.PathLike):

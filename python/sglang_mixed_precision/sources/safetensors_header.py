@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from math import prod
 from pathlib import Path
 
 try:  # headers of a 235B checkpoint set are ~30 MB of JSON; orjson parses them faster when installed
@@ -18,7 +19,7 @@ from ..formats import DTYPE_BYTES
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def _corrupt(path: Path, why: str) -> MixedPrecisionError:
+def corrupt_safetensors(path: Path, why: str) -> MixedPrecisionError:
     return MixedPrecisionError(
         "corrupt_safetensors",
         f"{path.name} is truncated or corrupt: {why}",
@@ -34,23 +35,23 @@ def read_header(path: Path) -> dict[str, dict]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise _corrupt(path, f"file has {size} bytes, less than the 8-byte header length")
+            raise corrupt_safetensors(path, f"file has {size} bytes, less than the 8-byte header length")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise _corrupt(path, f"header length {n} exceeds the file size {size}")
+            raise corrupt_safetensors(path, f"header length {n} exceeds the file size {size}")
         raw = f.read(n)
     try:
         header = json_loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(path, f"header is not valid JSON ({e})") from None
+        raise corrupt_safetensors(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
+        raise corrupt_safetensors(path, "header is not a JSON object")
     header.pop("__metadata__", None)
     data_end = _check_entries(path, header)
     expected = 8 + n + data_end
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"
-        raise _corrupt(path, f"{what}: header describes {expected} bytes, file has {size}")
+        raise corrupt_safetensors(path, f"{what}: header describes {expected} bytes, file has {size}")
     return header
 
 
@@ -60,22 +61,15 @@ def _check_entries(path: Path, header: dict) -> int:
     try:
         return max((meta["data_offsets"][1] for meta in header.values()), default=0)
     except (KeyError, TypeError, IndexError) as e:
-        raise _corrupt(path, f"malformed header entry ({type(e).__name__}: {e})") from None
+        raise corrupt_safetensors(path, f"malformed header entry ({type(e).__name__}: {e})") from None
 
 
 def entry_problem(name: str, meta: dict) -> str | None:
     """Why one header entry is malformed (None if its byte range fits its dtype x shape)."""
     try:
         start, stop = meta["data_offsets"]
-        numel = 1
-        for d in meta["shape"]:
-            numel *= d
-        if start < 0 or numel * DTYPE_BYTES[meta["dtype"]] != stop - start:
+        if start < 0 or prod(meta["shape"]) * DTYPE_BYTES[meta["dtype"]] != stop - start:
             return f"tensor {name}: {meta['dtype']}{meta['shape']} does not fit bytes [{start}, {stop})"
     except (KeyError, TypeError, ValueError) as e:
         return f"tensor {name}: malformed header entry ({type(e).__name__}: {e})"
     return None
-
-
-def corrupt_entry(path: Path, why: str) -> MixedPrecisionError:
-    return _corrupt(path, why)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections import OrderedDict
+from math import prod
 from pathlib import Path
 from typing import NamedTuple
 
@@ -101,10 +102,7 @@ def read_bin_tensors(path: Path) -> dict[str, BinTensor]:
         raise _corrupt(path, f"top-level object is a {type(state).__name__}, not a state dict")
     tensors = {k: v for k, v in state.items() if isinstance(v, BinTensor)}
     for name, t in tensors.items():
-        numel = 1
-        for d in t.shape:
-            numel *= d
-        need = (t.offset + numel) * DTYPE_BYTES[t.dtype]
+        need = (t.offset + prod(t.shape)) * DTYPE_BYTES[t.dtype]
         if sizes.get(t.storage, -1) < need:
             raise _corrupt(path, f"storage {t.storage} of {name} has {sizes.get(t.storage, 0)} bytes, needs {need}")
     return tensors
