@@ -272,6 +272,55 @@ def test_output_dir_not_empty_and_overwrite(moe_rtn, tiny_qwen3, tmp_path):
     assert e.value.code == "output_not_empty"
 
 
+@pytest.mark.parametrize("change,code,says", [
+    ({"formats": ("fp4",)}, "bad_format", "fp4"),
+    ({"group_size": 96}, "bad_group_size", "group_size 96"),
+    ({"method": "awq", "formats": ("int4",)}, "bad_method", "'awq'"),
+    ({"method": "gptq", "calib_file": "/no/such/calib.txt"}, "calib_file_missing", "calibration file not found"),
+])
+def test_bad_options_are_refused(tiny_qwen3, tmp_path, change, code, says):
+    with pytest.raises(MixedPrecisionError) as e:
+        convert(opts(tiny_qwen3, tmp_path / "o", **change))
+    assert e.value.code == code and says in str(e.value)
+
+
+def test_calibration_text_too_short(tiny_qwen3, tmp_path):
+    (tmp_path / "calib.txt").write_text("a few words")
+    with pytest.raises(MixedPrecisionError) as e:
+        convert(opts(tiny_qwen3, tmp_path / "o", method="gptq", formats=("int4",), calib_file=str(tmp_path / "calib.txt")))
+    assert e.value.code == "calib_too_short" and "tokens" in str(e.value)
+
+
+def test_output_path_is_a_file(tiny_qwen3, tmp_path):
+    (tmp_path / "o").write_text("")
+    with pytest.raises(MixedPrecisionError) as e:
+        convert(opts(tiny_qwen3, tmp_path / "o"))
+    assert e.value.code == "output_not_dir" and "not a directory" in str(e.value)
+
+
+def test_missing_input_shard_is_named(tiny_llama, tmp_path):
+    m = _copy_model(tiny_llama, tmp_path / "m")
+    shard = sorted(m.glob("*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(MixedPrecisionError) as e:
+        convert(opts(m, tmp_path / "o"))
+    assert e.value.code == "missing_file" and shard.name in str(e.value)
+
+
+def test_verify_fails_above_the_error_bound(tiny_qwen3, tmp_path):
+    with pytest.raises(MixedPrecisionError) as e:
+        convert(opts(tiny_qwen3, tmp_path / "o", formats=("int4",), verify=True, max_error_int4=1e-6))
+    assert e.value.code == "verify_failed" and "relative error" in str(e.value) and "> 1e-06" in str(e.value)
+
+
+def test_config_precision_needs_its_output():
+    from sglang_mixed_precision.commands.convert import mixed_config_yaml
+
+    with pytest.raises(MixedPrecisionError) as e:
+        mixed_config_yaml("fp16", "fp8", "int4", ("fp16", "fp8"))
+    assert e.value.code == "bad_precision" and "--expert_precision int4 but int4/ is not being written" in str(e.value)
+
+
 def test_several_problems_reported_together(tmp_path):
     from sglang_mixed_precision.tinymodels import make_tiny_model
 

@@ -9,12 +9,18 @@ from hypothesis import strategies as st
 
 from sglang_mixed_precision.convert.dequant import dequant_fp8_block, dequant_gptq, unpack_gptq_int, unpack_gptq_zeros
 from sglang_mixed_precision.convert.fp8_block import FP8_MAX, quantize_fp8_block
-from sglang_mixed_precision.convert.gptq import HessianAccumulator, gptq_quantize, output_error
+from sglang_mixed_precision.convert.gptq import HessianAccumulator, gptq_quantize
 from sglang_mixed_precision.convert.gptq_pack import check_gptq_shape, pack_gptq, pack_qweight, rtn_quantize
 
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def output_error(x: torch.Tensor, w_ref: torch.Tensor, w_q: torch.Tensor) -> tuple[float, float]:
+    """(sum of squared output error, sum of squared reference output) of X W^T vs X Q^T."""
+    ref = x @ w_ref.float().t()
+    return float(((x @ w_q.float().t()) - ref).pow(2).sum()), float(ref.pow(2).sum())
 
 
 # -- fp8 block ------------------------------------------------------------------------------------

@@ -6,12 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..convert.pipeline import FORMATS, ConvertOptions, convert
+from ..convert.pipeline import CONFIG_NAME, FORMATS, ConvertOptions, convert
 from ..convert.verify import DEFAULT_MAX_ERROR
 from ..errors import MixedPrecisionError
 
-PRECISIONS = ("fp16", "fp8", "int4")
-CONFIG_NAME = "mixed_precision_config.yaml"
+PRECISIONS = FORMATS  # each precision is read from the output of the same name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

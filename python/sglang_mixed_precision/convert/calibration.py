@@ -84,10 +84,6 @@ def calibration_set(model_path: Path, calib_file: str | None, nsamples: int, seq
     return split_windows(ids, nsamples, seqlen)
 
 
-def _fields(t: GptqTensors):
-    return t.qweight, t.qzeros, t.scales, t.g_idx
-
-
 def split_rows(t: GptqTensors, rows: list[int]) -> list[GptqTensors]:
     """Split a GPTQ matrix quantized as one along its output rows (N; qzeros by N/8)."""
     qw = t.qweight.split(rows, dim=1)
@@ -109,7 +105,6 @@ class LayerFactory:
     """Builds a model's transformers decoder layer and rotary embedding from its config."""
 
     def __init__(self, model_path: Path):
-        import transformers
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -120,7 +115,6 @@ class LayerFactory:
         module = sys.modules[MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config)].__module__]
         self.layer_cls = self._find(module, "DecoderLayer")
         self.rotary = self._find(module, "RotaryEmbedding")(self.config)
-        self.transformers = transformers
 
     @staticmethod
     def _find(module, suffix: str):
@@ -227,6 +221,11 @@ class ErrorTally:
         self.rtn += q(w_rtn - w)
         self.ref += q(w)
 
+    def merge(self, other: "ErrorTally") -> None:
+        self.gptq += other.gptq
+        self.rtn += other.rtn
+        self.ref += other.ref
+
     def relative(self) -> tuple[float, float]:
         r = max(self.ref, 1e-30)
         return (self.gptq / r) ** 0.5, (self.rtn / r) ** 0.5
@@ -243,15 +242,15 @@ class GptqStats:
 class GptqInt4:
     """The int4 method of the pipeline: calibrated GPTQ, one layer at a time."""
 
-    name = "gptq"
+    def __init__(self, model, opts, log=print):
+        from transformers.activations import ACT2FN
 
-    def __init__(self, model, plan, opts, log=print):
-        self.model, self.plan, self.opts, self.log = model, plan, opts, log
+        self.model, self.opts = model, opts
         self.data = calibration_set(model.path, opts.calib_file, opts.nsamples, opts.seqlen)
         self.factory = LayerFactory(model.path)
         cfg = self.factory.config
         self.top_k = getattr(cfg, "num_experts_per_tok", None)
-        self.act = self.factory.transformers.activations.ACT2FN[getattr(cfg, "hidden_act", "silu")]
+        self.act = ACT2FN[getattr(cfg, "hidden_act", "silu")]
         self.stats = GptqStats()
         self.hidden: torch.Tensor | None = None  # calibration activations entering the next layer
         self.hidden_ho: torch.Tensor | None = None
@@ -339,7 +338,7 @@ class GptqInt4:
         dequantized weights into the layer so later stages see the quantized model."""
         ws = [tensors[f"{m}.weight"].float() for m in modules]
         rtn = [rtn_quantize(w, self.opts.group_size) for w in ws]
-        w_rtn = [dequant_gptq(r.qweight, r.qzeros, r.scales, r.g_idx) for r in rtn]
+        w_rtn = [dequant_gptq(*r.parts()) for r in rtn]
         if h.n < self.opts.min_expert_tokens:
             for m, r, d in zip(modules, rtn, w_rtn):
                 self.stats.rtn_fallback[m] = h.n
@@ -368,19 +367,18 @@ class GptqInt4:
             for stage, modules in self._stages(unit.quantized_modules):
                 plain = [m for m in modules if classify(m).role is not Role.ROUTED_EXPERT]
                 experts = [m for m in modules if classify(m).role is Role.ROUTED_EXPERT]
-                moe_block = self._moe_block(experts, prefix) if experts else None
+                moe_block = self._moe_block(experts) if experts else None
                 inputs = same_input_groups(plain)
                 hess, moe = self._capture(lw, inputs, moe_block)
                 for group, (h, h_ho) in zip(inputs, hess):
                     out.update(self._quantize(group, tensors, h, h_ho, tally, lw))
                 if experts:
-                    out.update(self._experts(lw, unit, tensors, moe, tally, prefix, moe_block))
+                    out.update(self._experts(lw, unit, tensors, moe, tally, moe_block))
         self.hidden = self._forward(lw, self.hidden)
         self.hidden_ho = self._forward(lw, self.hidden_ho)
         if written is None:
             self.stats.per_layer[unit.layer] = tally.relative()
-            for attr in ("gptq", "rtn", "ref"):
-                setattr(self.stats.total, attr, getattr(self.stats.total, attr) + getattr(tally, attr))
+            self.stats.total.merge(tally)
         return out
 
     @staticmethod
@@ -400,7 +398,7 @@ class GptqInt4:
         return sorted((k, v) for k, v in stages.items() if v)
 
     @staticmethod
-    def _moe_block(experts: list[str], prefix: str) -> str:
+    def _moe_block(experts: list[str]) -> str:
         base = classify(experts[0]).group  # model.layers.3.mlp.experts
         return base.rsplit(".", 1)[0]  # model.layers.3.mlp
 
@@ -416,7 +414,7 @@ class GptqInt4:
         """Top-k expert indices per token [T, k] (softmax is monotonic, so top-k of the logits)."""
         return torch.topk(x @ router_w.t(), self.top_k, dim=-1).indices
 
-    def _experts(self, lw, unit, tensors, moe, tally, prefix, moe_block) -> dict[str, GptqTensors]:
+    def _experts(self, lw, unit, tensors, moe, tally, moe_block) -> dict[str, GptqTensors]:
         x, x_ho = moe
         router_w = self._router_weight(tensors, moe_block)
         sel, sel_ho = self.route(x, router_w), self.route(x_ho, router_w)
@@ -437,7 +435,7 @@ class GptqInt4:
             h_ho.add(xe_ho)
             out.update(self._quantize(gate_up, tensors, h, h_ho, tally, lw))
             if "w2" in projs:  # down: inputs are act(gate) * up computed with the quantized gate/up
-                g, u = (dequant_gptq(*_fields(out[projs[s]])) for s in ("w1", "w3"))
+                g, u = (dequant_gptq(*out[projs[s]].parts()) for s in ("w1", "w3"))
                 mid, mid_ho = self.act(xe @ g.t()) * (xe @ u.t()), self.act(xe_ho @ g.t()) * (xe_ho @ u.t())
                 h, h_ho = HessianAccumulator(mid.shape[1]), HessianAccumulator(mid.shape[1])
                 h.add(mid)

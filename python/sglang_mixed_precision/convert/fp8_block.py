@@ -20,14 +20,6 @@ def _pad_to_blocks(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     return w
 
 
-def block_amax(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
-    """amax of |w| per tile, [ceil(N/bn), ceil(K/bk)] (padding is zero, so it never wins)."""
-    bn, bk = block
-    padded = _pad_to_blocks(w.float().abs(), bn, bk)
-    nb, kb = padded.shape[0] // bn, padded.shape[1] // bk
-    return padded.view(nb, bn, kb, bk).amax(dim=(1, 3))
-
-
 def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (weight fp8 [N, K], weight_scale_inv float32 [ceil(N/bn), ceil(K/bk)])."""
     if w.dim() != 2:

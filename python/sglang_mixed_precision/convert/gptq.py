@@ -125,9 +125,3 @@ def gptq_quantize(
     deq = (q - SYM_ZERO) * scales_t.to(torch.float16).float()[g_idx.long()].t()
     return GptqResult(tensors, deq)
 
-
-def output_error(x: torch.Tensor, w_ref: torch.Tensor, w_q: torch.Tensor) -> tuple[float, float]:
-    """(sum of squared output error, sum of squared reference output) of X W^T vs X Q^T."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    ref = x @ w_ref.float().t()
-    return float(((x @ w_q.float().t()) - ref).pow(2).sum()), float(ref.pow(2).sum())

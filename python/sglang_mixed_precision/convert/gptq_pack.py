@@ -17,6 +17,7 @@ BITS = 4
 PACK = 32 // BITS  # values per int32 word
 MAXQ = (1 << BITS) - 1
 SYM_ZERO = (MAXQ + 1) // 2  # 8: the stored qzeros nibble is SYM_ZERO - 1 = 7
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # a module's tensors, in dequant_gptq's argument order
 
 
 @dataclass
@@ -28,12 +29,11 @@ class GptqTensors:
     scales: torch.Tensor  # fp16 [G, N]
     g_idx: torch.Tensor  # int32 [K]
 
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, k) for k in GPTQ_SUFFIXES)
+
     def as_dict(self, module: str) -> dict[str, torch.Tensor]:
-        return {f"{module}.{k}": getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
-
-
-def num_groups(k: int, group_size: int) -> int:
-    return 1 if group_size == -1 else k // group_size
+        return {f"{module}.{k}": t for k, t in zip(GPTQ_SUFFIXES, self.parts())}
 
 
 def effective_group(k: int, group_size: int) -> int:
@@ -66,13 +66,6 @@ def pack_along_rows(values: torch.Tensor) -> torch.Tensor:
     v = values.to(torch.int64).view(r // PACK, PACK, c)
     shifts = (torch.arange(PACK, dtype=torch.int64) * BITS).view(1, PACK, 1)
     return _to_int32((v << shifts).sum(dim=1))
-
-
-def unpack_along_rows(words: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_along_rows: int32 [R/8, C] -> int64 [R, C] in [0, 15]."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(PACK, dtype=torch.int64) * BITS).view(1, PACK, 1)
-    return ((w.unsqueeze(1) >> shifts) & MAXQ).reshape(-1, words.shape[1])
 
 
 def pack_qweight(q: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,17 @@
-"""The 16-bit input model directory: config, tensor -> shard map, headers, and input checks."""
+"""The 16-bit input model directory: config, tensor -> shard map, headers, and input checks.
+
+Headers, tensor reads and the shard handles are those of :class:`CheckpointSource`, the reader
+planning uses; this adds the converter's input checks.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from ..errors import MixedPrecisionError
+from ..formats import FLOAT_DTYPES
+from ..sources import CheckpointSource, TensorInfo
 
 # Architectures whose tensor names naming.classify() understands and whose decoder layers the
 # calibration forward can run through transformers.
@@ -19,7 +23,6 @@ SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
 )
-SIXTEEN_BIT = ("BF16", "F16", "F32")
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "weight_scale_inv", "weight_scale", "input_scale", "weight_packed")
 # Files that make a directory a usable model besides its weights (copied to every output).
 SIDE_FILES = (
@@ -35,30 +38,14 @@ SIDE_FILES = (
 )
 
 
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    file: str
-    dtype: str  # safetensors dtype string
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        size = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "I32": 4, "I64": 8, "I8": 1, "U8": 1}.get(self.dtype, 4)
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * size
-
-
 class InputModel:
     """A Hugging Face model directory with safetensors weights, read header-first."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._handles: dict[str, object] = {}
         self._check_is_model_dir()
-        self.config: dict = json.loads((self.path / "config.json").read_text())
+        self.source = CheckpointSource("input", self.path)
+        self.config: dict = self.source.hf_config
 
     def _check_is_model_dir(self) -> None:
         p = self.path
@@ -79,53 +66,28 @@ class InputModel:
 
     # -- tensors ------------------------------------------------------------------------------
     @cached_property
-    def weight_map(self) -> dict[str, str]:
-        index = self.path / "model.safetensors.index.json"
-        if index.exists():
-            return dict(json.loads(index.read_text())["weight_map"])
-        from safetensors import safe_open
-
-        files = sorted(f.name for f in self.path.glob("*.safetensors"))
-        out: dict[str, str] = {}
-        for f in files:
-            with safe_open(str(self.path / f), "pt") as h:
-                for k in h.keys():
-                    out[k] = f
-        return out
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.source.tensors
 
     @cached_property
-    def tensors(self) -> dict[str, TensorMeta]:
-        out = {}
-        for name, file in self.weight_map.items():
-            s = self._handle(file).get_slice(name)
-            out[name] = TensorMeta(name, file, s.get_dtype(), tuple(s.get_shape()))
-        return out
+    def weight_map(self) -> dict[str, str]:
+        """Tensor -> shard file name."""
+        return {name: t.file.name for name, t in self.tensors.items()}
 
     @property
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
-    @property
+    @cached_property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def _handle(self, file: str):
-        if file not in self._handles:
-            from safetensors import safe_open
-
-            path = self.path / file
-            if not path.exists():
-                raise MixedPrecisionError("missing_shard", f"the index names {file}, which does not exist",
-                                          where=str(path), fix="restore the missing shard or fix model.safetensors.index.json")
-            self._handles[file] = safe_open(str(path), "pt")
-        return self._handles[file]
-
     def read(self, name: str):
         """One tensor, read from its shard (memory-mapped; only this tensor is materialised)."""
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        return self.source.read_tensor(name)
 
     def release(self) -> None:
-        self._handles.clear()
+        self.source.close()
 
     # -- checks -------------------------------------------------------------------------------
     @property
@@ -153,10 +115,10 @@ class InputModel:
             )
         for t in self.tensors.values():
             suffix = t.name.rsplit(".", 1)[-1]
-            if suffix in QUANTIZED_SUFFIXES or t.dtype not in SIXTEEN_BIT:
+            if suffix in QUANTIZED_SUFFIXES or t.dtype not in FLOAT_DTYPES:
                 raise MixedPrecisionError(
                     "already_quantized",
                     f"tensor {t.name} is {t.dtype} / '{suffix}', not a 16-bit weight",
-                    where=f"{self.path / t.file}:{t.name}",
+                    where=f"{t.file}:{t.name}",
                     fix="convert from the original 16-bit (bf16/fp16) model",
                 )

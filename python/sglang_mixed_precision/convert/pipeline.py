@@ -26,11 +26,13 @@ from .gptq_pack import GptqTensors, rtn_quantize
 from .model_dir import InputModel
 from .outputs import copy_side_files, fp8_quantization_config, gptq_quantization_config, write_config, write_fp16
 from .plan import ConversionPlan, Unit, build_plan
-from .verify import DEFAULT_MAX_ERROR, OutputCheck, check_output, format_check
+from .verify import DEFAULT_MAX_ERROR, OutputCheck, OutputReader, check_output, format_check
 from .writer import STATE_FILE, ShardedWriter, parse_size
 
 FORMATS = ("fp16", "fp8", "int4")
-OUTPUT_NAMES = ("fp16", "fp8", "int4", "mixed_precision_config.yaml", "convert_report.json")
+CONFIG_NAME = "mixed_precision_config.yaml"  # written by `sglang-mp convert --create_config`
+REPORT_NAME = "convert_report.json"
+OUTPUT_NAMES = (*FORMATS, CONFIG_NAME, REPORT_NAME)
 FORMAT_VERSION = 1
 
 
@@ -55,12 +57,13 @@ class ConvertOptions:
     max_error_fp8: float = DEFAULT_MAX_ERROR["fp8"]
     max_error_int4: float = DEFAULT_MAX_ERROR["int4"]
     progress: bool = True
-    seed: int = 0
 
     def fingerprint(self, model: InputModel) -> dict:
         """What must match for a rerun to reuse finished shards."""
-        keys = ("method", "group_size", "desc_act", "damp_percent", "nsamples", "seqlen", "min_expert_tokens", "skip", "seed")
-        calib = Path(self.calib_file).read_bytes() if self.calib_file else b"bundled"
+        from .calibration import calibration_text  # raises calib_file_missing for a wrong --calib_file
+
+        keys = ("method", "group_size", "desc_act", "damp_percent", "nsamples", "seqlen", "min_expert_tokens", "skip")
+        calib = calibration_text(self.calib_file).encode() if self.calib_file else b"bundled"
         return {
             "version": FORMAT_VERSION,
             "input": str(Path(self.model_path).resolve()),
@@ -121,8 +124,6 @@ def prepare_output_dir(opts: ConvertOptions, fingerprint: dict) -> Path:
 class RtnInt4:
     """Round-to-nearest symmetric int4: no calibration."""
 
-    name = "rtn"
-
     def __init__(self, group_size: int):
         self.group_size = group_size
 
@@ -136,13 +137,13 @@ class RtnInt4:
         return {"method": "rtn"}
 
 
-def make_int4_method(opts: ConvertOptions, model: InputModel, plan: ConversionPlan):
+def make_int4_method(opts: ConvertOptions, model: InputModel):
     if opts.method == "rtn":
         return RtnInt4(opts.group_size)
     if opts.method == "gptq":
         from .calibration import GptqInt4
 
-        return GptqInt4(model, plan, opts, log=_log)
+        return GptqInt4(model, opts, log=_log)
     raise MixedPrecisionError("bad_method", f"unknown int4 method {opts.method!r}", fix="use --method gptq or --method rtn")
 
 
@@ -150,8 +151,8 @@ def make_int4_method(opts: ConvertOptions, model: InputModel, plan: ConversionPl
 def _fp8_tensors(plan: ConversionPlan, unit: Unit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name in unit.tensors:
-        module = name.rsplit(".", 1)[0]
-        if module in unit.quantized_modules and name.endswith(".weight"):
+        if name in unit.quantized_weights:
+            module = name.rsplit(".", 1)[0]
             q, s = quantize_fp8_block(tensors[name], plan.fp8_block)
             out[f"{module}.weight"] = q
             out[f"{module}.weight_scale_inv"] = s
@@ -161,40 +162,25 @@ def _fp8_tensors(plan: ConversionPlan, unit: Unit, tensors: dict[str, torch.Tens
 
 
 def _int4_passthrough(unit: Unit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    quantized = {f"{m}.weight" for m in unit.quantized_modules}
-    return {n: tensors[n] for n in unit.tensors if n not in quantized}
+    return {n: tensors[n] for n in unit.tensors if n not in unit.quantized_weights}
 
 
 def _unit_done(unit: Unit, writers: dict[str, ShardedWriter]) -> bool:
     """A unit is done when every output already holds all of its tensors (resume)."""
     for fmt, w in writers.items():
         for name in unit.tensors:
-            module = name.rsplit(".", 1)[0]
-            if module in unit.quantized_modules and name.endswith(".weight"):
-                probe = f"{module}.weight" if fmt == "fp8" else f"{module}.qweight"
-            else:
-                probe = name
+            probe = name
+            if fmt == "int4" and name in unit.quantized_weights:
+                probe = f"{name.rsplit('.', 1)[0]}.qweight"
             if w.needs(probe):
                 return False
     return True
 
 
-def _read_written_int4(out_dir: Path, unit: Unit) -> dict[str, torch.Tensor]:
+def _read_written_int4(writer: ShardedWriter, unit: Unit) -> dict[str, torch.Tensor]:
     """Dequantized int4 weights of a finished unit, read back from its shards (resume of gptq)."""
-    from .dequant import dequant_gptq
-    from .verify import _OutputReader
-
-    state = json.loads((out_dir / STATE_FILE).read_text())
-    weight_map = {n: s["file"] for s in state["shards"] for n in s["tensors"]}
-    reader = _OutputReader.__new__(_OutputReader)
-    reader.path, reader.weight_map, reader._handles = out_dir, weight_map, {}
-    from safetensors import safe_open
-
-    reader._open = safe_open
-    return {
-        m: dequant_gptq(*(reader.read(f"{m}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")))
-        for m in unit.quantized_modules
-    }
+    reader = OutputReader(writer.out_dir, writer.weight_map())
+    return {m: reader.gptq_weight(m) for m in unit.quantized_modules}
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -219,7 +205,7 @@ def run_units(model: InputModel, plan: ConversionPlan, opts: ConvertOptions, wri
                 continue
             tensors = {n: model.read(n) for n in unit.tensors}
             if done:  # gptq resume: carry the calibration activations through the written layer
-                int4.skip_unit(unit, tensors, _read_written_int4(writers["int4"].out_dir, unit))
+                int4.skip_unit(unit, tensors, _read_written_int4(writers["int4"], unit))
             else:
                 if "fp8" in writers:
                     for name, t in _fp8_tensors(plan, unit, tensors).items():
@@ -272,7 +258,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         report.resumed_shards[f] = w.resumed_shards
         if w.resumed_shards:
             _log(f"convert: {f}: resuming, {w.resumed_shards} finished shard(s) kept")
-    int4 = make_int4_method(opts, model, plan) if "int4" in writers else None
+    int4 = make_int4_method(opts, model) if "int4" in writers else None
     if any(not w.complete for w in writers.values()):
         run_units(model, plan, opts, writers, int4)
     for f, w in writers.items():
@@ -293,7 +279,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
             report.checks[f] = check_output(f, out / f, model, plan)
             _log(format_check(report.checks[f]))
     report.seconds = time.time() - t0
-    (out / "convert_report.json").write_text(json.dumps(report.to_json(), indent=1))
+    (out / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1))
     if opts.verify:
         gate_verification(report, opts)
     return report

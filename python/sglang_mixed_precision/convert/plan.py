@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..errors import MixedPrecisionError, PlanErrors
 from ..naming import Role, classify, split_tensor_name
+from ..sources import TensorInfo
 from .gptq_pack import check_gptq_shape
-from .model_dir import InputModel, TensorMeta
+from .model_dir import InputModel
 
 
 @dataclass
@@ -27,18 +29,20 @@ class Unit:
     def label(self) -> str:
         return "non-layer tensors" if self.layer is None else f"layer {self.layer}"
 
+    @cached_property
+    def quantized_weights(self) -> frozenset[str]:
+        """The 16-bit weights this unit quantizes (read once the plan is built)."""
+        return frozenset(f"{m}.weight" for m in self.quantized_modules)
+
 
 @dataclass
 class ConversionPlan:
     units: list[Unit]
-    quantized: dict[str, TensorMeta]  # module name -> its 16-bit weight
+    quantized: dict[str, TensorInfo]  # module name -> its 16-bit weight
     kept: list[str]  # module names left 16-bit in fp8/ and int4/
     skipped_groups: list[str]  # SGLang layer prefixes left 16-bit because of --skip
     fp8_block: tuple[int, int] | None
     group_size: int | None
-
-    def is_quantized(self, module: str) -> bool:
-        return module in self.quantized
 
 
 def _skipped_groups(modules: list[str], patterns: list[str]) -> set[str]:
@@ -57,7 +61,7 @@ def _skipped_groups(modules: list[str], patterns: list[str]) -> set[str]:
 def build_plan(model: InputModel, *, skip: list[str], group_size: int | None, fp8_block: tuple[int, int] | None) -> ConversionPlan:
     """Classify every tensor and validate every quantized weight's shape for the chosen formats."""
     errors: list[MixedPrecisionError] = []
-    candidates: dict[str, TensorMeta] = {}
+    candidates: dict[str, TensorInfo] = {}
     for name, meta in model.tensors.items():
         module, suffix = split_tensor_name(name)
         ref = classify(module)
@@ -65,14 +69,14 @@ def build_plan(model: InputModel, *, skip: list[str], group_size: int | None, fp
             if len(meta.shape) != 2:
                 errors.append(MixedPrecisionError(
                     "unsupported_tensor", f"{name} is a {len(meta.shape)}-D linear weight {list(meta.shape)}",
-                    where=f"{model.path / meta.file}:{name}",
+                    where=f"{meta.file}:{name}",
                     fix="save the model with one 2-D weight per expert/projection (transformers' per-expert layout)"))
                 continue
             candidates[module] = meta
         elif ref.role is Role.OTHER and len(meta.shape) >= 2 and ".experts." in name:
             errors.append(MixedPrecisionError(
                 "unsupported_tensor", f"{name}: fused expert tensor the converter does not know how to split",
-                where=f"{model.path / meta.file}:{name}",
+                where=f"{meta.file}:{name}",
                 fix="save the model with per-expert gate_proj/up_proj/down_proj weights"))
 
     skipped = _skipped_groups(list(candidates), skip)
@@ -84,7 +88,7 @@ def build_plan(model: InputModel, *, skip: list[str], group_size: int | None, fp
             why = check_gptq_shape(f"{module}.weight", n, k, group_size)
             if why:
                 errors.append(MixedPrecisionError(
-                    "shape_not_divisible", why, where=f"{model.path / meta.file}:{module}.weight",
+                    "shape_not_divisible", why, where=f"{meta.file}:{module}.weight",
                     fix=f"pick --group_size that divides {k} (32, 64, 128 or -1 for one group per row), "
                         f"or leave it 16-bit with --skip '{module}'"))
     if errors:

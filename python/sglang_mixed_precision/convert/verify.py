@@ -14,23 +14,27 @@ import torch
 
 from ..naming import classify
 from .dequant import dequant_fp8_block, dequant_gptq
+from .gptq_pack import GPTQ_SUFFIXES
 from .model_dir import InputModel
 from .plan import ConversionPlan
+from .writer import INDEX_FILE
 
 # Default gates for --verify: fp8 e4m3 keeps ~3 mantissa bits (relative error ~2-3 %);
 # int4 with 128-wide groups lands near 10 % on Gaussian weights, GPTQ a little above RTN.
 DEFAULT_MAX_ERROR = {"fp8": 0.08, "int4": 0.30}
 
 
-class _OutputReader:
-    def __init__(self, path: Path):
-        from safetensors import safe_open
+class OutputReader:
+    """Tensors of a written output directory, given its tensor -> shard map."""
 
+    def __init__(self, path: Path, weight_map: dict[str, str]):
         self.path = path
-        index = json.loads((path / "model.safetensors.index.json").read_text())
-        self.weight_map = index["weight_map"]
-        self._open = safe_open
+        self.weight_map = weight_map
         self._handles: dict[str, object] = {}
+
+    @classmethod
+    def from_index(cls, path: Path) -> "OutputReader":
+        return cls(path, json.loads((path / INDEX_FILE).read_text())["weight_map"])
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -38,8 +42,17 @@ class _OutputReader:
     def read(self, name: str) -> torch.Tensor:
         f = self.weight_map[name]
         if f not in self._handles:
-            self._handles[f] = self._open(str(self.path / f), "pt")
+            from safetensors import safe_open
+
+            self._handles[f] = safe_open(str(self.path / f), "pt")
         return self._handles[f].get_tensor(name)
+
+    def gptq_weight(self, module: str) -> torch.Tensor:
+        """A GPTQ module's weight, dequantized to float32 [N, K]."""
+        return dequant_gptq(*(self.read(f"{module}.{s}") for s in GPTQ_SUFFIXES))
+
+    def release(self) -> None:
+        self._handles.clear()
 
 
 @dataclass
@@ -63,20 +76,19 @@ def relative_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
     return float((approx.float() - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def _dequant(fmt: str, reader: _OutputReader, module: str, block) -> torch.Tensor:
+def _dequant(fmt: str, reader: OutputReader, module: str, block) -> torch.Tensor:
     if fmt == "fp8":
         return dequant_fp8_block(reader.read(f"{module}.weight"), reader.read(f"{module}.weight_scale_inv"), block)
-    parts = [reader.read(f"{module}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")]
-    return dequant_gptq(*parts)
+    return reader.gptq_weight(module)
 
 
 def _expected_tensors(fmt: str, module: str) -> list[str]:
-    suffixes = ("weight", "weight_scale_inv") if fmt == "fp8" else ("qweight", "qzeros", "scales", "g_idx")
+    suffixes = ("weight", "weight_scale_inv") if fmt == "fp8" else GPTQ_SUFFIXES
     return [f"{module}.{s}" for s in suffixes]
 
 
-def check_output(fmt: str, out_dir: Path, model: InputModel, plan: ConversionPlan, progress=None) -> OutputCheck:
-    reader = _OutputReader(out_dir)
+def check_output(fmt: str, out_dir: Path, model: InputModel, plan: ConversionPlan) -> OutputCheck:
+    reader = OutputReader.from_index(out_dir)
     check = OutputCheck(fmt)
     for module, meta in plan.quantized.items():
         missing = [t for t in _expected_tensors(fmt, module) if not reader.has(t)]
@@ -86,9 +98,7 @@ def check_output(fmt: str, out_dir: Path, model: InputModel, plan: ConversionPla
         check.errors[module] = relative_error(_dequant(fmt, reader, module, plan.fp8_block), model.read(meta.name))
         if len(check.errors) % 16 == 0:  # unmap what was read so far: bounded resident memory
             model.release()
-            reader._handles.clear()
-        if progress:
-            progress()
+            reader.release()
     for name in model.tensors:
         module = name.rsplit(".", 1)[0]
         if module in plan.quantized and name.endswith(".weight"):

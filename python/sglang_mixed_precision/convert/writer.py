@@ -129,6 +129,10 @@ class ShardedWriter:
     def resumed_shards(self) -> int:
         return len(self.state["shards"])
 
+    def weight_map(self) -> dict[str, str]:
+        """Tensor -> file of every closed shard."""
+        return {n: s["file"] for s in self.state["shards"] for n in s["tensors"]}
+
     # -- writing ------------------------------------------------------------------------------
     def needs(self, name: str) -> bool:
         return name not in self.done
@@ -162,18 +166,13 @@ class ShardedWriter:
         """Close the last shard, give shards their final names, write the index; return weight_map."""
         self.close_shard()
         shards = self.state["shards"]
-        total = len(shards)
-        weight_map: dict[str, str] = {}
-        total_size = 0
         for i, s in enumerate(shards, 1):
-            final = f"model-{i:05d}-of-{total:05d}.safetensors"
+            final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             if s["file"] != final:
                 os.replace(self.out_dir / s["file"], self.out_dir / final)
                 s["file"] = final
-            total_size += s["bytes"]
-            for n in s["tensors"]:
-                weight_map[n] = final
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        weight_map = self.weight_map()
+        index = {"metadata": {"total_size": sum(s["bytes"] for s in shards)}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
         self.state["complete"] = True
         self._save_state()
