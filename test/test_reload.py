@@ -53,6 +53,14 @@ def test_renaming_a_label_of_the_same_files_is_no_change(mix):
     assert diff.counts()[NOTHING] == len(diff.layers)
 
 
+def test_a_symlink_to_the_same_source_is_no_change(mix):
+    link = mix.root / "fp8_link"
+    if not link.exists():
+        link.symlink_to(mix.fp8_a)
+    diff = diff_plans(mix.plan(mix.yaml()), mix.plan(mix.yaml(fp8=link)))
+    assert diff.counts()[NOTHING] == len(diff.layers)
+
+
 def test_scheme_change_is_a_rebuild_with_the_layers_listed(mix):
     active = mix.plan(mix.yaml())
     reload_plan = plan_reload(active, request_for(mix, mix.yaml(mlp="int4")))
@@ -182,6 +190,14 @@ def test_worker_refuses_a_tampered_request(mix):
     with pytest.raises(MixedPrecisionError) as e:
         replan_in_worker(active, request)
     assert e.value.code == "reload_bad_request" and "sha256" in e.value.detail
+
+
+def test_worker_refuses_a_request_of_another_kind(mix):
+    request = plan_reload(mix.plan(mix.yaml()), request_for(mix, mix.yaml(fp8=mix.fp8_b))).worker_request()
+    del request["loads"]
+    with pytest.raises(MixedPrecisionError) as e:
+        replan_in_worker(mix.plan(mix.yaml()), request)
+    assert e.value.code == "reload_bad_request" and "malformed reload request (missing ['loads'])" in e.value.detail
 
 
 def test_worker_refuses_a_rebuild(mix):

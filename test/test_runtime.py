@@ -137,6 +137,23 @@ def test_stage_alone_reads_and_checks_without_a_model(mix):
     assert e.value.code == "corrupt_safetensors" and "model.safetensors" in e.value.where
 
 
+def test_stage_refuses_a_file_deleted_after_planning(mix):
+    source = corrupt_copy(mix, "fp8_deleted_stage", lambda s: None)
+    _, reload_plan = fp8_mlp_request(mix, source)
+    (source / "model.safetensors").unlink()
+    with pytest.raises(MixedPrecisionError) as e:
+        rt.stage_tensors(reload_plan)
+    assert e.value.code == "missing_file" and "disappeared after the reload was planned" in e.value.detail
+    assert e.value.where == str(source / "model.safetensors")
+
+
+def test_a_planned_layer_the_model_lacks_is_refused(mix):
+    model = FakeModel(mix.plan(mix.yaml()))
+    with pytest.raises(MixedPrecisionError) as e:
+        rt.layer_parameters(model, ["model.layers.0.mlp.gate_up_proj", "model.layers.9.mlp.down_proj"])
+    assert e.value.code == "reload_layer_missing" and "model.layers.9.mlp.down_proj" in e.value.detail
+
+
 def test_failure_while_copying_restores_the_old_weights(mix):
     active, reload_plan = fp8_mlp_request(mix, mix.fp8_b)
     model, config = FakeModel(active), SimpleNamespace(plan=active)
@@ -357,6 +374,26 @@ def test_restart_without_a_launcher_is_refused(tmp_path, monkeypatch):
         rt.request_restart("mixed_precision: {}", tmp_path / "c.yaml", inline=True)
     assert e.value.code == "restart_unavailable"
     assert rt.read_restart_request(tmp_path / "none.json") is None
+
+
+def test_a_second_reload_while_one_runs_is_busy(server, mix):
+    import asyncio
+
+    async def while_locked():
+        async with server.runtime._lock:
+            return await server.runtime.reload({"config": mix.yaml(fp8=mix.fp8_b)})
+
+    status, body = asyncio.run(while_locked())
+    assert status == 409 and body["error"]["code"] == "reload_busy"
+    assert body["error"]["message"] == "another reload is in progress"
+
+
+def test_a_malformed_restart_request_is_refused(tmp_path):
+    marker = tmp_path / "restart.json"
+    marker.write_text(json.dumps(["not", "a", "request"]))
+    with pytest.raises(MixedPrecisionError) as e:
+        rt.read_restart_request(marker)
+    assert e.value.code == "restart_bad_request" and "is not a restart request" in e.value.detail
 
 
 def test_active_mix_comes_from_the_plan_directory(tmp_path, mix):

@@ -95,8 +95,35 @@ def test_plan_dir_refuses_to_overwrite_a_model(tiny_qwen3):
     assert e.value.code == "plan_dir_target"
 
 
+@pytest.mark.parametrize("qc, needle", [
+    ({"quant_method": "mixed_precision"}, "needs 'config_path' (the mixed YAML)"),
+    ({"quant_method": "mixed_precision", "config_path": "m.yaml", "int4_moe_kernel": "exllama"},
+     "int4_moe_kernel 'exllama' is not one of ('marlin', 'wna16')"),
+])
+def test_plan_dir_settings_errors(qc, needle):
+    from sglang_mixed_precision.serving.settings import PlanSettings
+
+    with pytest.raises(MixedPrecisionError) as e:
+        PlanSettings.from_quantization_config(qc)
+    assert e.value.code == "plan_dir_invalid" and needle in e.value.detail
+    assert e.value.where == "config.json quantization_config"
+
+
+def test_plan_dir_settings_round_trip():
+    from sglang_mixed_precision.serving.settings import PlanSettings
+
+    settings = PlanSettings("/m/mix.yaml", 2, "fp16", "marlin")
+    assert PlanSettings.from_quantization_config(settings.to_quantization_config()) == settings
+    assert PlanSettings.from_quantization_config({"config_path": "m.yaml"}).int4_moe_kernel == "wna16"
+
+
 def test_plugin_must_be_installed_and_allowed(monkeypatch):
     launcher.check_plugin_installed()  # the package is installed with its entry point
+    with monkeypatch.context() as m:
+        m.setattr(launcher, "entry_points", lambda group: [])
+        with pytest.raises(MixedPrecisionError) as e:
+            launcher.check_plugin_installed()
+        assert e.value.code == "plugin_not_installed" and "'mixed_precision' is not installed" in e.value.detail
     monkeypatch.setenv("SGLANG_PLUGINS", "some_other_plugin")
     with pytest.raises(MixedPrecisionError) as e:
         launcher.check_plugin_installed()

@@ -252,6 +252,20 @@ def test_audit_fails_on_a_tensor_loaded_twice(tiny_qwen3, tmp_path, sglang_cpu, 
     assert f"tensor {twice} of source 'fp16' was read 2 times (expected once)" in message
 
 
+def test_loader_refuses_a_model_or_stream_without_the_plan(tiny_qwen3, tmp_path, sglang_cpu):
+    from sglang.srt.configs.load_config import LoadConfig
+
+    from sglang_mixed_precision.serving.loader import MixedPrecisionModelLoader, mixed_config_of
+
+    with pytest.raises(MixedPrecisionError) as e:
+        mixed_config_of(torch.nn.Linear(2, 2))
+    assert e.value.code == "loader_without_plan" and "Linear was not built with the mixed_precision config" in e.value.detail
+    loader = MixedPrecisionModelLoader(LoadConfig(load_format="auto"))
+    with pytest.raises(MixedPrecisionError) as e:
+        loader.load_weights_and_postprocess(torch.nn.Linear(2, 2), iter([]), torch.device("cpu"))
+    assert e.value.code == "loader_stream" and "loads only its plan's weight stream" in e.value.detail
+
+
 def test_plan_dir_records_the_plan_for_people(tiny_qwen3, tmp_path):
     plan, path = make_plan_dir(mix_config(str(tiny_qwen3), "per_layer"), tmp_path / "plan")
     recorded = json.loads((path / "mixed_precision_plan.json").read_text())

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cache
+from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import parse_config, read_config_text
 from .errors import MixedPrecisionError, PlanErrors
+from .formats import DTYPE_BYTES
 from .naming import Role
 from .plan import ARCHITECTURE_KEYS, Plan, build_plan
 
@@ -37,13 +40,14 @@ EXAMPLES = 8  # changed modules listed per layer before "and N more"
 
 
 # ---- where a module's tensors come from ---------------------------------------------------------
-def module_origin(assignment) -> tuple:
+def module_origin(assignment, real_path: Callable[[Path], str]) -> tuple:
     """What identifies a module's stored tensors: file, byte range, dtype and shape of each one.
 
     Two plans whose modules have equal origins load identical bytes, whatever the labels are called.
+    ``real_path`` resolves a weight file (cached by the caller: a model has far fewer files than tensors).
     """
     return tuple(sorted(
-        (suffix, str(Path(info.file).resolve()), tuple(info.data_offsets), info.dtype, tuple(info.shape))
+        (suffix, real_path(info.file), tuple(info.data_offsets), info.dtype, tuple(info.shape))
         for suffix, info in assignment.tensors.items()
     ))
 
@@ -143,11 +147,12 @@ def diff_plans(old: Plan, new: Plan) -> PlanDiff:
     problems = same_model_problems(old, new)
     if problems:
         raise problems[0] if len(problems) == 1 else PlanErrors(problems)
+    real_path = cache(lambda file: str(Path(file).resolve()))
     layers = {}
     for prefix, old_group in old.groups.items():
         new_group = new.groups[prefix]
-        changed = tuple(m for m in new_group.members
-                        if m not in old.modules or module_origin(old.modules[m]) != module_origin(new.modules[m]))
+        changed = tuple(m for m in new_group.members if m not in old.modules
+                        or module_origin(old.modules[m], real_path) != module_origin(new.modules[m], real_path))
         old_d, new_d = _describe(old_group), _describe(new_group)
         if new_group.scheme != old_group.scheme:
             action, reason = REBUILD, (f"scheme changes {old_group.scheme.label()} -> {new_group.scheme.label()}: "
@@ -267,15 +272,7 @@ class ReloadPlan:
 
     @property
     def bytes(self) -> int:
-        from .formats import DTYPE_BYTES
-
-        total = 0
-        for load in self.loads:
-            n = DTYPE_BYTES[load.dtype]
-            for d in load.shape:
-                n *= d
-            total += n
-        return total
+        return sum(DTYPE_BYTES[load.dtype] * prod(load.shape) for load in self.loads)
 
     def worker_request(self, skeleton: str | None = None) -> dict:
         """What each worker receives: the config to re-plan and the tensors it must end up reading."""

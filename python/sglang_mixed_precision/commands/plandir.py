@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..serving.settings import INT4_MOE_KERNELS
+from ..serving.settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="directory to write (config.json, tokenizer, plan; no weights)")
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size to validate for (SGLang re-plans for its own)")
     p.add_argument("--model-path", help="the mix's 16-bit source, if the config does not say which source is the model")
-    p.add_argument("--int4-moe-kernel", choices=INT4_MOE_KERNELS, default="wna16",
-                   help="int4 experts: GPTQ-Marlin MoE (default) or Triton WNA16")
+    p.add_argument("--int4-moe-kernel", choices=INT4_MOE_KERNELS, default=DEFAULT_INT4_MOE_KERNEL,
+                   help="int4 experts: Triton WNA16 (default; runs in bf16 models) or GPTQ-Marlin MoE (fp16 models only)")
     p.add_argument("--quiet", action="store_true", help="do not print the plan's tables")
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MixedPrecisionError
-from ..naming import split_tensor_name
 from .quant_config import EMBEDDING, MOE, expected_method_class, layer_kind
 
 logger = logging.getLogger(__name__)
@@ -124,8 +123,7 @@ class AuditReport:
                                       "and that the tensor names are the model's (see the list above)")
 
 
-def audit_model(model: torch.nn.Module, plan, recorder: LoadRecorder, yielded: Counter,
-                int4_moe_kernel: str = "wna16") -> AuditReport:
+def audit_model(model: torch.nn.Module, plan, recorder: LoadRecorder, yielded: Counter, int4_moe_kernel: str) -> AuditReport:
     """Compare the loaded ``model`` with ``plan`` (``yielded``: how often the stream gave each tensor)."""
     report = AuditReport()
     _audit_methods(model, plan, int4_moe_kernel, report)
@@ -159,8 +157,9 @@ def _audit_methods(model, plan, int4_moe_kernel: str, report: AuditReport) -> No
 
 def _audit_tensors(plan, recorder: LoadRecorder, yielded: Counter, report: AuditReport) -> None:
     planned = set()
-    for label, infos in plan.tensors_by_source().items():
-        for info in infos:
+    for assignment in plan.modules.values():
+        label, group = assignment.label, assignment.ref.group
+        for info in assignment.tensors.values():
             planned.add(info.name)
             times = yielded.get(info.name, 0)
             params = recorder.by_tensor.get(info.name, [])
@@ -174,18 +173,12 @@ def _audit_tensors(plan, recorder: LoadRecorder, yielded: Counter, report: Audit
             if len(params) > 1:
                 report.problems.append(f"tensor {info.name} of source {label!r} was consumed {len(params)} times ({', '.join(params)})")
                 continue
-            group = _group_prefix(plan, info.name)
-            if group and not params[0].startswith(group + "."):
+            if not params[0].startswith(group + "."):
                 report.problems.append(f"tensor {info.name} was loaded into {params[0]}, outside its layer {group}")
                 continue
             report.tensors += 1
     for name in sorted(set(yielded) - planned):
         report.problems.append(f"tensor {name} was read but is not in the plan")
-
-
-def _group_prefix(plan, tensor_name: str) -> str | None:
-    module = plan.modules.get(split_tensor_name(tensor_name)[0])
-    return module.ref.group if module is not None else None
 
 
 def _audit_parameters(model, recorder: LoadRecorder, report: AuditReport) -> None:

@@ -23,13 +23,13 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import MixedPrecisionError
-from .settings import INT4_MOE_KERNELS
+from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 from .client import stop_server
 
 SGLANG_SERVER = ("-m", "sglang.launch_server")
 PLUGIN_GROUP, PLUGIN_NAME = "sglang.srt.plugins", "mixed_precision"
-# Flags only the launcher understands; SGLang never sees them.
-OWN_FLAGS = ("--enable-mixed-precision", "--mixed-precision-config", "--plan-dir", "--int4-moe-kernel", "--print-command")
+# The launcher's flags that only mean something with --enable-mixed-precision (SGLang never sees them).
+MIX_ONLY_FLAGS = ("--mixed-precision-config", "--plan-dir", "--int4-moe-kernel")
 # Flags the launcher reads (for the plan) and hands on to SGLang: (dest, SGLang flag, aliases).
 SHARED_FLAGS = (
     ("model_path", "--model-path", ("--model",)),
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve the mix of --mixed-precision-config; without it this is `python -m sglang.launch_server`")
     g.add_argument("--mixed-precision-config", metavar="YAML", help="the mixed-precision config")
     g.add_argument("--plan-dir", metavar="DIR", help="where to write the plan directory SGLang serves (default: a temp dir)")
-    g.add_argument("--int4-moe-kernel", choices=INT4_MOE_KERNELS, default="wna16",
+    g.add_argument("--int4-moe-kernel", choices=INT4_MOE_KERNELS, default=DEFAULT_INT4_MOE_KERNEL,
                    help="int4 experts: Triton WNA16 (default; runs in bf16 models) or GPTQ-Marlin MoE (fp16 models only in SGLang 0.5.17)")
     g.add_argument("--print-command", action="store_true", help="validate, write the plan directory, print the SGLang command, exit")
     s = p.add_argument_group("SGLang server arguments the plan depends on")
@@ -156,7 +156,7 @@ def sglang_command(argv: list[str], out=sys.stdout) -> list[str]:
     """The command that serves ``argv``: stock SGLang, or SGLang on the plan directory."""
     args, rest = parse(argv)
     if not args.enable_mixed_precision:
-        given = [f for f in OWN_FLAGS[1:4] if any(a == f or a.startswith(f + "=") for a in argv)]
+        given = [f for f in MIX_ONLY_FLAGS if any(a == f or a.startswith(f + "=") for a in argv)]
         if given:
             raise MixedPrecisionError("launch_flag_without_enable", f"{', '.join(given)} given without --enable-mixed-precision",
                                       fix="add --enable-mixed-precision to serve the mix (or drop the flag for stock SGLang)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
+from itertools import groupby
 
 import torch
 from sglang.srt.model_loader.loader import DefaultModelLoader, device_loading_context
@@ -48,13 +49,16 @@ class PlanWeightStream:
         start = time.perf_counter()
         try:
             # File by file, in storage order: each file is opened once and read front to back.
-            for info in sorted(infos, key=lambda i: (str(i.file), i.data_offsets[0])):
-                handle = source.open(info.file)
-                self.files_opened[label].add(str(info.file))
-                tensor = handle[info.name] if isinstance(handle, dict) else handle.get_tensor(info.name)
-                self.yielded[info.name] += 1
-                self.bytes_read[label] += tensor.numel() * tensor.element_size()
-                yield info.name, tensor
+            in_order = sorted(infos, key=lambda i: (str(i.file), i.data_offsets[0]))
+            for file, in_file in groupby(in_order, key=lambda i: i.file):
+                handle = source.open(file)
+                self.files_opened[label].add(str(file))
+                read = handle.__getitem__ if isinstance(handle, dict) else handle.get_tensor
+                for info in in_file:
+                    tensor = read(info.name)
+                    self.yielded[info.name] += 1
+                    self.bytes_read[label] += tensor.numel() * tensor.element_size()
+                    yield info.name, tensor
         finally:
             source.close()
             self.seconds[label] = time.perf_counter() - start

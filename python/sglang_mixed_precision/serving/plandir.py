@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import MixedPrecisionError
 from . import QUANT_METHOD
-from .settings import PlanSettings
+from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
 
 PLAN_FILE = "mixed_precision_plan.json"
 # Files SGLang's tokenizer manager and chat templates read from the model directory.
@@ -51,7 +51,7 @@ def write_plan_dir(plan, settings: PlanSettings, out_dir: str | Path) -> Path:
 
 
 def make_plan_dir(config_path: str | Path, out_dir: str | Path, *, tp_size: int = 1, skeleton: str | None = None,
-                  int4_moe_kernel: str = "wna16"):
+                  int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL):
     """Load and validate ``config_path`` at ``tp_size``, then write its plan directory: (plan, path)."""
     from ..config import load_config
     from ..plan import build_plan

@@ -52,11 +52,17 @@ def register_quantization_method() -> None:
 
 
 def register_loader_hook() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.plugins.hook_registry import HookType
 
-    registered = any(hook is select_model_loader for _, hook, _ in HookRegistry._hooks.get(LOADER_TARGET, []))
-    if not registered:
-        HookRegistry.register(LOADER_TARGET, select_model_loader, HookType.AROUND)
+    register_hook_once(LOADER_TARGET, select_model_loader, HookType.AROUND)
+
+
+def register_hook_once(target: str, hook, kind) -> None:
+    """Register ``hook`` on ``target`` unless it already is (``register()`` may run twice in one process)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, [])):
+        HookRegistry.register(target, hook, kind)
 
 
 def select_model_loader(original, load_config, model_config=None, *args, **kwargs):

@@ -32,7 +32,7 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig, Quant
 
 from ..errors import MixedPrecisionError
 from . import QUANT_METHOD
-from .settings import PlanSettings
+from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def layer_kind(layer: torch.nn.Module) -> str | None:
     return None
 
 
-def expected_method_class(kind: str, scheme_kind: str, int4_moe_kernel: str = "wna16") -> type:
+def expected_method_class(kind: str, scheme_kind: str, int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL) -> type:
     """The SGLang method class a layer of ``kind`` stored as ``scheme_kind`` must run."""
     from sglang.srt.layers.quantization.fp8 import Fp8LinearMethod, Fp8MoEMethod
     from sglang.srt.layers.quantization.gptq import GPTQMarlinLinearMethod, GPTQMarlinMoEMethod

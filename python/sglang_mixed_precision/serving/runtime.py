@@ -100,12 +100,10 @@ def _tensor_problem(load, what: str, fix: str) -> MixedPrecisionError:
 def stage_tensors(reload_plan: ReloadPlan) -> StagedReload:
     """Read every tensor of the reload into host memory and check it; touches no model.
 
-    Checks, per tensor: the file is whole (header against size), the tensor is there with the planned
-    dtype and shape, its bytes read, and float data is finite. The first problem raises.
+    Checks, per file: it is still there and whole (header against size); per tensor: it is there
+    with the planned dtype and shape, its bytes read, and float data is finite. The first problem raises.
     """
     import torch
-
-    from ..sources.safetensors_header import read_header
 
     start = time.perf_counter()
     tensors, layer_of, nbytes = {}, {}, 0
@@ -113,12 +111,8 @@ def stage_tensors(reload_plan: ReloadPlan) -> StagedReload:
     sources = reload_plan.plan.sources
     try:
         for load in reload_plan.loads:
-            path = Path(load.file)
-            if not path.is_file():
-                raise MixedPrecisionError("missing_file", f"{path} disappeared after the reload was planned",
-                                          where=str(path), fix="restore the file and send the reload again")
-            if path.suffix == ".safetensors" and load.file not in checked_files:
-                read_header(path)  # raises corrupt_safetensors for a truncated / damaged file
+            if load.file not in checked_files:
+                _check_file(Path(load.file))
                 checked_files.add(load.file)
             try:
                 tensor = sources[load.label].read_tensor(load.name)
@@ -135,6 +129,17 @@ def stage_tensors(reload_plan: ReloadPlan) -> StagedReload:
         for source in sources.values():
             source.close()
     return StagedReload(reload_plan, tensors, layer_of, nbytes, time.perf_counter() - start)
+
+
+def _check_file(path: Path) -> None:
+    """The file is still there and, for safetensors, whole (its header against its size)."""
+    from ..sources.safetensors_header import read_header
+
+    if not path.is_file():
+        raise MixedPrecisionError("missing_file", f"{path} disappeared after the reload was planned",
+                                  where=str(path), fix="restore the file and send the reload again")
+    if path.suffix == ".safetensors":
+        read_header(path)  # raises corrupt_safetensors for a truncated / damaged file
 
 
 _TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
@@ -215,7 +220,7 @@ def apply_staged(model, staged: StagedReload) -> AppliedReload:
     recorder = LoadRecorder(model)
     try:
         with torch.no_grad():
-            model.load_weights(recorder.track(iter(staged.tensors.items())))
+            model.load_weights(recorder.track(staged.tensors.items()))
         _synchronize()
         _check_consumed(staged, recorder.by_tensor)
     except Exception as e:
@@ -514,7 +519,8 @@ class MixedPrecisionRuntime:
     # -- reload
     async def reload(self, body: Any) -> tuple[int, dict]:
         if self._lock.locked():
-            return status_of(_busy()), {"success": False, "error": error_json(_busy())}
+            busy = MixedPrecisionError("reload_busy", "another reload is in progress", fix="wait for it to finish, then retry")
+            return status_of(busy), {"success": False, "error": error_json(busy)}
         async with self._lock:
             try:
                 return await self._reload(body)
@@ -568,10 +574,6 @@ class MixedPrecisionRuntime:
         a.reloads = (a.reloads + [{"config_sha256": request.sha256, "layers": reply.get("layers", 0),
                                    "bytes_read": reply.get("bytes_read", 0), "seconds": reply.get("seconds"),
                                    "at": time.time()}])[-HISTORY:]
-
-
-def _busy() -> MixedPrecisionError:
-    return MixedPrecisionError("reload_busy", "another reload is in progress", fix="wait for it to finish, then retry")
 
 
 # ---- /info ------------------------------------------------------------------------------------------
@@ -633,9 +635,10 @@ def request_restart(config_text: str, anchor: Path, *, inline: bool, restart_fil
         raise MixedPrecisionError("restart_unavailable", "this server was not started by launch_mixed_precision_server.py, "
                                   "so nothing can restart it", fix="restart it yourself with the new config, or launch it "
                                   "with launch_mixed_precision_server.py")
+    sha256 = config_sha256(config_text)
     config_path = Path(anchor)
     if inline:
-        config_path = config_path.parent / f"mixed_precision_restart_{config_sha256(config_text)[:12]}.yaml"
+        config_path = config_path.parent / f"mixed_precision_restart_{sha256[:12]}.yaml"
         try:
             config_path.write_text(config_text, encoding="utf-8")
         except OSError as e:
@@ -643,8 +646,7 @@ def request_restart(config_text: str, anchor: Path, *, inline: bool, restart_fil
                                       where=str(config_path), fix="send the config by 'config_path' instead") from None
     marker = Path(target)
     tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps({"config_path": str(config_path), "config_sha256": config_sha256(config_text),
-                               "requested_at": time.time()}))
+    tmp.write_text(json.dumps({"config_path": str(config_path), "config_sha256": sha256, "requested_at": time.time()}))
     os.replace(tmp, marker)  # the launcher never sees half a file
     logger.info("mixed_precision: managed restart requested with %s (%s)", config_path, marker)
     return marker
@@ -761,12 +763,12 @@ def _attach_engine_methods() -> None:
 
 # ---- install ------------------------------------------------------------------------------------------
 def register_worker_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.plugins.hook_registry import HookType
 
-    for target, hook, kind in ((WORKER_TARGET, around_update_weights_from_disk, HookType.AROUND),
-                               (INTERNAL_STATE_TARGET, after_get_internal_state, HookType.AFTER)):
-        if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, [])):
-            HookRegistry.register(target, hook, kind)
+    from .plugin import register_hook_once
+
+    register_hook_once(WORKER_TARGET, around_update_weights_from_disk, HookType.AROUND)
+    register_hook_once(INTERNAL_STATE_TARGET, after_get_internal_state, HookType.AFTER)
 
 
 def install() -> None:

@@ -8,6 +8,7 @@ from ..errors import MixedPrecisionError
 from . import QUANT_METHOD
 
 INT4_MOE_KERNELS = ("marlin", "wna16")
+DEFAULT_INT4_MOE_KERNEL = "wna16"  # runs in bf16 models (see quant_config)
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class PlanSettings:
     config_path: str
     tp_size: int = 1
     skeleton: str | None = None  # source label giving the model (launcher's --model-path)
-    int4_moe_kernel: str = "wna16"
+    int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL
 
     def to_quantization_config(self) -> dict:
         out = {"quant_method": QUANT_METHOD, "config_path": self.config_path, "tp_size": self.tp_size,
@@ -33,8 +34,8 @@ class PlanSettings:
         if not path:
             raise MixedPrecisionError("plan_dir_invalid", "quant_method mixed_precision needs 'config_path' (the mixed YAML)",
                                       where=where, fix="write the model directory with `sglang-mp plandir --config C --output D`")
-        kernel = str(qc.get("int4_moe_kernel", "wna16"))
+        kernel = str(qc.get("int4_moe_kernel", DEFAULT_INT4_MOE_KERNEL))
         if kernel not in INT4_MOE_KERNELS:
             raise MixedPrecisionError("plan_dir_invalid", f"int4_moe_kernel {kernel!r} is not one of {INT4_MOE_KERNELS}",
-                                      where=where, fix="use 'marlin' (default) or 'wna16'")
+                                      where=where, fix="use 'wna16' (default) or 'marlin'")
         return cls(str(path), int(qc.get("tp_size", 1)), qc.get("skeleton"), kernel)
