@@ -13,24 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 PROMPT = "The capital of France is"
 MODELS = ("qwen3", "qwen3_moe")
 FORMATS = ("fp8", "int4")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(model_dir: Path, port: int, extra: list[str]) -> list[str]:
@@ -55,60 +45,27 @@ def plan_cases(work: Path, quant_flag_moe_int4: str | None) -> list[dict]:
     return cases
 
 
-def http_json(url: str, payload: dict | None, timeout: float) -> dict:
-    data = json.dumps(payload).encode() if payload is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        body = r.read().decode()
-    return json.loads(body) if body.strip().startswith("{") else {"raw": body}
-
-
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> bool:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            return False
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-            return True
-        except Exception:
-            time.sleep(2)
-    return False
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def run_case(case: dict, out: Path, args) -> dict:
-    port = free_port()
+    from sglang_mixed_precision.serving import client
+
+    port = client.free_port()
+    base = f"http://127.0.0.1:{port}"
     cmd = server_command(Path(case["dir"]), port, case["extra"])
     log_path = out / f"server_{case['model']}_{case['format']}.log"
     res = {**case, "command": " ".join(cmd), "log": log_path.name, "ok": False}
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            if not wait_healthy(port, proc, args.start_timeout):
-                res["error"] = f"server not healthy after {time.time() - t0:.0f}s (exit code {proc.poll()})"
-                return res
-            res["startup_s"] = round(time.time() - t0, 1)
-            t1 = time.time()
-            reply = http_json(f"http://127.0.0.1:{port}/generate",
-                              {"text": PROMPT, "sampling_params": {"max_new_tokens": 16, "temperature": 0}},
-                              args.request_timeout)
-            res["generate_s"] = round(time.time() - t1, 2)
-            res["answer"] = reply.get("text", reply)
-            res["ok"] = isinstance(res["answer"], str)
-        except Exception as e:  # a failed case is recorded; the other cases still run
-            res["error"] = f"{type(e).__name__}: {e}"
-        finally:
-            stop(proc)
+    proc = client.start_server(cmd, log_path)
+    try:
+        res["startup_s"] = round(client.wait_until_ready(base, proc, args.start_timeout, log_path), 1)
+        t1 = time.time()
+        reply = client.post_json(f"{base}/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 16, "temperature": 0}},
+                                 timeout=args.request_timeout)
+        res["generate_s"] = round(time.time() - t1, 2)
+        res["answer"] = reply.get("text", reply)
+        res["ok"] = isinstance(res["answer"], str)
+    except Exception as e:  # a failed case is recorded; the other cases still run
+        res["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        client.stop_server(proc)
     return res
 
 

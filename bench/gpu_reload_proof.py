@@ -16,7 +16,7 @@ Which mix the server computes is judged on log-probabilities, not on greedy toke
 models have near-ties that bf16 kernels break differently from any reference. SGLang's log-prob of
 every generated token is compared with the transformers reference of mix A and of mix B
 (reference.py, teacher-forced, fp8 activations quantized as the W8A8 kernels do). Tolerance, as in
-gpu_serve_proof.py: 3 x (max |log-prob| difference between the reference in bf16 and in fp32) +
+gpu_serve_proof.py (reference.logprob_tolerance): 3 x (max |log-prob| difference between the reference in bf16 and in fp32) +
 0.02 nats. Before the reload the server must be within tolerance of A; after it, within tolerance
 of B and outside tolerance of A.
 
@@ -153,14 +153,11 @@ class Reference:
     """transformers models of one mix in fp32 and bf16 (fp8 activations quantized as SGLang's W8A8 kernels do)."""
 
     def __init__(self, config: Path, device: str):
-        import torch
-
-        from sglang_mixed_precision.reference import build_reference_model, load_tokenizer, plan_from_config
+        from sglang_mixed_precision.reference import load_tokenizer, plan_from_config, reference_pair
 
         self.plan = plan_from_config(config)
         self.tokenizer = load_tokenizer(self.plan)
-        self.models = {name: build_reference_model(self.plan, dtype=dtype, device=device, simulate_w8a8=True)
-                       for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        self.pair = reference_pair(self.plan, device)
 
     def prompt_ids(self) -> list[list[int]]:
         return [self.tokenizer(p)["input_ids"] for p in PROMPTS]
@@ -171,7 +168,7 @@ class Reference:
 
         samples = []
         for ids in self.prompt_ids():
-            tokens, logits = greedy(self.models["fp32"], ids, max_new)
+            tokens, logits = greedy(self.pair.fp32, ids, max_new)
             lps = logits.log_softmax(-1)
             samples.append({"prompt_ids": ids, "output_ids": tokens,
                             "output_logprobs": [float(lps[j, t]) for j, t in enumerate(tokens)]})
@@ -179,18 +176,11 @@ class Reference:
 
     def deviation(self, samples: list[dict]) -> dict:
         """Max |log-prob| distance of the samples' generated tokens from this mix, and the tolerance."""
-        from sglang_mixed_precision.reference import teacher_forced_logprobs
+        from sglang_mixed_precision.reference import logprob_deviation, logprob_tolerance, scored_continuation
 
-        dev = noise = 0.0
-        for s in samples:
-            ids, n = s["prompt_ids"] + s["output_ids"], len(s["prompt_ids"])
-            lp32 = teacher_forced_logprobs(self.models["fp32"], ids)
-            lp16 = teacher_forced_logprobs(self.models["bf16"], ids)
-            for j, (t, lp) in enumerate(zip(s["output_ids"], s["output_logprobs"])):
-                ref = float(lp32[n - 1 + j, t])
-                dev = max(dev, abs(lp - ref))
-                noise = max(noise, abs(float(lp16[n - 1 + j, t]) - ref))
-        return {"max_abs_dlogprob": round(dev, 5), "bf16_noise": round(noise, 5), "tolerance": round(3 * noise + 0.02, 5)}
+        dev, noise = logprob_deviation(self.pair, [scored_continuation(s["prompt_ids"], s["output_ids"], s["output_logprobs"])
+                                                   for s in samples])
+        return {"max_abs_dlogprob": round(dev, 5), "bf16_noise": round(noise, 5), "tolerance": round(logprob_tolerance(noise), 5)}
 
 
 def within(d: dict) -> bool:

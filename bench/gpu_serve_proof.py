@@ -22,7 +22,8 @@ the reference in bf16 and in fp32: delta = max |lp_bf16 - lp_fp32| over every co
 kernels are also bf16 but sum in other orders, fuse norms/rotary and (fp8 layers) round activations
 near e4m3 boundaries differently, so each of those contributes a deviation of the same order:
 tolerance = 3 * delta + 0.02 nats (0.02 covers bf16 rounding of the log-probabilities themselves,
-|lp| up to ~8 nats * 2^-8). The measured delta, tolerance and max deviation are written per mix.
+|lp| up to ~8 nats * 2^-8; reference.logprob_tolerance). The measured delta, tolerance and max
+deviation are written per mix.
 
 Usage (on the GPU machine, from the repository root, after ``source bench/gpu_setup.sh``, which
 unpacks SGLang and the JIT kernel cache and installs this package so SGLang's workers see the plugin):
@@ -211,10 +212,9 @@ def cpu_check(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
     reference picks the same greedy tokens in bf16 as in fp32 (what the token check relies on)."""
     import io
 
-    import torch
     from transformers import AutoTokenizer
 
-    from sglang_mixed_precision.reference import build_reference_model, greedy, plan_from_config
+    from sglang_mixed_precision.reference import greedy, plan_from_config, reference_pair
     from sglang_mixed_precision.serving import client, launcher
 
     res = Result(f"{arch}/{mix}", arch, mix)
@@ -229,10 +229,10 @@ def cpu_check(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
         res.checks["sglang_accepts_commands"] = not problems
         res.notes += problems
         plan = plan_from_config(config, tp_size=args.tp_size)
-        models = [build_reference_model(plan, dtype=dt, device="cpu", simulate_w8a8=True) for dt in (torch.float32, torch.bfloat16)]
+        pair = reference_pair(plan)
         tok = AutoTokenizer.from_pretrained(str(converted / "fp16"))
         ids = [tok(p)["input_ids"] for p in PROMPTS]
-        res.tokens_identical_bf16_ref = all(greedy(models[0], i, args.max_new_tokens)[0] == greedy(models[1], i, args.max_new_tokens)[0]
+        res.tokens_identical_bf16_ref = all(greedy(pair.fp32, i, args.max_new_tokens)[0] == greedy(pair.bf16, i, args.max_new_tokens)[0]
                                             for i in ids)
         res.checks["reference_bf16_equals_fp32"] = res.tokens_identical_bf16_ref
         res.plan_bytes = plan_rank_bytes(plan)
@@ -341,24 +341,15 @@ def serve_plan_dir(res: Result, plan_dir: Path, prompts: list[list[int]], args, 
 def compare_with_reference(config: Path, outputs: list[dict], res: Result, args) -> None:
     import torch
 
-    from sglang_mixed_precision.reference import build_reference_model, greedy, plan_from_config, teacher_forced_logprobs
+    from sglang_mixed_precision.reference import greedy, logprob_deviation, logprob_tolerance, plan_from_config, reference_pair
 
     plan = plan_from_config(config, tp_size=args.tp_size)
-    models = {dt: build_reference_model(plan, dtype=dt, device="cuda", simulate_w8a8=True) for dt in (torch.float32, torch.bfloat16)}
-    dev, noise, same16, same32, matches, total = 0.0, 0.0, True, True, 0, 0
+    pair = reference_pair(plan, device="cuda")
+    dev, noise = logprob_deviation(pair, map(scored_sequence, outputs))
+    same16, same32, matches, total = True, True, 0, 0
     for o in outputs:
-        ids = o["prompt_ids"] + o["output_ids"]
-        lp32 = teacher_forced_logprobs(models[torch.float32], ids)
-        lp16 = teacher_forced_logprobs(models[torch.bfloat16], ids)
-        # (position predicting token t, token t, SGLang's log-prob of it)
-        n = len(o["prompt_ids"])
-        pairs = [(i - 1, t, lp) for i, (lp, t) in enumerate(o["input_logprobs"]) if lp is not None and i > 0]
-        pairs += [(n - 1 + j, t, lp) for j, (t, lp) in enumerate(zip(o["output_ids"], o["output_logprobs"]))]
-        for pos, t, lp in pairs:
-            dev = max(dev, abs(lp - float(lp32[pos, t])))
-            noise = max(noise, abs(float(lp16[pos, t]) - float(lp32[pos, t])))
-        ref16, _ = greedy(models[torch.bfloat16], o["prompt_ids"], len(o["output_ids"]))
-        ref32, _ = greedy(models[torch.float32], o["prompt_ids"], len(o["output_ids"]))
+        ref16, _ = greedy(pair.bf16, o["prompt_ids"], len(o["output_ids"]))
+        ref32, _ = greedy(pair.fp32, o["prompt_ids"], len(o["output_ids"]))
         same16 &= ref16 == o["output_ids"]
         same32 &= ref32 == o["output_ids"]
         matches += sum(a == b for a, b in zip(ref32, o["output_ids"]))
@@ -366,12 +357,21 @@ def compare_with_reference(config: Path, outputs: list[dict], res: Result, args)
         o["reference_fp32_ids"], o["reference_bf16_ids"] = ref32, ref16
     res.max_abs_dlogprob = round(dev, 5)
     res.bf16_noise_delta = round(noise, 5)
-    res.tolerance = round(3 * noise + 0.02, 5)
+    res.tolerance = round(logprob_tolerance(noise), 5)
     res.tokens_identical_bf16_ref, res.tokens_identical_fp32_ref = same16, same32
     res.token_match_rate = round(matches / max(total, 1), 4)
     res.plan_bytes = plan_rank_bytes(plan)
-    del models
+    del pair
     torch.cuda.empty_cache()
+
+
+def scored_sequence(o: dict):
+    """Prompt and generated tokens, with SGLang's log-prob of every token after the first at the
+    position that predicts it (reference.logprob_deviation's input)."""
+    from sglang_mixed_precision.reference import scored_continuation
+
+    ids, scored = scored_continuation(o["prompt_ids"], o["output_ids"], o["output_logprobs"])
+    return ids, [(i - 1, t, lp) for i, (lp, t) in enumerate(o["input_logprobs"]) if lp is not None and i > 0] + scored
 
 
 def plan_rank_bytes(plan) -> int:

@@ -2,8 +2,8 @@
 
 Takes the arguments of ``python -m sglang.launch_server`` or of ``launch_mixed_precision_server.py``
 (--model-path, --port, --enable-mixed-precision, --mixed-precision-config, --tp-size) and answers
-the routes the bench scripts use with SGLang's reply shapes: /health_generate, /generate (input_ids,
-greedy, log-probs) and, for a mix, /mixed_precision/info, /config and /reload driven by the
+the routes the bench scripts use with SGLang's reply shapes: /health_generate, /generate (input_ids
+or text, greedy, log-probs) and, for a mix, /mixed_precision/info, /config and /reload driven by the
 project's MixedPrecisionRuntime. With FAKE_SGLANG_REFERENCE=1 a mix generates with the transformers
 reference of its active plan (swapped by a successful reload); otherwise every server generates by
 a fixed pseudo-random rule (fast). It prints the log lines the scripts parse (SGLang's "Load weight
@@ -140,7 +140,7 @@ def handler(mix: Mix | None):
                 self.reply(404, {"detail": "Not Found"})
 
         def generate(self, body: dict):
-            prompts = body["input_ids"]
+            prompts = body["input_ids"] if "input_ids" in body else [ord(c) for c in body["text"]]
             batched = isinstance(prompts[0], list)
             reference = mix is not None and os.environ.get("FAKE_SGLANG_REFERENCE") == "1"
             results = (mix.generate if reference else pseudo_generate)(prompts if batched else [prompts],

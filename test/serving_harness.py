@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import socket
 from pathlib import Path
 
 import pytest
+
+from sglang_mixed_precision.serving.client import free_port
 
 sglang = pytest.importorskip("sglang")
 
@@ -28,15 +29,8 @@ MIXES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@functools.lru_cache(maxsize=None)
-def init_sglang_cpu() -> None:
-    """Plugin registered, hooks applied, TP=1 gloo group, CPU-only details pinned."""
+def init_sglang_group(world: int, rank: int, port: int) -> None:
+    """Plugin registered, hooks applied, a gloo group of ``world`` ranks, CPU-only details pinned."""
     import sglang.srt.layers.quantization.marlin_utils as marlin_utils
     import sglang.srt.layers.rotary_embedding.base as rope_base
     from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
@@ -46,11 +40,17 @@ def init_sglang_cpu() -> None:
 
     register()
     HookRegistry.apply_hooks()
-    init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                 distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo")
-    initialize_model_parallel(1)
+    init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    initialize_model_parallel(world)
     rope_base._is_cpu = True
     marlin_utils.get_device_capability = lambda *a, **k: (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def init_sglang_cpu() -> None:
+    """The TP=1 group of this test process."""
+    init_sglang_group(1, 0, free_port())
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,16 +80,21 @@ def mix_config(model_dir: str, mix: str, max_shard_size: str = "2GB") -> Path:
 
 
 def model_config(path: str | Path, dtype: str = "bfloat16"):
-    """SGLang's ModelConfig for ``path``, with the server args and DP state it needs published."""
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.layers.dp_attention import initialize_dp_attention
-    from sglang.srt.runtime_context import publish
+    """SGLang's ModelConfig for ``path`` in this process's TP=1 group."""
     from sglang.srt.server_args import ServerArgs
 
     init_sglang_cpu()
-    server_args = ServerArgs(model_path=str(path), device="cpu", dtype=dtype)
+    return published_model_config(ServerArgs(model_path=str(path), device="cpu", dtype=dtype), dtype)
+
+
+def published_model_config(server_args, dtype: str = "bfloat16"):
+    """SGLang's ModelConfig for ``server_args.model_path``, with the server args and DP state it needs published."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.dp_attention import initialize_dp_attention
+    from sglang.srt.runtime_context import publish
+
     publish(server_args, role="scheduler")
-    config = ModelConfig(model_path=str(path), dtype=dtype)
+    config = ModelConfig(model_path=server_args.model_path, dtype=dtype)
     initialize_dp_attention(server_args, config)
     return config
 
@@ -108,13 +113,18 @@ def without_postprocess():
 
 
 def load_on_cpu(path: str | Path, *, load_format: str = "auto", postprocess: bool = True):
+    """(model, loader) of ``path`` in this process's TP=1 group."""
+    return load_model(model_config(path), load_format=load_format, postprocess=postprocess)
+
+
+def load_model(config, *, load_format: str = "auto", postprocess: bool = True):
     """(model, loader) through SGLang's get_model_loader, as a scheduler does."""
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.model_loader.loader import get_model_loader
+    from sglang.srt.model_loader import loader as loader_module
 
-    config = model_config(path)
-    loader = get_model_loader(load_config=LoadConfig(load_format=load_format), model_config=config)
+    # Looked up now, after apply_hooks(): the plugin's hook replaced the module attribute.
+    loader = loader_module.get_model_loader(load_config=LoadConfig(load_format=load_format), model_config=config)
     with contextlib.nullcontext() if postprocess else without_postprocess():
         model = loader.load_model(model_config=config, device_config=DeviceConfig("cpu", 0))
     return model, loader
@@ -139,44 +149,18 @@ def read_source_tensor(plan, name: str):
 
 def tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
     """One TP rank on CPU (spawned): load the plan directory, report its audit and its shards."""
-    import functools
-
     import sglang.srt.distributed.parallel_state as parallel_state
     import torch
-    import sglang.srt.layers.quantization.marlin_utils as marlin_utils
-    import sglang.srt.layers.rotary_embedding.base as rope_base
-    from sglang.srt.configs.device_config import DeviceConfig
-    from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
-    from sglang.srt.layers.dp_attention import initialize_dp_attention
-    from sglang.srt.model_loader import loader as loader_module
-    from sglang.srt.plugins.hook_registry import HookRegistry
-    from sglang.srt.runtime_context import publish
     from sglang.srt.server_args import ServerArgs
 
-    from sglang_mixed_precision.serving.plugin import register
-
     try:
-        register()
-        HookRegistry.apply_hooks()
         # CPU groups: no NCCL / custom all-reduce communicators.
         parallel_state.init_model_parallel_group = functools.partial(
             parallel_state.init_model_parallel_group, use_pynccl=False, use_custom_allreduce=False,
             use_mscclpp_allreduce=False, use_torch_symm_mem_allreduce=False)
-        init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
-                                     distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
-        initialize_model_parallel(world)
-        rope_base._is_cpu = True
-        marlin_utils.get_device_capability = lambda *a, **k: (9, 0)
-        server_args = ServerArgs(model_path=plan_dir, device="cpu", tp_size=world)
-        publish(server_args, role="scheduler")
-        config = ModelConfig(model_path=plan_dir, dtype="bfloat16")
-        initialize_dp_attention(server_args, config)
-        # Looked up after apply_hooks(): the plugin's hook replaced the module attribute.
-        loader = loader_module.get_model_loader(load_config=LoadConfig(load_format="auto"), model_config=config)
-        with without_postprocess():
-            model = loader.load_model(model_config=config, device_config=DeviceConfig("cpu", 0))
+        init_sglang_group(world, rank, port)
+        config = published_model_config(ServerArgs(model_path=plan_dir, device="cpu", tp_size=world))
+        model, loader = load_model(config, postprocess=False)
         # Through a file: tensors sent over the queue would outlive this process's shared memory.
         shards = Path(plan_dir).parent / f"rank{rank}.pt"
         torch.save({k: v.detach().clone() for k, v in model.named_parameters() if ".layers.1." in k}, shards)

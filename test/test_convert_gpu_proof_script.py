@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_convert_proof.py"
+from fake_sglang_server import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("gpu_convert_proof", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gpu_convert_proof")
 
 
 def test_dry_run_prints_stock_sglang_commands(tmp_path, capsys):
@@ -36,3 +34,21 @@ def test_markdown_names_gpu_and_failures():
     md = mod.markdown(results, "NVIDIA H100 80GB HBM3", "rtn")
     assert "NVIDIA H100 80GB HBM3" in md and "| qwen3 | fp8 |  | yes | 30.0 | 0.2 |  Paris |" in md
     assert "| NO |" in md and "server not healthy" in md
+
+
+def test_a_case_starts_the_server_and_asks_generate(tmp_path, monkeypatch):
+    mod = load()
+    fake = Path(__file__).with_name("fake_sglang_server.py")
+    monkeypatch.setattr(mod, "server_command", lambda model_dir, port, extra: [
+        sys.executable, str(fake), "--model-path", str(model_dir), "--port", str(port), *extra])
+    case = mod.plan_cases(tmp_path, None)[0]
+    res = mod.run_case(case, tmp_path, SimpleNamespace(start_timeout=60, request_timeout=30))
+    assert res["ok"] and res["answer"] == "" and res["startup_s"] >= 0 and "error" not in res
+    assert "Load weight end" in (tmp_path / res["log"]).read_text()
+
+
+def test_a_server_that_exits_is_recorded_as_failed(tmp_path, monkeypatch):
+    mod = load()
+    monkeypatch.setattr(mod, "server_command", lambda *a: [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    res = mod.run_case(mod.plan_cases(tmp_path, None)[0], tmp_path, SimpleNamespace(start_timeout=60, request_timeout=30))
+    assert not res["ok"] and "exited with code 3" in res["error"] and "boom" in res["error"]

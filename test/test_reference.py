@@ -7,15 +7,22 @@ import torch
 
 from serving_harness import converted, mix_config, write_mix
 
+from sglang_mixed_precision.errors import MixedPrecisionError
 from sglang_mixed_precision.reference import (
     build_reference_model,
     fake_quant_fp8_activation,
+    fill_model,
     generate_reference,
+    logprob_deviation,
+    logprob_tolerance,
     module_weights,
     plan_from_config,
+    reference_pair,
+    scored_continuation,
     simulate_fp8_activations,
     teacher_forced_logprobs,
 )
+from sglang_mixed_precision.tinymodels import tiny_config
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,6 +123,41 @@ def test_greedy_generation_is_consistent_with_a_full_forward(tiny_qwen3_moe):
     # Each token is the argmax of the full forward at its position; the cached logits agree with it.
     assert full[n - 1: n - 1 + 8].argmax(-1).tolist() == out.output_ids
     assert torch.allclose(full[n - 1: n - 1 + 8], out.logprobs, atol=1e-3)
+
+
+def test_logprob_deviation_measures_against_fp32_and_bf16_noise(tiny_qwen3):
+    plan = plan_from_config(mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8"))
+    pair = reference_pair(plan)
+    prompt, tokens = list(range(5, 20)), [7, 300, 41, 9]
+    lp32 = teacher_forced_logprobs(pair.fp32, prompt + tokens)
+    own = [float(lp32[len(prompt) - 1 + j, t]) for j, t in enumerate(tokens)]
+    dev, noise = logprob_deviation(pair, [scored_continuation(prompt, tokens, own)])
+    assert dev == 0 and 0 < noise < 0.5  # the fp32 reference's own log-probs; bf16 arithmetic moves them a little
+    shifted = [own[0], own[1] - 0.25, *own[2:]]
+    assert logprob_deviation(pair, [scored_continuation(prompt, tokens, shifted)]) == (pytest.approx(0.25), noise)
+    assert logprob_tolerance(0.1) == pytest.approx(0.32)
+
+
+@pytest.mark.parametrize("change, code", [({"num_layers": 1}, "reference_no_parameter"),
+                                          ({"num_layers": 3}, "reference_unfilled"),
+                                          ({"hidden": 256}, "reference_shape")])
+def test_a_model_unlike_the_plan_is_refused(tiny_qwen3, change, code):
+    from transformers import AutoModelForCausalLM
+
+    plan = plan_from_config(write_mix(converted(str(tiny_qwen3)), "all_bf16", "fp16", []))
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3", **change))
+    with pytest.raises(MixedPrecisionError, match=code) as e:
+        fill_model(model, plan)
+    message = {"reference_no_parameter": "has no parameter model.layers.1.",
+               "reference_unfilled": "have no planned source: model.layers.2.",
+               "reference_shape": "the model has ("}[code]
+    assert message in str(e.value)
+
+
+def test_activation_width_must_be_whole_groups():
+    with pytest.raises(MixedPrecisionError, match="reference_act_group") as e:
+        fake_quant_fp8_activation(torch.zeros(2, 200))
+    assert "activation width 200 is not a multiple of 128" in str(e.value)
 
 
 def test_demo_runs_a_mix_on_cpu_through_the_reference_path(tmp_path, capsys):

@@ -46,3 +46,12 @@ def test_clear_margins_refuse_tied_embeddings(tmp_path):
 
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         make_tiny_model("qwen3", tmp_path / "m", clear_margins=True, tie_word_embeddings=True)
+
+
+def test_an_unknown_architecture_is_named():
+    import pytest
+
+    from sglang_mixed_precision.tinymodels import tiny_config
+
+    with pytest.raises(ValueError, match=r"unknown tiny architecture 'mistral'; choose one of \('qwen3', 'qwen3_moe', 'llama'\)"):
+        tiny_config("mistral")

@@ -28,14 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=name)
-        try:
-            module = _command(name)
-        except ModuleNotFoundError as e:
-            # A subcommand not yet present in this checkout must not break the others.
-            if e.name != f"sglang_mixed_precision.commands.{name}":
-                raise
-            continue
-        module.add_arguments(p)
+        _command(name).add_arguments(p)
     return parser
 
 

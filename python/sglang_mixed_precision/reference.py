@@ -10,13 +10,17 @@ transformers stores MoE experts fused (``experts.gate_up_proj [E, 2I, H]``, ``ex
 ``simulate_w8a8`` also models what SGLang's FP8 block kernels do to activations: each fp8 module's
 input is quantized per token and group of 128 channels to float8_e4m3 with a dynamic scale
 (``amax / 448``), then dequantized. GPTQ-Marlin is weight-only (W4A16): its inputs stay as they are.
+
+``logprob_deviation`` and ``logprob_tolerance`` are the GPU proofs' check of a bf16 implementation
+(SGLang) against the reference in fp32, with the reference in bf16 as the measure of bf16 noise.
 """
 
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -43,12 +47,6 @@ class ReferenceOutput:
         return torch.log_softmax(self.logits.float(), dim=-1)
 
 
-@dataclass
-class _Fill:
-    done: set = field(default_factory=set)  # parameter names filled
-    used: set = field(default_factory=set)  # checkpoint module names used
-
-
 # ---- weights --------------------------------------------------------------------------------
 def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
     """A module's 16-bit-equivalent tensors ({"weight": ..., "bias": ...}) from its planned source.
@@ -67,9 +65,9 @@ def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
     if scheme.kind == "fp8":
         if scheme.fp8_block:
             out["weight"] = dequant_fp8_block(raw["weight"], raw["weight_scale_inv"], tuple(scheme.fp8_block))
-        else:  # per-channel [N, 1] or per-tensor scalar scale
+        else:  # per-channel [N, 1] or per-tensor scalar scale: both broadcast as a column
             scale = raw.get("weight_scale", raw.get("weight_scale_inv"))
-            out["weight"] = raw["weight"].float() * scale.float().reshape(-1, 1) if scale.numel() > 1 else raw["weight"].float() * scale.float()
+            out["weight"] = raw["weight"].float() * scale.float().reshape(-1, 1)
         return out
     if scheme.kind == "gptq":
         out["weight"] = dequant_gptq(raw["qweight"], raw["qzeros"], raw["scales"], raw.get("g_idx") if scheme.desc_act else None,
@@ -81,7 +79,8 @@ def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
 def fill_model(model: torch.nn.Module, plan) -> None:
     """Copy every planned module into ``model``'s parameters; every parameter must be filled."""
     params = dict(model.named_parameters())
-    fill = _Fill()
+    tied = _tied_names(model)
+    done: set[str] = set()
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for module, a in plan.modules.items():
         ref = a.ref
@@ -89,30 +88,28 @@ def fill_model(model: torch.nn.Module, plan) -> None:
         if ref.expert is not None:
             leaf = module.rsplit(".", 1)[-1]
             experts.setdefault(ref.group, {}).setdefault(ref.expert, {})[leaf] = tensors["weight"]
-            fill.used.add(module)
             continue
         for suffix, tensor in tensors.items():
             name = f"{module}.{suffix}"
             if name not in params:
-                if _tied_lm_head(model, name):
-                    fill.used.add(module)
+                if name in tied:
                     continue
                 raise MixedPrecisionError("reference_no_parameter", f"the transformers model has no parameter {name}",
                                           where=str(plan.skeleton_path / "config.json"),
                                           fix="the reference supports the architectures transformers builds from config.json")
             _copy(params[name], tensor, name)
-            fill.done.add(name)
-            fill.used.add(module)
+            done.add(name)
     for base, per_expert in experts.items():
-        _fill_experts(params, base, per_expert, fill)
-    missing = sorted(set(params) - fill.done - _tied_names(model))
+        done |= _fill_experts(params, base, per_expert)
+    missing = sorted(set(params) - done - tied)
     if missing:
         raise MixedPrecisionError("reference_unfilled", f"{len(missing)} parameter(s) have no planned source: {', '.join(missing[:5])}",
                                   fix="the plan must cover every tensor of the model")
 
 
-def _fill_experts(params: dict, base: str, per_expert: dict, fill: _Fill) -> None:
-    """Stack per-expert checkpoint modules into transformers' fused expert parameters."""
+def _fill_experts(params: dict, base: str, per_expert: dict) -> set[str]:
+    """Stack per-expert checkpoint modules into transformers' fused expert parameters; returns their names."""
+    filled = set()
     for fused in ("gate_up_proj", "down_proj"):
         name = f"{base}.{fused}"
         if name not in params:
@@ -123,7 +120,8 @@ def _fill_experts(params: dict, base: str, per_expert: dict, fill: _Fill) -> Non
             pieces = sorted((_EXPERT_PARTS[leaf][1], w) for leaf, w in per_expert[e].items() if _EXPERT_PARTS[leaf][0] == fused)
             parts.append(torch.cat([w for _, w in pieces], dim=0))
         _copy(params[name], torch.stack(parts), name)
-        fill.done.add(name)
+        filled.add(name)
+    return filled
 
 
 def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
@@ -137,10 +135,6 @@ def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
 def _tied_names(model) -> set[str]:
     tied = getattr(model.config, "tie_word_embeddings", False)
     return {"lm_head.weight"} if tied else set()
-
-
-def _tied_lm_head(model, name: str) -> bool:
-    return name in _tied_names(model)
 
 
 # ---- W8A8 activation model -------------------------------------------------------------------
@@ -206,7 +200,7 @@ def load_tokenizer(plan):
 
 
 @torch.no_grad()
-def greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> tuple[list[int], torch.Tensor]:
+def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the float32 logits each was chosen from (KV-cached decoding)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
@@ -217,9 +211,8 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]
         token = int(step.argmax())
         tokens.append(token)
         logits.append(step.cpu())
-        if stop_ids and token in stop_ids:
-            break
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+        if len(tokens) < max_new_tokens:  # no forward for the last token: nothing follows it
+            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
     return tokens, torch.stack(logits) if logits else torch.empty(0)
 
 
@@ -231,17 +224,16 @@ def teacher_forced_logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
-def generate_reference(plan, prompts: list[str] | list[list[int]], max_new_tokens: int, *, dtype: torch.dtype = torch.float32,
-                       device: str = "cpu", simulate_w8a8: bool = False, stop_at_eos: bool = False,
-                       model=None, tokenizer=None) -> list[ReferenceOutput]:
-    """Greedy continuations of ``prompts`` (text, or token ids) with their logits."""
-    model = model or build_reference_model(plan, dtype=dtype, device=device, simulate_w8a8=simulate_w8a8)
-    tokenizer = tokenizer or load_tokenizer(plan)
-    stop = {tokenizer.eos_token_id} if stop_at_eos and tokenizer.eos_token_id is not None else None
+def generate_reference(plan, prompts: list[str] | list[list[int]], max_new_tokens: int, *, simulate_w8a8: bool = False,
+                       model=None) -> list[ReferenceOutput]:
+    """Greedy continuations of ``prompts`` (text, or token ids) with their logits, on CPU in fp32
+    unless ``model`` is given."""
+    model = model or build_reference_model(plan, simulate_w8a8=simulate_w8a8)
+    tokenizer = load_tokenizer(plan)
     outputs = []
     for prompt in prompts:
         ids = list(prompt) if not isinstance(prompt, str) else tokenizer(prompt)["input_ids"]
-        tokens, logits = greedy(model, ids, max_new_tokens, stop)
+        tokens, logits = greedy(model, ids, max_new_tokens)
         outputs.append(ReferenceOutput(ids, tokens, tokenizer.decode(tokens), logits, prompt if isinstance(prompt, str) else None))
     return outputs
 
@@ -251,3 +243,51 @@ def plan_from_config(config_path: str | Path, tp_size: int = 1):
     from .plan import build_plan
 
     return build_plan(load_config(config_path), tp_size=tp_size)
+
+
+# ---- how close a bf16 implementation must come ----------------------------------------------------
+class ReferencePair(NamedTuple):
+    """One mix's reference in fp32 (the oracle) and in bf16 (how far bf16 arithmetic alone moves it)."""
+    fp32: torch.nn.Module
+    bf16: torch.nn.Module
+
+
+def reference_pair(plan, device: str = "cpu") -> ReferencePair:
+    """Both with fp8 activations quantized as SGLang's W8A8 kernels do."""
+    return ReferencePair(*(build_reference_model(plan, dtype=dtype, device=device, simulate_w8a8=True)
+                           for dtype in (torch.float32, torch.bfloat16)))
+
+
+def logprob_deviation(pair: ReferencePair, sequences) -> tuple[float, float]:
+    """(max |log-prob under test - fp32 reference|, max |bf16 reference - fp32 reference|).
+
+    ``sequences``: (token ids, [(position in the ids that predicts the token, token, its log-prob
+    under test)]); every sequence is run teacher-forced through both references.
+    """
+    dev = noise = 0.0
+    for ids, scored in sequences:
+        lp32 = teacher_forced_logprobs(pair.fp32, ids)
+        lp16 = teacher_forced_logprobs(pair.bf16, ids)
+        for pos, token, lp in scored:
+            ref = float(lp32[pos, token])
+            dev = max(dev, abs(lp - ref))
+            noise = max(noise, abs(float(lp16[pos, token]) - ref))
+    return dev, noise
+
+
+def scored_continuation(prompt_ids: list[int], output_ids: list[int], output_logprobs: list[float]):
+    """A sequence for :func:`logprob_deviation`: prompt and generated tokens, each generated token
+    scored at the position that predicts it."""
+    n = len(prompt_ids)
+    return prompt_ids + output_ids, [(n - 1 + j, t, lp) for j, (t, lp) in enumerate(zip(output_ids, output_logprobs))]
+
+
+def logprob_tolerance(bf16_noise: float) -> float:
+    """How far a bf16 implementation's log-probs may be from the fp32 reference.
+
+    Its kernels sum in other orders, fuse norms/rotary and round fp8 activations near e4m3
+    boundaries differently, each a deviation of the order of the reference's own bf16-vs-fp32
+    distance: 3 x that distance, + 0.02 nats for the bf16 rounding of the log-probs themselves
+    (|lp| up to ~8 nats * 2^-8).
+    """
+    return 3 * bf16_noise + 0.02

@@ -19,13 +19,6 @@ from pathlib import Path
 from ..tinymodels import ARCHITECTURES
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
-MIX_RULES = {
-    # arch kind -> rules, most specific first (the converter's config format)
-    "moe": [{"match": "model.layers.*.mlp.experts.*", "source": "int4"},
-            {"match": "model.layers.*.self_attn.*", "source": "fp8"}],
-    "dense": [{"match": "model.layers.*.mlp.*", "source": "int4"},
-              {"match": "model.layers.*.self_attn.*", "source": "fp8"}],
-}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,8 +42,9 @@ def step(n: int, msg: str) -> float:
 
 def prepare(workdir: Path, arch: str) -> Path:
     """Steps 1-3: model, conversions, mix config; returns the config path."""
-    from ..convert.pipeline import ConvertOptions, convert
+    from ..convert.pipeline import FORMATS, ConvertOptions, convert
     from ..tinymodels import make_tiny_model
+    from .convert import mixed_config_yaml
 
     t = step(1, f"tiny {arch} model -> {workdir / 'bf16'}")
     if not (workdir / "bf16" / "config.json").is_file():
@@ -60,13 +54,10 @@ def prepare(workdir: Path, arch: str) -> Path:
     convert(ConvertOptions(model_path=str(workdir / "bf16"), output_dir=str(workdir / "converted"), method="rtn",
                            overwrite=True, progress=False))
     say(f"      done in {time.time() - t:.1f}s")
-    import yaml
-
-    kind = "moe" if "moe" in arch else "dense"
-    doc = {"mixed_precision": {"sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"}, "default": "fp16",
-                               "rules": MIX_RULES[kind]}}
     config = workdir / "converted" / "mix.yaml"
-    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router) 16-bit.
+    mlp = "fp16" if "moe" in arch else "int4"
+    config.write_text(mixed_config_yaml(attention="fp8", mlp=mlp, experts="int4", sources=FORMATS))
     return config
 
 
@@ -107,13 +98,12 @@ def serve(config: Path, workdir: Path, args) -> int:
     return 0
 
 
-def run_reference(config: Path, args, why: str) -> int:
-    from ..reference import generate_reference, plan_from_config
+def run_reference(config: Path, plan, args, why: str) -> int:
+    from ..reference import generate_reference
 
     say(f"      serving with SGLang is not possible here: {why}")
     say("      generating through the reference path instead (transformers; every layer's weights from its source,"
         " fp8/int4 dequantized, fp8 activations quantized as the W8A8 kernels do)")
-    plan = plan_from_config(config)
     for out in generate_reference(plan, PROMPTS, args.max_new_tokens, simulate_w8a8=True):
         say(f"      {out.prompt!r} -> {out.text!r}")
     say("\nTo serve this mix with SGLang's kernels you need an NVIDIA GPU (SM80+, e.g. A100/H100) and sglang==0.5.17:\n"
@@ -123,8 +113,7 @@ def run_reference(config: Path, args, why: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..plan import build_plan
+    from ..reference import plan_from_config
     from ..report import format_tables
 
     started = time.time()
@@ -132,12 +121,12 @@ def run(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     config = prepare(workdir, args.arch)
     step(3, f"mix {config}: attention fp8, {'experts' if 'moe' in args.arch else 'MLP'} int4, the rest bf16")
-    plan = build_plan(load_config(config), tp_size=1)
+    plan = plan_from_config(config)
     say(format_tables(plan))
     (workdir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1, default=str))
     step(4, "serving")
     why = "--cpu was given" if args.cpu else gpu_ready()
-    rc = run_reference(config, args, why) if why else serve(config, workdir, args)
+    rc = run_reference(config, plan, args, why) if why else serve(config, workdir, args)
     say(f"\ndemo finished in {time.time() - started:.0f}s")
     return rc
 
