@@ -46,24 +46,24 @@ def test_missing_config_json(moe_sources, tmp_path):
     assert "config.json" in str(e) and "'fp8'" in str(e)
 
 
-def int4_without(sources, tmp_path, shard: str):
-    """The int4 source linked file by file into tmp_path/int4, except `shard`."""
-    broken = tmp_path / "int4"
-    broken.mkdir()
-    for f in sources["int4"].iterdir():
-        if f.name != shard:
-            (broken / f.name).symlink_to(f)
-    return broken
+def linked_without(sources, label: str, tmp_path, name: str):
+    """Source `label` linked file by file into tmp_path/label, except the file `name`."""
+    copy = tmp_path / label
+    copy.mkdir()
+    for f in sources[label].iterdir():
+        if f.name != name:
+            (copy / f.name).symlink_to(f)
+    return copy
 
 
 def test_missing_shard_file(moe_sources, tmp_path):
-    broken = int4_without(moe_sources, tmp_path, "model-00002-of-00002.safetensors")
+    broken = linked_without(moe_sources, "int4", tmp_path, "model-00002-of-00002.safetensors")
     e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "int4": broken})), "missing_file")
     assert "model-00002-of-00002.safetensors" in str(e) and "model.safetensors.index.json" in str(e)
 
 
 def test_truncated_safetensors(moe_sources, tmp_path):
-    broken = int4_without(moe_sources, tmp_path, "model-00001-of-00002.safetensors")
+    broken = linked_without(moe_sources, "int4", tmp_path, "model-00001-of-00002.safetensors")
     data = (moe_sources["int4"] / "model-00001-of-00002.safetensors").read_bytes()
     (broken / "model-00001-of-00002.safetensors").write_bytes(data[:-4096])
     e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "int4": broken})), "corrupt_safetensors")
@@ -178,11 +178,7 @@ def test_independent_errors_are_reported_together(moe_sources, tmp_path):
 
 
 def test_corrupt_config_json(moe_sources, tmp_path):
-    broken = tmp_path / "fp8"
-    broken.mkdir()
-    for f in moe_sources["fp8"].iterdir():
-        if f.name != "config.json":
-            (broken / f.name).symlink_to(f)
+    broken = linked_without(moe_sources, "fp8", tmp_path, "config.json")
     (broken / "config.json").write_text("{not json")
     e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": broken})), "corrupt_config")
     assert str(broken / "config.json") in str(e)
@@ -201,11 +197,7 @@ def test_skeleton_alias_without_an_unquantized_source(moe_sources):
 
 
 def test_config_json_without_model_dimensions(moe_sources, tmp_path):
-    broken = tmp_path / "fp16"
-    broken.mkdir()
-    for f in moe_sources["fp16"].iterdir():
-        if f.name != "config.json":
-            (broken / f.name).symlink_to(f)
+    broken = linked_without(moe_sources, "fp16", tmp_path, "config.json")
     cfg = json.loads((moe_sources["fp16"] / "config.json").read_text())
     del cfg["hidden_size"]
     (broken / "config.json").write_text(json.dumps(cfg))
