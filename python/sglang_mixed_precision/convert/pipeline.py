@@ -2,10 +2,12 @@
 
 Each unit (the non-layer tensors, then decoder layer 0, 1, ...) is read once from the input
 shards, quantized for every requested output and streamed into that output's shards; only the
-unit in flight is held in memory. Peak RAM above the interpreter + libraries is about
-    2 x the largest unit's 16-bit bytes + 48 bytes x the largest tensor's elements
-    (+ for gptq: 24 bytes x K_max^2 for Hessians / inverse Cholesky, + the calibration activations)
-independent of the number of layers (measured by bench/convert_memory.py).
+unit in flight is held in memory. Peak RAM above the interpreter + libraries is bounded by
+    fp8 / rtn: 2 x the largest unit's 16-bit bytes + 48 bytes x the largest tensor's elements
+    gptq:      4 x the largest unit + 64 bytes x the largest tensor's elements
+               + 24 bytes x K_max^2 (Hessians / inverse Cholesky)
+    + 64 MiB slack (allocator, writer buffer, headers of the tensors written)
+which does not depend on the number of layers (bench/convert_memory.py measures it).
 """
 
 from __future__ import annotations
