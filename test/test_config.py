@@ -168,6 +168,7 @@ def test_missing_config_file(tmp_path):
     with pytest.raises(MixedPrecisionError) as e:
         load_config(tmp_path / "nope.yaml")
     assert e.value.code == "missing_file" and "nope.yaml" in str(e.value)
+    assert "`--mixed-precision-config`" in e.value.fix  # the launcher's flag, not only sglang-mp's
 
 
 def test_config_file_that_is_not_utf8(tmp_path):

@@ -169,7 +169,7 @@ def _bad_pattern(pattern: str, origin: str, why: str) -> MixedPrecisionError:
 # ---- YAML -> MixedConfig ------------------------------------------------------------------------
 def load_config(path: str | Path) -> MixedConfig:
     path = Path(path)
-    text = read_config_text(path, missing_fix="pass the path of your mixed-precision YAML with --config")
+    text = read_config_text(path, missing_fix="pass the path of your mixed-precision YAML (`--config`, or the launcher's `--mixed-precision-config`)")
     return parse_config(text, path)
 
 
