@@ -408,6 +408,16 @@ def test_active_mix_comes_from_the_plan_directory(tmp_path, mix):
     assert e.value.code == "not_mixed_precision"
 
 
+def test_active_mix_whose_yaml_is_gone_is_a_missing_file(tmp_path):
+    gone = tmp_path / "gone.yaml"
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mixed_precision",
+                                                                             "config_path": str(gone)}}))
+    with pytest.raises(MixedPrecisionError) as e:
+        rt.active_mix_from_model_path(tmp_path, 1)
+    assert e.value.code == "missing_file" and f"config file {gone} does not exist" in str(e.value)
+    assert "sglang-mp plandir" in e.value.fix
+
+
 def test_worker_hooks_register_once():
     from sglang.srt.plugins.hook_registry import HookRegistry
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config import read_config_text
 from ..errors import MixedPrecisionError, PlanErrors
 from ..reload import (
     ReloadPlan,
@@ -442,7 +443,9 @@ def active_mix_from_model_path(model_path: str | os.PathLike, tp_size: int) -> A
                                   fix="start the server with launch_mixed_precision_server.py --enable-mixed-precision "
                                       "or serve a plan directory (`sglang-mp plandir`)")
     path = Path(qc["config_path"])
-    return ActiveMix(path.read_text(encoding="utf-8"), path, tp_size, qc.get("skeleton"))
+    text = read_config_text(path, missing_fix="restore the YAML the plan directory names, or rewrite the plan "
+                                              "directory (`sglang-mp plandir`) and restart the server")
+    return ActiveMix(text, path, tp_size, qc.get("skeleton"))
 
 
 class Backend:
