@@ -170,3 +170,20 @@ def test_layer_missing_from_plan_is_refused(tiny_qwen3, tmp_path, sglang_cpu):
     layer = RowParallelLinear(1024, 512, bias=False, quant_config=config, prefix="model.layers.1.mlp.down_proj")
     assert type(layer.quant_method).__name__ == "Fp8LinearMethod"
     assert layer.weight.dtype.is_floating_point and layer.weight.element_size() == 1
+
+
+def test_plan_summary_counts_groups_drawn_from_two_sources_of_one_scheme(tiny_qwen3, tmp_path):
+    from sglang_mixed_precision.config import parse_config
+    from sglang_mixed_precision.plan import build_plan
+    from sglang_mixed_precision.serving.quant_config import plan_summary
+
+    (tmp_path / "alt").symlink_to(tiny_qwen3, target_is_directory=True)  # a second 16-bit source
+    plan = build_plan(parse_config(f"mixed_precision:\n  sources: {{fp16: {tiny_qwen3}, alt: {tmp_path / 'alt'}}}\n"
+                                   "  default: fp16\n  weight_mapping:\n    model.layers.0.self_attn.q_proj: alt\n"))
+    qkv = plan.groups["model.layers.0.self_attn.qkv_proj"]
+    assert qkv.label == "alt+fp16"
+    line = plan_summary(plan)
+    mib = sum(plan.modules[m].nbytes for m in qkv.members) / 2**20
+    assert f"alt+fp16=bf16: 1 layers, {mib:.1f} MiB" in line
+    assert sum(float(part.split(", ")[1].split()[0]) for part in line.split(": ", 1)[1].split("; ")) == pytest.approx(
+        sum(m.nbytes for m in plan.modules.values()) / 2**20, abs=0.05 * len(plan.groups))

@@ -237,13 +237,10 @@ class MixedPrecisionConfig(QuantizationConfig):
 def plan_summary(plan, settings: PlanSettings | None = None) -> str:
     """One log line per scheme: how many SGLang layers and bytes each source provides."""
     rows: dict[tuple[str, str], list[int]] = {}
-    for group in plan.groups.values():
+    for group in plan.groups.values():  # every module belongs to one group; "a+b" groups included
         row = rows.setdefault((group.label, group.scheme.label()), [0, 0])
         row[0] += 1
-    for module in plan.modules.values():
-        key = (module.label, module.scheme.label())
-        if key in rows:
-            rows[key][1] += module.nbytes
+        row[1] += sum(plan.modules[m].nbytes for m in group.members)
     parts = [f"{label}={scheme}: {n} layers, {b / 2**20:.1f} MiB" for (label, scheme), (n, b) in sorted(rows.items())]
     head = f"mixed_precision plan (tp={plan.tp_size}" + (f", {settings.config_path}, int4 MoE: {settings.int4_moe_kernel})" if settings else ")")
     return head + ": " + "; ".join(parts)
