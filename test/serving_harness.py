@@ -125,9 +125,22 @@ def load_model(config, *, load_format: str = "auto", postprocess: bool = True):
 
     # Looked up now, after apply_hooks(): the plugin's hook replaced the module attribute.
     loader = loader_module.get_model_loader(load_config=LoadConfig(load_format=load_format), model_config=config)
-    with contextlib.nullcontext() if postprocess else without_postprocess():
+    with contextlib.nullcontext() if postprocess else without_postprocess(), keep_default_dtype():
         model = loader.load_model(model_config=config, device_config=DeviceConfig("cpu", 0))
     return model, loader
+
+
+@contextlib.contextmanager
+def keep_default_dtype():
+    """SGLang's set_default_torch_dtype does not restore the dtype when loading raises (the audit
+    tests make it raise): without this, later tests in the session would create bf16 tensors."""
+    import torch
+
+    dtype = torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
 
 
 def methods_by_prefix(model) -> dict[str, str]:
