@@ -147,6 +147,11 @@ def markdown(result: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+def margin(row: dict) -> str:
+    gap = row["bound_mb"] - row["peak_mb"]
+    return f"{gap:.1f} MiB under the bound" if gap >= 0 else f"{-gap:.1f} MiB OVER the bound"
+
+
 def growth(rows: list[dict]) -> str:
     """How much the peak grows from the smallest to the largest model, per method."""
     parts = []
@@ -157,7 +162,7 @@ def growth(rows: list[dict]) -> str:
             continue
         parts.append(f"{method}: +{large['peak_mb'] - small['peak_mb']:.0f} MiB from {small['layers']} to {large['layers']} layers "
                      f"({100 * (large['peak_mb'] - small['peak_mb']) / large['model_mb']:.1f}% of the large model's weights; "
-                     f"{large['bound_mb'] - large['peak_mb']:.1f} MiB under the bound)")
+                     f"{margin(large)})")
     return "Peak growth with the model: " + "; ".join(parts) + "." if parts else ""
 
 
