@@ -7,7 +7,8 @@ unit in flight is held in memory. Peak RAM above the interpreter + libraries is 
     gptq:      4 x the largest unit + 64 bytes x the largest tensor's elements
                + 24 bytes x K_max^2 (Hessians / inverse Cholesky)
     + 64 MiB slack (allocator, writer buffer, headers of the tensors written)
-which does not depend on the number of layers (bench/convert_memory.py measures it).
+which does not depend on the number of layers (bench/convert_memory.py measures it; its last
+fp8 + gptq run on a 600-layer model was 6 MiB, 0.7%, over this bound: see its results).
 """
 
 from __future__ import annotations
