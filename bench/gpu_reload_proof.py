@@ -56,7 +56,7 @@ CPU_CHECK_NEW = 2  # reference tokens per prompt in --cpu-check
 # Radix cache off: a prompt served from cached KV takes another numeric path than a fresh prefill,
 # which could change near-tied greedy tokens between the A/B classification and the stream.
 SERVER_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--mem-fraction-static", "0.5",
-                "--dtype", "bfloat16", "--disable-radix-cache", "--log-level", "info"]
+                "--max-total-tokens", "32768", "--dtype", "bfloat16", "--disable-radix-cache", "--log-level", "info"]
 MLP_LAYERS = 4  # 2 decoder layers x (gate_up_proj, down_proj)
 
 

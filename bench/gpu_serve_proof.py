@@ -46,8 +46,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -70,8 +72,11 @@ PROMPTS = [
     "In the beginning the universe was created. This has made a lot of people",
     "def fibonacci(n):",
 ]
+# KV cache capped: SGLang sizes it from the memory free when the server measures, so servers that
+# start side by side (--parallel) must not take big pools while another one is measuring.
 SERVER_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--disable-cuda-graph",
-                "--mem-fraction-static", "0.5", "--dtype", "bfloat16", "--log-level", "info"]
+                "--mem-fraction-static", "0.5", "--max-total-tokens", "32768", "--dtype", "bfloat16", "--log-level", "info"]
+REFERENCE_LOCK = threading.Lock()  # transformers sets torch's process-wide default dtype while it builds a model
 MEMORY_TOLERANCE = 0.02
 
 
@@ -269,7 +274,7 @@ def query_endpoints(base: str, res: Result, args) -> list[dict]:
                             timeout=args.step_timeout)
     content = chat["choices"][0]["message"]["content"] if chat.get("choices") else None
     res.endpoints["/v1/chat/completions"] = "ok" if content is not None else "empty"
-    res.samples = [{"prompt": o["prompt"], "text": o["text"]} for o in outputs] + [{"chat": content}]
+    res.samples = [{"prompt": o["prompt"], "text": o["text"], "output_ids": o["output_ids"]} for o in outputs] + [{"chat": content}]
     return outputs
 
 
@@ -289,7 +294,7 @@ import json, sys
 import sglang as sgl
 plan_dir, prompts, request = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 engine = sgl.Engine(model_path=plan_dir, attention_backend="triton", sampling_backend="pytorch", disable_cuda_graph=True,
-                    mem_fraction_static=0.5, dtype="bfloat16")
+                    mem_fraction_static=0.5, max_total_tokens=32768, dtype="bfloat16")
 try:
     replies = [engine.generate(input_ids=ids, **request) for ids in prompts]
     print("ENGINE_OUTPUT " + json.dumps([[int(t) for _, t, *_ in r["meta_info"]["output_token_logprobs"]] for r in replies]))
@@ -344,7 +349,8 @@ def compare_with_reference(config: Path, outputs: list[dict], res: Result, args)
     from sglang_mixed_precision.reference import greedy, logprob_deviation, logprob_tolerance, plan_from_config, reference_pair
 
     plan = plan_from_config(config, tp_size=args.tp_size)
-    pair = reference_pair(plan, device="cuda")
+    with REFERENCE_LOCK:
+        pair = reference_pair(plan, device="cuda")
     dev, noise = logprob_deviation(pair, map(scored_sequence, outputs))
     same16, same32, matches, total = True, True, 0, 0
     for o in outputs:
@@ -453,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                     "`python -m sglang.launch_server` (also with --load-format dummy) and by sglang.Engine")
     ap.add_argument("--cpu-check", action="store_true", help="everything up to starting SGLang, on CPU (see cpu_check)")
     ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang flag (repeat; e.g. --sglang-arg=--skip-server-warmup)")
+    ap.add_argument("--parallel", type=int, default=1, help="mixes served side by side on the GPU (server starts are mostly CPU)")
     args = ap.parse_args(argv)
     args.entrypoints = [m.strip() for m in args.entrypoints.split(",") if m.strip()]
     started = time.time()
@@ -466,12 +473,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(a, m) for a in ARCHS for m in MIXES if not wanted or any(w in f"{a}/{m}" for w in wanted)]
     converted = prepare_models(Path(args.workdir), sorted({a for a, _ in runs}))
     results = []
-    for arch, mix in runs:
-        results.append((cpu_check if args.cpu_check else run_mix)(arch, mix, converted[arch], args, out))
-        r = results[-1]
-        log(f"{r.name}: {'PASS' if r.ok else 'FAIL'} dlogprob {r.max_abs_dlogprob} (tol {r.tolerance}), weights {r.weight_vs_plan}")
-        seconds = time.time() - started
-        write_results(out, env, results, seconds)  # after every mix: a run cut short keeps what it measured
+    # cpu-check builds references outside REFERENCE_LOCK: one at a time
+    with ThreadPoolExecutor(max_workers=1 if args.cpu_check else max(1, args.parallel)) as pool:
+        step = cpu_check if args.cpu_check else run_mix
+        futures = [pool.submit(step, arch, mix, converted[arch], args, out) for arch, mix in runs]
+        for future in futures:
+            results.append(future.result())
+            r = results[-1]
+            log(f"{r.name}: {'PASS' if r.ok else 'FAIL'} dlogprob {r.max_abs_dlogprob} (tol {r.tolerance}), weights {r.weight_vs_plan}")
+            seconds = time.time() - started
+            write_results(out, env, results, seconds)  # after every mix: a run cut short keeps what it measured
     print("\n" + markdown(env, results, seconds))
     passed = sum(r.ok for r in results)
     print(f"SUMMARY: {passed}/{len(results)} mixes passed on {env['card']} in {seconds:.0f}s -> {out / 'results.md'}")
