@@ -27,13 +27,15 @@ deviation are written per mix.
 
 Usage (on the GPU machine, from the repository root, after ``source bench/gpu_setup.sh``, which
 unpacks SGLang and the JIT kernel cache and installs this package so SGLang's workers see the plugin):
-    python bench/gpu_serve_proof.py --out bench/results/gpu_serve_proof [--only qwen3_moe/attn-fp8+experts-int4,all-bf16]
+    python bench/gpu_serve_proof.py --out DIR [--only qwen3_moe/attn-fp8+experts-int4,all-bf16] [--parallel 6]
     python bench/gpu_serve_proof.py --out DIR --only qwen3_moe/attn-fp8+experts-int4 --entrypoints attn-fp8+experts-int4
 --cpu-check runs everything up to starting SGLang on CPU (models, conversions, plans, the launcher's
 validation and plan directory, SGLang's parser on every command, reference tokens bf16 vs fp32).
 --entrypoints also serves those mixes' plan directories with plain ``python -m sglang.launch_server``
 (greedy tokens must equal the launcher's), with ``--load-format dummy`` (must answer) and with
 ``sglang.Engine`` (tokens must equal the launcher's): three more server starts per mix.
+--parallel N serves N mixes side by side on the GPU (a server start is mostly CPU work: all 12 mixes
+took 413 s with 6 on an H100); each server gets its own ports and a capped KV cache.
 
 Results: OUT/results.json and OUT/results.md (the card named), server logs in OUT/logs/. The
 summary is printed last.
@@ -77,6 +79,7 @@ PROMPTS = [
 SERVER_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--disable-cuda-graph",
                 "--mem-fraction-static", "0.5", "--max-total-tokens", "32768", "--dtype", "bfloat16", "--log-level", "info"]
 REFERENCE_LOCK = threading.Lock()  # transformers sets torch's process-wide default dtype while it builds a model
+PORTS_LOCK, PORTS_GIVEN = threading.Lock(), set()
 MEMORY_TOLERANCE = 0.02
 
 
@@ -173,12 +176,26 @@ def write_mix(converted: Path, mix: str) -> Path:
 
 
 # ---- one mix ----------------------------------------------------------------------------------
+def fresh_port() -> int:
+    """A free port no other server of this run was given. Every server also gets its own
+    --nccl-port: SGLang's own pick (bind port 0, close) raced between servers starting side by
+    side (EADDRINUSE at torch.distributed init in the H100 run of --parallel 6)."""
+    from sglang_mixed_precision.serving import client
+
+    with PORTS_LOCK:
+        port = client.free_port()
+        while port in PORTS_GIVEN:
+            port = client.free_port()
+        PORTS_GIVEN.add(port)
+        return port
+
+
 def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
     from sglang_mixed_precision.serving import client
 
     res = Result(f"{arch}/{mix}", arch, mix)
     config = write_mix(converted, mix)
-    port = client.free_port()
+    port = fresh_port()
     base = f"http://127.0.0.1:{port}"
     log_path = out / "logs" / f"{arch}__{mix}.log"
     plan_dir = out / "plans" / arch / mix
@@ -207,7 +224,7 @@ def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
 
 def launcher_argv(config: Path, converted: Path, plan_dir: Path, port: int, args) -> list[str]:
     return ["--enable-mixed-precision", "--mixed-precision-config", str(config), "--model-path", str(converted / "fp16"),
-            "--host", "127.0.0.1", "--port", str(port), "--plan-dir", str(plan_dir), "--tp-size", str(args.tp_size),
+            "--host", "127.0.0.1", "--port", str(port), "--nccl-port", str(fresh_port()), "--plan-dir", str(plan_dir), "--tp-size", str(args.tp_size),
             "--dp-size", str(args.dp_size), *SERVER_FLAGS, *args.sglang_arg]
 
 
@@ -292,8 +309,8 @@ def output_ids(reply: dict) -> list[int]:
 ENGINE_SCRIPT = r"""
 import json, sys
 import sglang as sgl
-plan_dir, prompts, request = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-engine = sgl.Engine(model_path=plan_dir, attention_backend="triton", sampling_backend="pytorch", disable_cuda_graph=True,
+plan_dir, prompts, request, nccl_port = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+engine = sgl.Engine(model_path=plan_dir, nccl_port=nccl_port, attention_backend="triton", sampling_backend="pytorch", disable_cuda_graph=True,
                     mem_fraction_static=0.5, max_total_tokens=32768, dtype="bfloat16")
 try:
     replies = [engine.generate(input_ids=ids, **request) for ids in prompts]
@@ -313,7 +330,8 @@ def check_entrypoints(res: Result, plan_dir: Path, outputs: list[dict], args, ou
     dummy = serve_plan_dir(res, plan_dir, prompts, args, out, ["--load-format", "dummy"])
     res.checks["load_format_dummy_answers"] = dummy is not None and all(len(ids) == args.max_new_tokens for ids in dummy)
     log(f"{res.name}: sglang.Engine on the plan directory")
-    p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(plan_dir), json.dumps(prompts), json.dumps(greedy_request(args))],
+    p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(plan_dir), json.dumps(prompts), json.dumps(greedy_request(args)),
+                        str(fresh_port())],
                        capture_output=True, text=True, timeout=args.step_timeout)
     (out / "logs" / f"{res.arch}__{res.mix}__engine.log").write_text(p.stdout + p.stderr)
     line = [l for l in p.stdout.splitlines() if l.startswith("ENGINE_OUTPUT ")]
@@ -324,12 +342,12 @@ def serve_plan_dir(res: Result, plan_dir: Path, prompts: list[list[int]], args, 
     """Greedy output ids of `prompts` from stock ``sglang.launch_server`` on the plan directory; None if it fails."""
     from sglang_mixed_precision.serving import client
 
-    port = client.free_port()
+    port = fresh_port()
     base = f"http://127.0.0.1:{port}"
     tag = "dummy" if extra else "plain"
     log_path = out / "logs" / f"{res.arch}__{res.mix}__launch_server_{tag}.log"
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(plan_dir), "--host", "127.0.0.1",
-           "--port", str(port), *SERVER_FLAGS, *extra]
+           "--port", str(port), "--nccl-port", str(fresh_port()), *SERVER_FLAGS, *extra]
     log(f"{res.name}: {' '.join(cmd[1:])}")
     proc = client.start_server(cmd, log_path)
     try:
@@ -426,6 +444,7 @@ def markdown(env: dict, results: list[Result], seconds: float) -> str:
     ]
     for r in results:
         ends = "ok" if r.endpoints and all(v == "ok" for v in r.endpoints.values()) else (r.error or str(r.endpoints))[:60]
+        ends = ends.replace("\n", " ").replace("|", "/")  # one table row
         mem = f"{r.weight_bytes} / {r.plan_bytes} ({100 * r.weight_vs_plan:+.2f}%)" if r.weight_vs_plan is not None else "-"
         lines.append(f"| {r.arch} | {r.mix} | {'PASS' if r.ok else 'FAIL'} | {r.startup_s} | {ends} | "
                      f"{r.tokens_identical_bf16_ref} / {r.tokens_identical_fp32_ref} ({r.token_match_rate}) | "
