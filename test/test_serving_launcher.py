@@ -86,6 +86,25 @@ def test_plan_dir_as_model_path_needs_no_config_flag(tiny_qwen3, tmp_path):
     assert cmd[cmd.index("--model-path") + 1] == str((tmp_path / "again").resolve())
 
 
+def test_relaunch_from_a_plan_dir_keeps_its_skeleton_and_kernel(tiny_qwen3_moe, tmp_path):
+    import yaml
+
+    root = mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4").parent
+    cfg = root / "two_16bit_sources.yaml"  # "orig" gives the model only when --model-path names it
+    cfg.write_text(yaml.safe_dump({"mixed_precision": {
+        "sources": {"fp16": "./fp16", "orig": str(tiny_qwen3_moe), "int4": "./int4"}, "default": "fp16",
+        "rules": [{"match": "model.layers.*.mlp.experts.*", "source": "int4"}]}}))
+    first, again, other = tmp_path / "first", tmp_path / "again", tmp_path / "other"
+    launcher.sglang_command(["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--model-path", str(tiny_qwen3_moe),
+                             "--int4-moe-kernel", "marlin", "--plan-dir", str(first)], out=io.StringIO())
+    launcher.sglang_command(["--enable-mixed-precision", "--model-path", str(first), "--plan-dir", str(again)], out=io.StringIO())
+    qc = json.loads((again / "config.json").read_text())["quantization_config"]
+    assert (qc["skeleton"], qc["int4_moe_kernel"], qc["config_path"]) == ("orig", "marlin", str(cfg.resolve()))
+    launcher.sglang_command(["--enable-mixed-precision", "--model-path", str(first), "--int4-moe-kernel", "wna16",
+                             "--plan-dir", str(other)], out=io.StringIO())
+    assert json.loads((other / "config.json").read_text())["quantization_config"]["int4_moe_kernel"] == "wna16"
+
+
 def test_plan_dir_refuses_to_overwrite_a_model(tiny_qwen3):
     from sglang_mixed_precision.serving.plandir import make_plan_dir
 

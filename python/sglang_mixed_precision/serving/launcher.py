@@ -23,7 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import MixedPrecisionError
-from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
+from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS, PlanSettings
 from .client import stop_server
 
 SGLANG_SERVER = ("-m", "sglang.launch_server")
@@ -50,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve the mix of --mixed-precision-config; without it this is `python -m sglang.launch_server`")
     g.add_argument("--mixed-precision-config", metavar="YAML", help="the mixed-precision config")
     g.add_argument("--plan-dir", metavar="DIR", help="where to write the plan directory SGLang serves (default: a temp dir)")
-    g.add_argument("--int4-moe-kernel", choices=INT4_MOE_KERNELS, default=DEFAULT_INT4_MOE_KERNEL,
-                   help="int4 experts: Triton WNA16 (default; runs in bf16 models) or GPTQ-Marlin MoE (fp16 models only in SGLang 0.5.17)")
+    g.add_argument("--int4-moe-kernel", choices=INT4_MOE_KERNELS, default=None,
+                   help="int4 experts: Triton WNA16 (default; runs in bf16 models) or GPTQ-Marlin MoE (fp16 models only in "
+                        "SGLang 0.5.17); a plan directory given as --model-path keeps its own")
     g.add_argument("--print-command", action="store_true", help="validate, write the plan directory, print the SGLang command, exit")
     s = p.add_argument_group("SGLang server arguments the plan depends on")
     for dest, flag, aliases in SHARED_FLAGS:
@@ -96,23 +97,33 @@ def check_plugin_installed() -> None:
                                   fix="add mixed_precision to SGLANG_PLUGINS or unset it")
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None]:
-    """(YAML path, skeleton label or None): --model-path names the mix's model or a plan directory."""
+def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None, str]:
+    """(YAML path, skeleton label or None, int4 MoE kernel). --model-path names the mix's model or a
+    plan directory; a plan directory's saved skeleton and kernel are kept unless flags change them."""
     from .plandir import is_plan_dir
 
     model = Path(args.model_path).expanduser() if args.model_path else None
+    saved = plan_dir_settings(model) if model is not None and is_plan_dir(model) else None
     if args.mixed_precision_config:
         config = Path(args.mixed_precision_config).expanduser().resolve()
-    elif model is not None and is_plan_dir(model):
-        import json
-
-        config = Path(json.loads((model / "config.json").read_text())["quantization_config"]["config_path"])
+    elif saved is not None:
+        config = Path(saved.config_path)
     else:
         raise MixedPrecisionError("launch_no_config", "--enable-mixed-precision needs --mixed-precision-config",
                                   fix="pass --mixed-precision-config <yaml> (or --model-path <plan directory>)")
-    if model is None or is_plan_dir(model):
-        return config, None
-    return config, skeleton_label(config, model)
+    kernel = args.int4_moe_kernel or (saved.int4_moe_kernel if saved else DEFAULT_INT4_MOE_KERNEL)
+    if model is None:
+        return config, None, kernel
+    if saved is not None:  # its skeleton label belongs to its own YAML
+        return config, saved.skeleton if Path(saved.config_path).resolve() == config else None, kernel
+    return config, skeleton_label(config, model), kernel
+
+
+def plan_dir_settings(plan_dir: Path) -> PlanSettings:
+    import json
+
+    qc = json.loads((plan_dir / "config.json").read_text())["quantization_config"]
+    return PlanSettings.from_quantization_config(qc)
 
 
 def skeleton_label(config_path: Path, model: Path) -> str:
@@ -142,12 +153,12 @@ def prepare_mixed(args: argparse.Namespace, out=sys.stdout) -> Path:
     if (args.pp_size or 1) > 1:
         raise MixedPrecisionError("launch_pp_unsupported", "pipeline parallelism is not supported with a mixed-precision plan",
                                   fix="use --tp-size (and --dp-size) instead of --pp-size")
-    config, skeleton = resolve_config(args)
+    config, skeleton, kernel = resolve_config(args)
     tp = args.tp_size or 1
-    plan_dir = Path(args.plan_dir) if args.plan_dir else default_plan_dir(config, skeleton, tp, args.int4_moe_kernel)
-    plan, path = make_plan_dir(config, plan_dir, tp_size=tp, skeleton=skeleton, int4_moe_kernel=args.int4_moe_kernel)
+    plan_dir = Path(args.plan_dir) if args.plan_dir else default_plan_dir(config, skeleton, tp, kernel)
+    plan, path = make_plan_dir(config, plan_dir, tp_size=tp, skeleton=skeleton, int4_moe_kernel=kernel)
     print(format_tables(plan), file=out)
-    print(f"\nplan directory: {path} (tp_size {tp}, dp_size {args.dp_size or 1}; int4 MoE kernel {args.int4_moe_kernel})",
+    print(f"\nplan directory: {path} (tp_size {tp}, dp_size {args.dp_size or 1}; int4 MoE kernel {kernel})",
           file=out, flush=True)
     return path
 
