@@ -388,6 +388,36 @@ def test_a_second_reload_while_one_runs_is_busy(server, mix):
     assert body["error"]["message"] == "another reload is in progress"
 
 
+def test_reload_planning_leaves_the_event_loop_free(server, mix, monkeypatch):
+    import asyncio
+    import time
+
+    slow_plan = rt.plan_reload
+
+    def plan_reload(*a, **k):  # planning that takes a while, like reading a 235B mix's headers
+        time.sleep(0.5)
+        return slow_plan(*a, **k)
+
+    monkeypatch.setattr(rt, "plan_reload", plan_reload)
+
+    async def reload_while_ticking():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        status, _ = await server.runtime.reload({"config": mix.yaml(fp8=mix.fp8_b)})
+        ticker.cancel()
+        return status, ticks
+
+    status, ticks = asyncio.run(reload_while_ticking())
+    assert status == 200 and ticks >= 10  # blocking planning would leave the ticker at 0-1
+
+
 def test_a_malformed_restart_request_is_refused(tmp_path):
     marker = tmp_path / "restart.json"
     marker.write_text(json.dumps(["not", "a", "request"]))

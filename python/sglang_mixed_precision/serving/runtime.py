@@ -534,8 +534,10 @@ class MixedPrecisionRuntime:
                                       "serving": self.active.sha256}
 
     async def _reload(self, body: Any) -> tuple[int, dict]:
-        request = parse_reload_request(body, base_dir=self.active.config_path.parent)
-        reload_plan = plan_reload(self.active.active_plan(), request, self.active.skeleton)
+        # Off the event loop: planning reads every source's headers (about a second for a 235B mix),
+        # and the server's other requests must keep flowing meanwhile.
+        request = await asyncio.to_thread(parse_reload_request, body, base_dir=self.active.config_path.parent)
+        reload_plan = await asyncio.to_thread(plan_reload, self.active.active_plan(), request, self.active.skeleton)
         diff = reload_plan.diff.to_json()
         base = {"config_sha256": request.sha256, "diff": diff, "serving": self.active.sha256}
         if reload_plan.diff.rebuild:
