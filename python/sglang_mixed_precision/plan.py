@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from math import prod
 from pathlib import Path
@@ -134,8 +134,11 @@ class Plan:
         }
 
 
-def build_plan(config: MixedConfig, tp_size: int = 1) -> Plan:
-    """Resolve and validate; raises :class:`PlanErrors` listing every problem found."""
+def build_plan(config: MixedConfig, tp_size: int = 1, skeleton: str | None = None) -> Plan:
+    """Resolve and validate; raises :class:`PlanErrors` listing every problem found. ``skeleton``
+    (a source label) overrides the config's own: the serving launcher's --model-path names it."""
+    if skeleton:
+        config = replace(config, skeleton=skeleton)
     if not isinstance(tp_size, int) or tp_size < 1:
         raise MixedPrecisionError("bad_argument", f"tp_size must be a positive integer, got {tp_size!r}",
                                   fix="pass --tp-size 1, 2, 4 or 8")

@@ -225,10 +225,7 @@ def parse_reload_request(body: Any, *, base_dir: Path) -> ReloadRequest:
 
 def plan_of(text: str, anchor: Path, tp_size: int, skeleton: str | None = None) -> Plan:
     """Parse and plan a config text as if it were the file ``anchor`` (headers only)."""
-    config = parse_config(text, anchor)
-    if skeleton:  # as the serving glue does: the launcher's --model-path label wins
-        config.skeleton = skeleton
-    return build_plan(config, tp_size=tp_size)
+    return build_plan(parse_config(text, anchor), tp_size=tp_size, skeleton=skeleton)
 
 
 # ---- the reload plan ---------------------------------------------------------------------------------

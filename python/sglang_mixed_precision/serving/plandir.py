@@ -57,10 +57,7 @@ def make_plan_dir(config_path: str | Path, out_dir: str | Path, *, tp_size: int 
     from ..plan import build_plan
 
     config_path = Path(config_path).expanduser().resolve()
-    cfg = load_config(config_path)
-    if skeleton:
-        cfg.skeleton = skeleton
-    plan = build_plan(cfg, tp_size=tp_size)
+    plan = build_plan(load_config(config_path), tp_size=tp_size, skeleton=skeleton)
     settings = PlanSettings(str(config_path), tp_size, skeleton, int4_moe_kernel)
     return plan, write_plan_dir(plan, settings, out_dir)
 

@@ -45,10 +45,7 @@ def _cached_plan(config_path: str, mtime_ns: int, tp_size: int, skeleton: str | 
     from ..config import load_config
     from ..plan import build_plan
 
-    cfg = load_config(config_path)
-    if skeleton:
-        cfg.skeleton = skeleton
-    return build_plan(cfg, tp_size=tp_size)
+    return build_plan(load_config(config_path), tp_size=tp_size, skeleton=skeleton)
 
 
 def load_plan(settings: PlanSettings, tp_size: int | None = None):
