@@ -242,6 +242,8 @@ class GptqStats:
 class GptqInt4:
     """The int4 method of the pipeline: calibrated GPTQ, one layer at a time."""
 
+    carries_activations = True  # a finished layer is replayed on resume: the next one needs its outputs
+
     def __init__(self, model, opts, log=print):
         from transformers.activations import ACT2FN
 

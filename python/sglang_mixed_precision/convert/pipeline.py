@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MixedPrecisionError
+from .allocator import pin_mmap_threshold
 from .fp8_block import DEFAULT_BLOCK, quantize_fp8_block
 from .gptq_pack import GptqTensors, rtn_quantize
 from .model_dir import InputModel
@@ -127,6 +128,8 @@ def prepare_output_dir(opts: ConvertOptions, fingerprint: dict) -> Path:
 class RtnInt4:
     """Round-to-nearest symmetric int4: no calibration."""
 
+    carries_activations = False  # a finished unit can be skipped on resume without reading it
+
     def __init__(self, group_size: int):
         self.group_size = group_size
 
@@ -203,7 +206,7 @@ def run_units(model: InputModel, plan: ConversionPlan, opts: ConvertOptions, wri
         for unit in plan.units:
             bar.set_postfix_str(unit.label)
             done = _unit_done(unit, writers)
-            if done and (int4 is None or isinstance(int4, RtnInt4)):
+            if done and not (int4 and int4.carries_activations):
                 bar.update(_unit_bytes(model, unit))
                 continue
             tensors = {n: model.read(n) for n in unit.tensors}
@@ -246,6 +249,9 @@ def convert(opts: ConvertOptions) -> ConversionReport:
                       fp8_block=DEFAULT_BLOCK)
     fingerprint = opts.fingerprint(model)
     out = prepare_output_dir(opts, fingerprint)
+    if not pin_mmap_threshold():
+        _log("convert: note: this C library's malloc cannot be told to return freed tensors to the OS "
+             "(no glibc mallopt); peak memory can exceed the stated bound by what it keeps")
     _log(f"convert: {model.architecture} {model.total_bytes / 2**20:.1f} MiB in {len(model.files)} shard(s), "
          f"{len(plan.quantized)} linear modules to quantize, {len(plan.units)} units -> {out}")
     if plan.skipped_groups:
