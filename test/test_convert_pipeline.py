@@ -375,3 +375,127 @@ def test_resume_after_interruption_keeps_finished_shards(tiny_qwen3_moe, tmp_pat
         assert not list((out / fmt).glob("*.body"))
     state = json.loads((out / "int4" / ".convert_state.json").read_text())
     assert state["complete"]
+
+
+# -- error paths of the converter's plan and calibration ----------------------------------------
+def test_tensors_the_converter_cannot_quantize_are_named_before_writing(tiny_qwen3, tmp_path):
+    """A 3-D linear weight and a fused 3-D expert tensor: both reported at once, nothing written."""
+    from ckpt_writers import rewrite_checkpoint
+
+    def edit(state):
+        state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"].view(4, 128, 1024)
+        state["model.layers.1.mlp.experts.gate_up_proj"] = torch.zeros(2, 8, 4, dtype=torch.bfloat16)
+
+    m = rewrite_checkpoint(tiny_qwen3, tmp_path / "m", edit)
+    with pytest.raises(PlanErrors) as e:
+        convert(opts(m, tmp_path / "o"))
+    assert e.value.codes == ["unsupported_tensor", "unsupported_tensor"]
+    by_detail = {x.detail: x for x in e.value.errors}
+    linear = by_detail["model.layers.0.mlp.down_proj.weight is a 3-D linear weight [4, 128, 1024]"]
+    assert linear.where == f"{m / 'model.safetensors'}:model.layers.0.mlp.down_proj.weight"
+    assert "one 2-D weight per expert/projection" in linear.fix
+    fused = by_detail["model.layers.1.mlp.experts.gate_up_proj: fused expert tensor the converter does not know how to split"]
+    assert fused.where.endswith("model.safetensors:model.layers.1.mlp.experts.gate_up_proj")
+    assert "per-expert gate_proj/up_proj/down_proj" in fused.fix
+    assert not (tmp_path / "o").exists()
+
+
+def _without_tokenizer(src: Path, dst: Path) -> Path:
+    """``src`` linked file by file into ``dst``, minus its tokenizer files."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if not f.name.startswith("tokenizer") and f.name != "chat_template.jinja":
+            (dst / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.mark.parametrize("damage,says", [
+    # transformers builds an empty tokenizer for a directory without tokenizer files: that must not read as
+    # "calibration text too short"
+    ("missing", "turns the calibration text into no tokens: the model directory has no usable tokenizer files"),
+    ("corrupt", "cannot load the model's tokenizer: Expecting value"),
+], ids=["missing", "corrupt"])
+def test_gptq_without_a_usable_tokenizer(tiny_qwen3, tmp_path, damage, says):
+    m = _without_tokenizer(tiny_qwen3, tmp_path / "m")
+    if damage == "corrupt":
+        (m / "tokenizer_config.json").symlink_to(tiny_qwen3 / "tokenizer_config.json")
+        (m / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(MixedPrecisionError) as e:
+        convert(opts(m, tmp_path / "o", method="gptq", formats=("int4",)))
+    assert e.value.code == "no_tokenizer" and says in e.value.detail
+    assert e.value.where == str(m)
+    assert e.value.fix == "add the tokenizer files to the model directory, or use --method rtn"
+
+
+def _layer0(model_dir: Path) -> dict[str, torch.Tensor]:
+    from ckpt_writers import load_state
+
+    return {k: v for k, v in load_state(model_dir).items() if k.startswith("model.layers.0.")}
+
+
+def test_calibration_refuses_a_tensor_its_transformers_layer_has_no_place_for(tiny_qwen3):
+    """A q_proj bias in a model whose config says attention_bias: false."""
+    from sglang_mixed_precision.convert.calibration import LayerFactory
+
+    tensors = _layer0(tiny_qwen3)
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(512, dtype=torch.bfloat16)
+    with pytest.raises(MixedPrecisionError) as e:
+        LayerFactory(tiny_qwen3).build(0, tensors, "model.layers.0.")
+    assert e.value.code == "unsupported_architecture"
+    assert e.value.detail == "tensor model.layers.0.self_attn.q_proj.bias has no place in Qwen3DecoderLayer"
+    assert e.value.where == "model.layers.0.self_attn.q_proj.bias" and "--method rtn" in e.value.fix
+
+
+def test_calibration_names_layer_tensors_missing_from_the_checkpoint(tiny_qwen3):
+    from sglang_mixed_precision.convert.calibration import LayerFactory
+
+    tensors = _layer0(tiny_qwen3)
+    del tensors["model.layers.0.self_attn.q_norm.weight"]
+    with pytest.raises(MixedPrecisionError) as e:
+        LayerFactory(tiny_qwen3).build(0, tensors, "model.layers.0.")
+    assert e.value.code == "unsupported_architecture"
+    assert e.value.detail == "layer tensors missing from the checkpoint: ['self_attn.q_norm.weight']"
+    assert e.value.where == "model.layers.0." and "--method rtn" in e.value.fix
+
+
+def test_calibration_needs_transformers_layer_classes():
+    """Guard for a transformers module without the classes calibration builds (no supported architecture lacks them)."""
+    import types
+
+    from sglang_mixed_precision.convert.calibration import LayerFactory
+
+    module = types.ModuleType("transformers.models.fancy.modeling_fancy")
+    module.FancyRotaryEmbedding = type("FancyRotaryEmbedding", (), {})
+    with pytest.raises(MixedPrecisionError) as e:
+        LayerFactory._find(module, "DecoderLayer")
+    assert e.value.code == "unsupported_architecture"
+    assert e.value.detail == "transformers.models.fancy.modeling_fancy has no *DecoderLayer class"
+    assert "--method rtn" in e.value.fix
+    assert LayerFactory._find(module, "RotaryEmbedding") is module.FancyRotaryEmbedding
+
+
+def test_calibration_model_structure_errors(tmp_path):
+    """No embedding outside the layers; a linear with no known data-flow stage; experts without a router."""
+    from types import SimpleNamespace
+
+    from sglang_mixed_precision.convert.calibration import GptqInt4
+
+    g = GptqInt4.__new__(GptqInt4)  # the steps below read no calibration data
+    g.model = SimpleNamespace(path=tmp_path / "m")
+    with pytest.raises(MixedPrecisionError) as e:
+        g._embed({"model.norm.weight": torch.ones(4), "lm_head.weight": torch.ones(8, 4)})
+    assert e.value.code == "unsupported_architecture" and e.value.detail == "no token embedding found outside the layers"
+    assert e.value.where == str(tmp_path / "m") and "--method rtn" in e.value.fix
+
+    with pytest.raises(MixedPrecisionError) as e:
+        GptqInt4._stages(["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.c_fc"])
+    assert e.value.code == "unsupported_architecture" and e.value.detail == "no calibration order known for model.layers.0.mlp.c_fc"
+    assert e.value.where == "model.layers.0.mlp.c_fc" and "--skip" in e.value.fix
+
+    # a shared-expert gate is a router by name but not the experts' router
+    tensors = {"model.layers.0.mlp.shared_expert_gate.weight": torch.ones(1, 4),
+               "model.layers.0.mlp.experts.0.gate_proj.weight": torch.ones(8, 4)}
+    with pytest.raises(MixedPrecisionError) as e:
+        g._router_weight(tensors, "model.layers.0.mlp")
+    assert e.value.code == "unsupported_architecture" and e.value.detail == "no router weight found in model.layers.0.mlp"
+    assert e.value.where == "model.layers.0.mlp" and "--method rtn" in e.value.fix

@@ -460,3 +460,34 @@ def test_worker_hooks_register_once():
     finally:
         HookRegistry._hooks.clear()
         HookRegistry._hooks.update(saved)
+
+
+SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"  # F32 [4, 8]: one per 128x128 block of [512, 1024]
+
+
+@pytest.mark.parametrize("change, says, fix", [
+    ("drop", "cannot be read (SafetensorError: ", "the file is damaged; download or convert it again"),
+    ("dtype", "is torch.float64, the plan read F32 from its header", "the file changed after planning; send the reload again"),
+    ("shape", "has shape [4, 4], the plan expects [4, 8]", "the file changed after planning; send the reload again"),
+], ids=["drop", "dtype", "shape"])
+def test_stage_refuses_a_tensor_rewritten_after_planning(mix, change, says, fix):
+    """The file is whole (its header parses) but the tensor is gone / another dtype / another shape."""
+    from ckpt_writers import load_state
+    from safetensors.torch import save_file
+
+    source = corrupt_copy(mix, f"fp8_rewritten_{change}", lambda s: None)
+    _, reload_plan = fp8_mlp_request(mix, source)  # planned from the original header
+    state = load_state(source)
+    assert tuple(state[SCALE].shape) == (4, 8)
+    if change == "drop":
+        del state[SCALE]
+    elif change == "dtype":
+        state[SCALE] = state[SCALE].double()
+    else:
+        state[SCALE] = state[SCALE][:, :4].contiguous()
+    save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MixedPrecisionError) as e:
+        rt.stage_tensors(reload_plan)
+    assert e.value.code == "reload_bad_tensor"
+    assert e.value.detail.startswith(f"tensor {SCALE} (source 'fp8'): {says}"), e.value.detail
+    assert e.value.where == str(source / "model.safetensors") and e.value.fix == fix

@@ -229,3 +229,22 @@ def test_supervisor_keeps_serving_when_the_new_config_is_refused(tmp_path):
     assert sup.run() == 0  # the first server ran to its end
     assert calls == ["a.yaml", "bad.yaml"]
     assert "the new config was refused, the server keeps running" in sup.out.getvalue()
+
+
+def test_plan_dir_refuses_sources_without_a_tokenizer(tiny_qwen3, tmp_path):
+    """SGLang serves the plan directory's tokenizer: no source has one -> refused, naming the skeleton."""
+    from sglang_mixed_precision.serving.plandir import make_plan_dir
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_qwen3.iterdir():
+        if not f.name.startswith("tokenizer"):
+            (bare / f.name).symlink_to(f)
+    cfg = tmp_path / "mix.yaml"
+    cfg.write_text(f"mixed_precision:\n  fp16_path: {bare}\n")
+    with pytest.raises(MixedPrecisionError) as e:
+        make_plan_dir(cfg, tmp_path / "plan")
+    assert e.value.code == "plan_dir_no_tokenizer" and e.value.detail == "no source holds tokenizer files"
+    assert e.value.where == str(bare)
+    assert e.value.fix == "copy the model's tokenizer files into its 16-bit directory"
+    assert not (tmp_path / "plan").exists()  # refused before anything was written

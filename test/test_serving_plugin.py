@@ -187,3 +187,34 @@ def test_plan_summary_counts_groups_drawn_from_two_sources_of_one_scheme(tiny_qw
     assert f"alt+fp16=bf16: 1 layers, {mib:.1f} MiB" in line
     assert sum(float(part.split(", ")[1].split()[0]) for part in line.split(": ", 1)[1].split("; ")) == pytest.approx(
         sum(m.nbytes for m in plan.modules.values()) / 2**20, abs=0.05 * len(plan.groups))
+
+
+def test_quantized_lm_head_is_refused_before_launch_and_by_the_serving_config(tiny_qwen3, tmp_path, sglang_cpu):
+    """SGLang has no quantized embedding method: the plan refuses a GPTQ lm_head before launch; the
+    serving config's own guard names the layer and its source."""
+    from ckpt_writers import rewrite_checkpoint, write_gptq_checkpoint
+
+    from sglang_mixed_precision.convert.gptq_pack import rtn_quantize
+    from sglang_mixed_precision.errors import PlanErrors
+    from sglang_mixed_precision.reference import plan_from_config
+    from sglang_mixed_precision.serving import quant_config as qc
+
+    def quantize_lm_head(state):
+        state.update(rtn_quantize(state.pop("lm_head.weight").float(), 128).as_dict("lm_head"))
+
+    plain_int4 = write_gptq_checkpoint(tiny_qwen3, tmp_path / "int4_plain", only=lambda m: False)
+    int4 = rewrite_checkpoint(plain_int4, tmp_path / "int4", quantize_lm_head)
+    cfg = tmp_path / "mix.yaml"
+    cfg.write_text(f"mixed_precision:\n  fp16_path: {tiny_qwen3}\n  int4_path: {int4}\n  weight_mapping:\n    lm_head: int4\n")
+    with pytest.raises(PlanErrors) as e:
+        plan_from_config(cfg)
+    (err,) = [x for x in e.value.errors if x.code == "quantized_vocab"]
+    assert err.detail == "lm_head is gptq-int4-g128 in source 'int4', but SGLang serves embeddings and lm_head only in 16 bits"
+    assert err.where.startswith("lm_head (decided by: weight_mapping")
+    assert err.fix == "map lm_head to a 16-bit source (official FP8 and GPTQ releases keep it 16-bit)"
+
+    with pytest.raises(MixedPrecisionError) as e2:  # the serving config's own guard
+        qc.expected_method_class("embedding", "gptq", where="lm_head (gptq-int4-g128 from source 'int4')")
+    assert e2.value.code == "unsupported_layer_scheme"
+    assert e2.value.detail == "SGLang has no gptq method for a embedding layer"
+    assert e2.value.where == "lm_head (gptq-int4-g128 from source 'int4')"

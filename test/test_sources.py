@@ -295,3 +295,37 @@ def test_old_quantize_config_json(tiny_qwen3, tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     (out / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "sym": True, "desc_act": False}))
     assert CheckpointSource("q", out).scheme.label() == "gptq-int4-g128"
+
+
+def _bin_with_pid(path, pid):
+    """A zip in torch.save's layout whose data.pkl is {"w": <persistent id ``pid``>}."""
+    import io
+    import pickle
+
+    class Storage:  # stands in for the tensor torch would pickle by persistent id
+        pass
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return pid if isinstance(obj, Storage) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"w": Storage()})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/data/0", b"\0" * 16)
+    return path
+
+
+@pytest.mark.parametrize("pid,needle", [
+    ("tensor0", "UnpicklingError: unexpected persistent id 'tensor0'"),
+    (("storage", "BFloat16Storage", "0", "cpu", 8), "UnpicklingError: unsupported storage type 'BFloat16Storage'"),
+])
+def test_torch_bin_bad_persistent_ids_name_the_file(tmp_path, pid, needle):
+    """A storage reference that is not torch's ('storage', torch.<X>Storage, key, location, numel)."""
+    path = _bin_with_pid(tmp_path / "pytorch_model.bin", pid)
+    with pytest.raises(MixedPrecisionError) as e:
+        read_bin_tensors(path)
+    assert e.value.code == "corrupt_checkpoint" and e.value.where == str(path)
+    assert e.value.detail == f"pytorch_model.bin is not a readable PyTorch state dict: {needle}"
+    assert "torch.save" in e.value.fix and "safetensors" in e.value.fix

@@ -420,9 +420,21 @@ class _Planner:
             labels = sorted({a.label for a in items})
             scheme = items[0].scheme
             groups[prefix] = GroupAssignment(prefix, "+".join(labels), scheme, [a.name for a in items], items[0].ref.role)
-            if scheme.quantized:
-                self._check_rank_shapes(groups[prefix], sorted({a.rule for a in items}))
+            rules = sorted({a.rule for a in items})
+            if scheme.quantized and groups[prefix].role in (Role.EMBEDDING, Role.LM_HEAD):
+                self._quantized_vocab(groups[prefix], rules)
+            elif scheme.quantized:
+                self._check_rank_shapes(groups[prefix], rules)
         return groups
+
+    def _quantized_vocab(self, group: GroupAssignment, rules: list[str]) -> None:
+        # SGLang builds embeddings and lm_head with no quantized method: it would fail at model
+        # construction, after the workers started.
+        self.problems.add(MixedPrecisionError(
+            "quantized_vocab", f"{group.prefix} is {group.scheme.label()} in source {group.label!r}, but SGLang serves "
+            "embeddings and lm_head only in 16 bits",
+            where=f"{group.prefix} (decided by: {'; '.join(rules)})",
+            fix=f"map {group.prefix} to a 16-bit source (official FP8 and GPTQ releases keep it 16-bit)"))
 
     def _mixed_group(self, prefix: str, items: list[ModuleAssignment]) -> None:
         by_scheme: dict[str, list[str]] = defaultdict(list)

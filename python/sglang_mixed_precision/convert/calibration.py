@@ -77,7 +77,12 @@ def calibration_set(model_path: Path, calib_file: str | None, nsamples: int, seq
     except Exception as e:  # transformers raises many types for a missing / broken tokenizer
         raise MixedPrecisionError("no_tokenizer", f"cannot load the model's tokenizer: {e}", where=str(model_path),
                                   fix="add the tokenizer files to the model directory, or use --method rtn") from e
-    ids = torch.tensor(tok(calibration_text(calib_file))["input_ids"], dtype=torch.long)
+    text = calibration_text(calib_file)
+    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    if ids.numel() == 0 and text.strip():  # transformers builds an empty tokenizer when the directory has no tokenizer files
+        raise MixedPrecisionError("no_tokenizer", f"the model's tokenizer ({type(tok).__name__}, {len(tok)} token(s)) turns "
+                                  "the calibration text into no tokens: the model directory has no usable tokenizer files",
+                                  where=str(model_path), fix="add the tokenizer files to the model directory, or use --method rtn")
     if ids.numel() < 64:
         raise MixedPrecisionError("calib_too_short", f"calibration text has only {ids.numel()} tokens",
                                   where=calib_file or "bundled corpus", fix="pass a longer --calib_file")

@@ -38,12 +38,14 @@ def write_plan_dir(plan, settings: PlanSettings, out_dir: str | Path) -> Path:
     """Write (or refresh) the plan directory for ``plan``; returns its path."""
     out = Path(out_dir).expanduser().resolve()
     _check_target(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(plan_config_json(plan, settings), indent=2) + "\n")
-    copied = _copy_side_files(plan, out)
-    if not any(name.startswith("tokenizer") for name in copied):
+    side_files = _side_files(plan)
+    if not any(name.startswith("tokenizer") for name in side_files):  # checked before anything is written
         raise MixedPrecisionError("plan_dir_no_tokenizer", "no source holds tokenizer files", where=str(plan.skeleton_path),
                                   fix="copy the model's tokenizer files into its 16-bit directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(plan_config_json(plan, settings), indent=2) + "\n")
+    for name, src in side_files.items():
+        shutil.copyfile(src, out / name)
     plan_json = plan.to_json()
     plan_json["settings"] = settings.to_quantization_config()
     (out / PLAN_FILE).write_text(json.dumps(plan_json, indent=2, default=str) + "\n")
@@ -86,15 +88,12 @@ def _check_target(out: Path) -> None:
                                   fix="write the plan directory somewhere else (an empty or new directory)")
 
 
-def _copy_side_files(plan, out: Path) -> list[str]:
-    """Tokenizer / generation files from the skeleton, or else the first source that has them."""
+def _side_files(plan) -> dict[str, Path]:
+    """Tokenizer / generation files to copy: the skeleton's, or else the first source's that has them."""
     sources = [plan.skeleton, *(s for label, s in plan.sources.items() if label != plan.skeleton_label)]
-    copied = []
+    found = {}
     for name in SIDE_FILES:
-        for source in sources:
-            src = source.path / name
-            if src.is_file():
-                shutil.copyfile(src, out / name)
-                copied.append(name)
-                break
-    return copied
+        src = next((s.path / name for s in sources if (s.path / name).is_file()), None)
+        if src is not None:
+            found[name] = src
+    return found

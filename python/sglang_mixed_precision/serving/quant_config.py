@@ -80,8 +80,9 @@ def layer_kind(layer: torch.nn.Module) -> str | None:
     return None
 
 
-def expected_method_class(kind: str, scheme_kind: str, int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL) -> type:
-    """The SGLang method class a layer of ``kind`` stored as ``scheme_kind`` must run."""
+def expected_method_class(kind: str, scheme_kind: str, int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL, *,
+                          where: str | None = None) -> type:
+    """The SGLang method class a layer of ``kind`` stored as ``scheme_kind`` must run (``where``: the layer, for the error)."""
     from sglang.srt.layers.quantization.fp8 import Fp8LinearMethod, Fp8MoEMethod
     from sglang.srt.layers.quantization.gptq import GPTQMarlinLinearMethod, GPTQMarlinMoEMethod
     from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Method
@@ -104,7 +105,7 @@ def expected_method_class(kind: str, scheme_kind: str, int4_moe_kernel: str = DE
         return table[(kind, scheme_kind)]
     except KeyError:
         raise MixedPrecisionError("unsupported_layer_scheme", f"SGLang has no {scheme_kind} method for a {kind} layer",
-                                  fix="keep embeddings and lm_head in a 16-bit source") from None
+                                  where=where, fix="keep embeddings and lm_head in a 16-bit source") from None
 
 
 def _delegate_config(source, packed_modules_mapping: dict, int4_moe_kernel: str, for_moe: bool) -> QuantizationConfig:
@@ -202,7 +203,8 @@ class MixedPrecisionConfig(QuantizationConfig):
         scheme_kind = group.scheme.kind
         if kind == EMBEDDING:
             if scheme_kind != "unquantized":
-                expected_method_class(kind, scheme_kind)  # raises: no quantized embedding method
+                # raises: no quantized embedding method
+                expected_method_class(kind, scheme_kind, where=f"{prefix} ({group.scheme.label()} from source {group.label!r})")
             return None
         if scheme_kind == "unquantized":
             return self._unquantized(kind, layer)
