@@ -6,8 +6,11 @@ resident memory should be about
     baseline (interpreter + torch + transformers) + 2 x the largest unit's 16-bit bytes
     + 48 bytes x the largest tensor's elements (its float32 / int64 working copies)
     [GPTQ: + 2 more units, 16 more bytes per element, + 24 bytes x K_max^2 for the Hessians]
-    + 64 MiB slack (allocator, writer buffer, headers of the tensors written)
-and independent of the model's size. This benchmark writes a small and a large Qwen3-shaped model
+    + 1.5 KiB x the output tensors (their names and headers, kept for the shard index and resume state)
+    + 64 MiB slack (allocator, writer buffer)
+and independent of the model's size but for the per-tensor term (44 MiB for the 600-layer model's
+30k output tensors; ~320 MiB for Qwen3-235B-A22B's ~216k fp8 + int4 tensors, beside a 4 x 2.4 GB
+unit term). This benchmark writes a small and a large Qwen3-shaped model
 of the same layer shapes (the large one several times the bound), converts each in a child process
 (fp8 + int4 rtn, and fp8 + int4 gptq) and reads the child's peak RSS. Writes
 bench/results/convert_memory.{json,md}.
@@ -47,23 +50,27 @@ print(json.dumps({"baseline": base, "peak": peak}))
 """
 
 
-# Freed blocks the allocator keeps, the shard writer's 16 MiB copy buffer and the headers of the
-# tensors written so far (~1.6 KiB each on the Python heap): the peak grows by 30-45 MiB from 12 to
-# 600 layers (results/convert_memory.md), ~1% of the large model's weights.
+# The allocator's own working memory and the shard writer's 16 MiB copy buffer. Freed tensors go back
+# to the OS between units (convert/allocator.py); before that the peak varied by +-10 MiB run to run.
 SLACK = 64 * 2**20
+# Names and safetensors headers of the tensors written (shard index, resume state): the fp8 + rtn
+# peak grew by 1.04 KiB per output tensor from 12 to 600 layers (results/convert_memory.md).
+PER_TENSOR = 1536
 BOUND_TEXT = ("fp8 + rtn: baseline (Python, torch, transformers and its Qwen3 modeling module) + 2 x largest unit + 48 B x the largest tensor's "
-              "elements + 64 MiB slack; gptq: baseline + 4 x largest unit + 64 B x the largest tensor's elements "
-              "+ 24 B x K_max^2 (Hessians and their inverse Cholesky factor) + 64 MiB slack")
+              "elements + 1.5 KiB x output tensors + 64 MiB slack; gptq: baseline + 4 x largest unit + 64 B x the largest tensor's "
+              "elements + 24 B x K_max^2 (Hessians and their inverse Cholesky factor) + 1.5 KiB x output tensors + 64 MiB slack")
 
 
-def bound_above_baseline(method: str, unit_bytes: int, largest: int, k_max: int) -> int:
+def bound_above_baseline(method: str, unit_bytes: int, largest: int, k_max: int, tensors: int) -> int:
     """The stated bound. fp8 / rtn: the unit's 16-bit tensors and their outputs (2 x unit) plus
     float32 / int64 working copies of one tensor (48 B / element). GPTQ also holds the layer as a
     float32 transformers module (+2 x unit), GPTQ's working matrices (64 B / element) and, per
-    input width K, two K x K float32 Hessians plus the inverse-Cholesky work (24 B x K^2)."""
+    input width K, two K x K float32 Hessians plus the inverse-Cholesky work (24 B x K^2). Both keep
+    the names and headers of the ``tensors`` written (1.5 KiB each)."""
+    kept = PER_TENSOR * tensors + SLACK
     if method == "gptq":
-        return 4 * unit_bytes + 64 * largest + 24 * k_max**2 + SLACK
-    return 2 * unit_bytes + 48 * largest + SLACK
+        return 4 * unit_bytes + 64 * largest + 24 * k_max**2 + kept
+    return 2 * unit_bytes + 48 * largest + kept
 
 
 def write_model(path: Path, hidden: int, layers: int) -> Path:
@@ -116,8 +123,9 @@ def measure(model: Path, out: Path, method: str) -> dict:
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(child_args)], capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"conversion failed:\n{p.stderr[-3000:]}")
+    tensors = sum(len(json.loads((out / f / "model.safetensors.index.json").read_text())["weight_map"]) for f in ("fp8", "int4"))
     shutil.rmtree(out)
-    return {**json.loads(p.stdout.strip().splitlines()[-1]), "seconds": time.time() - t0}
+    return {**json.loads(p.stdout.strip().splitlines()[-1]), "seconds": time.time() - t0, "tensors": tensors}
 
 
 def model_geometry(model: Path) -> dict:
@@ -136,11 +144,11 @@ def markdown(result: dict) -> str:
     md = [f"# Conversion peak memory on {result['machine']}", "",
           f"Qwen3-shaped bf16 models, hidden {result['hidden']}, largest unit {result['largest_unit_mb']:.1f} MiB, "
           f"K_max {result['k_max']}. Bound: {result['bound']}. Peak RSS is VmHWM of the converting process "
-          "(fp8 and int4 written in one pass). The bound does not depend on the number of layers: the small and "
-          "the large model share it.", "",
-          "| int4 method (+ fp8) | layers | model MiB | baseline MiB | peak RSS MiB | bound MiB | model / bound | within bound | seconds |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['method']} | {r['layers']} | {r['model_mb']:.0f} | {r['baseline_mb']:.0f} | {r['peak_mb']:.0f} | "
+          "(fp8 and int4 written in one pass). The bound's weight terms do not depend on the number of layers: "
+          "only its 1.5 KiB per output tensor does.", "",
+          "| int4 method (+ fp8) | layers | output tensors | model MiB | baseline MiB | peak RSS MiB | bound MiB | model / bound | within bound | seconds |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['method']} | {r['layers']} | {r['tensors']} | {r['model_mb']:.0f} | {r['baseline_mb']:.0f} | {r['peak_mb']:.0f} | "
            f"{r['bound_mb']:.0f} | {r['model_mb'] / r['bound_mb']:.1f}x | {r['within_bound']} | {r['seconds']:.0f} |"
            for r in result["rows"]]
     md += ["", growth(result["rows"])]
@@ -184,8 +192,8 @@ def main() -> int:
             geo = model_geometry(model)
             for method in args.methods.split(","):
                 m = measure(model, tmp / f"out_{method}", method)
-                bound = m["baseline"] + bound_above_baseline(method, geo["unit_bytes"], geo["largest"], geo["k_max"])
-                rows.append({"method": method, "layers": layers, "model_mb": geo["model_bytes"] / 2**20,
+                bound = m["baseline"] + bound_above_baseline(method, geo["unit_bytes"], geo["largest"], geo["k_max"], m["tensors"])
+                rows.append({"method": method, "layers": layers, "tensors": m["tensors"], "model_mb": geo["model_bytes"] / 2**20,
                              "baseline_mb": m["baseline"] / 2**20, "peak_mb": m["peak"] / 2**20, "bound_mb": bound / 2**20,
                              "within_bound": m["peak"] <= bound, "seconds": round(m["seconds"], 1)})
                 print(rows[-1], flush=True)

@@ -7,6 +7,12 @@ peak then depends on how the previous units happened to fragment it. Measured on
 fp8 + gptq conversion (hidden 512): peak RSS 915 / 920 MiB in two runs, ~100 MiB still resident
 between units; with the threshold pinned at 128 KiB: 842 / 843 MiB, back to the baseline after every
 unit (bench/results/convert_memory.md has the bound it is checked against).
+
+The price is a fresh mapping (page faults) per tensor between 128 KiB and 32 MiB; larger ones are
+mapped by glibc either way. On bench/convert_throughput.py's model (hidden 1024, 1-6 MiB tensors),
+alternating runs on 2 cores: fp8 0.61-0.79 -> 0.42-0.48 GB/s, rtn 0.20-0.23 -> 0.11-0.13 GB/s,
+gptq 0.009-0.010 -> 0.008 GB/s. A bounded, repeatable peak is worth more to a conversion that must
+fit next to other work than the time.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ unit in flight is held in memory. Peak RAM above the interpreter + libraries is 
     fp8 / rtn: 2 x the largest unit's 16-bit bytes + 48 bytes x the largest tensor's elements
     gptq:      4 x the largest unit + 64 bytes x the largest tensor's elements
                + 24 bytes x K_max^2 (Hessians / inverse Cholesky)
-    + 64 MiB slack (allocator, writer buffer, headers of the tensors written)
-which does not depend on the number of layers (bench/convert_memory.py measures it; its last
-fp8 + gptq run on a 600-layer model was 6 MiB, 0.7%, over this bound: see its results).
+    + 1.5 KiB x the output tensors (names and headers kept for the shard index and resume state)
+    + 64 MiB slack (allocator, writer buffer)
+whose weight terms do not depend on the number of layers. Freed tensors are returned to the OS
+after every unit (allocator.py): without that, glibc's heap kept up to ~100 MiB between units and
+the peak varied run to run. bench/convert_memory.py measures it on a model several times larger.
 """
 
 from __future__ import annotations
