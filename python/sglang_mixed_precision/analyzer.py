@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Rule
+from .config import Rule, first_matching_rule
 from .errors import MixedPrecisionError
 from .formats import DTYPE_BYTES, Scheme, release_tensors
 from .naming import ModuleRef, Role, classify, module_name
@@ -104,12 +104,9 @@ def _generalize(ref: ModuleRef) -> str:
 
 
 def _resolve(rules: list[Rule], ref: ModuleRef) -> str:
-    if not ref.role.quantizable:
-        return "fp16"
-    for rule in rules:
-        if rule.matches(ref.name):
-            return rule.label
-    return "fp16"
+    """The label ``rules`` give ``ref`` when the planner reads them (non-linears and unmatched: fp16)."""
+    rule = first_matching_rule(rules, ref.name) if ref.role.quantizable else None
+    return rule.label if rule else "fp16"
 
 
 def compact_rules(analysis: Analysis, choice: dict[str, str]) -> list[tuple[str, str]]:

@@ -93,6 +93,11 @@ class Rule:
         return self._description
 
 
+def first_matching_rule(rules: list[Rule], module: str) -> Rule | None:
+    """The rule that decides ``module``: rules are tried in the order written, the first match wins."""
+    return next((rule for rule in rules if rule.matches(module)), None)
+
+
 @dataclass
 class MixedConfig:
     path: Path | None

@@ -19,7 +19,7 @@ from functools import lru_cache
 from math import prod
 from pathlib import Path
 
-from .config import UNQUANTIZED_ALIASES, MixedConfig
+from .config import UNQUANTIZED_ALIASES, MixedConfig, first_matching_rule
 from .errors import MixedPrecisionError, PlanErrors
 from .formats import DTYPE_BYTES, Scheme, TensorSpec, expected_tensors, module_scheme, rank_problems
 from .geometry import ModelGeometry
@@ -295,15 +295,10 @@ class _Planner:
             entry = explicit.get(name)
             if entry is not None:
                 label, why = entry
-            elif ref.role.quantizable:
-                label, why = self.skeleton.label, skeleton_rule
-                for rule in rules:
-                    if rule.matches(name):
-                        label, why = rule.label, rule.describe()
-                        break
-                else:
-                    if default:
-                        label, why = default, default_rule
+            elif ref.role.quantizable and (rule := first_matching_rule(rules, name)) is not None:
+                label, why = rule.label, rule.describe()
+            elif ref.role.quantizable and default:
+                label, why = default, default_rule
             else:
                 label, why = self.skeleton.label, skeleton_rule
             assignment = self._assign(ref, self.aliases.get(label, label), why)
