@@ -59,6 +59,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from gpu_common import environment, make_log  # noqa: E402
 
 SHAPES = {
     "qwen3-30b-a3b": dict(hidden=2048, vocab=151936, num_attention_heads=32, num_key_value_heads=4,
@@ -101,8 +104,7 @@ GROUPS = {"bf16": ["stock-bf16", "mixed-bf16"], "fp8": ["stock-fp8", "mixed-fp8"
           "mixes": ["mix-attnbf16-expint4", "mix-attnfp8-expint4"], "prepare": [], "all": list(RUNS)}
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = make_log("bench")
 
 
 def selected_runs(only: str) -> list[str]:
@@ -432,19 +434,6 @@ def run_cpu_check(names: list[str], work: Path, conv: Path, out: Path, results: 
             res["error"] = f"SGLang rejects the command: {problem}"
         results.add(key, res)
         log(f"{key}: would launch {' '.join(cmd)}" + (f"\n  ERROR {res['error']}" if problem else ""))
-
-
-def environment(cpu_check: bool) -> dict:
-    import torch
-
-    if cpu_check:
-        return {"card": "CPU (--cpu-check)", "gpus": 0, "versions": f"torch {torch.__version__}"}
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: run this on the GPU machine (source bench/gpu_setup.sh first), or pass --cpu-check")
-    import sglang
-
-    return {"card": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-            "versions": f"torch {torch.__version__}, CUDA {torch.version.cuda}, sglang {getattr(sglang, '__version__', '?')}"}
 
 
 def main(argv: list[str] | None = None) -> int:

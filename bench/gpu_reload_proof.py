@@ -48,6 +48,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from gpu_common import environment, make_log  # noqa: E402
 
 PROMPTS = ["The history of the river begins", "In the morning the market", "A compiler translates",
            "Mountains in the north"]
@@ -60,8 +63,7 @@ SERVER_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch"
 MLP_LAYERS = 4  # 2 decoder layers x (gate_up_proj, down_proj)
 
 
-def log(msg: str) -> None:
-    print(f"[reload-proof {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = make_log("reload-proof")
 
 
 # ---- sources ----------------------------------------------------------------------------------------
@@ -449,20 +451,6 @@ def run_cpu_check(res: Results, paths, cfg_a: Path, refs: dict[str, Reference], 
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
-def environment(cpu_check: bool) -> dict:
-    import torch
-
-    if not cpu_check and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run this on the GPU machine (source bench/gpu_setup.sh first), or pass --cpu-check")
-    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not cpu_check else "CPU (--cpu-check)"
-    versions = f"torch {torch.__version__}"
-    if not cpu_check:
-        import sglang
-
-        versions += f", sglang {getattr(sglang, '__version__', '?')}, CUDA {torch.version.cuda}"
-    return {"card": card, "versions": versions}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="results directory")

@@ -53,11 +53,13 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from gpu_common import environment, make_log  # noqa: E402
 
 ARCHS = ("qwen3", "qwen3_moe")
 # mix name -> (default source for linears, rules); "mlp" means the routed experts for MoE models.
@@ -83,8 +85,7 @@ PORTS_LOCK, PORTS_GIVEN = threading.Lock(), set()
 MEMORY_TOLERANCE = 0.02
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = make_log("serve-proof")
 
 
 @dataclass
@@ -109,41 +110,6 @@ class Result:
     checks: dict = field(default_factory=dict)  # criterion -> bool
     notes: list = field(default_factory=list)  # what went wrong outside the checks
     samples: list = field(default_factory=list)
-
-
-# ---- environment ------------------------------------------------------------------------------
-def cpu_environment() -> dict:
-    import platform
-
-    import torch
-
-    return {"card": f"CPU check on {platform.processor() or platform.machine()} (no GPU)", "gpus": 0, "capability": "-",
-            "torch": torch.__version__, "sglang": "-", "cuda": None, "jit_cache": None}
-
-
-def ensure_environment() -> dict:
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: run this on the GPU machine (source bench/gpu_setup.sh first)")
-    try:
-        import sglang
-    except ImportError:
-        sys.exit("sglang is not importable: source bench/gpu_setup.sh (or pip install sglang==0.5.17)")
-    if "mixed_precision" not in {ep.name for ep in entry_points(group="sglang.srt.plugins")}:
-        log("installing the package (its sglang.srt.plugins entry point must be visible to SGLang's workers)")
-        # PYTHONPATH off: the SGLang bundle's `kernels` package breaks setuptools' metadata step.
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],
-                       check=True, env={**os.environ, "PYTHONPATH": ""})
-    return {
-        "card": torch.cuda.get_device_name(0),
-        "gpus": torch.cuda.device_count(),
-        "capability": "sm%d%d" % torch.cuda.get_device_capability(0),
-        "torch": torch.__version__,
-        "sglang": getattr(sglang, "__version__", "?"),
-        "cuda": torch.version.cuda,
-        "jit_cache": os.environ.get("TVM_FFI_CACHE_DIR"),
-    }
 
 
 def prepare_models(workdir: Path, archs: list[str]) -> dict[str, Path]:
@@ -485,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     args.workdir = str(Path(args.workdir).resolve()) if args.workdir else str(out / "work")
-    env = cpu_environment() if args.cpu_check else ensure_environment()
+    env = environment(args.cpu_check)
     env.update(tp_size=args.tp_size, dp_size=args.dp_size)
     log(f"card: {env['card']} ({env['capability']}); sglang {env['sglang']}; JIT cache {env['jit_cache']}")
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]

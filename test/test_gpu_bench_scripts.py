@@ -201,3 +201,15 @@ def test_serve_proof_cpu_check_plans_validates_and_compares_reference_tokens(tmp
     assert res["checks"] == {"sglang_accepts_commands": True, "reference_bf16_equals_fp32": True}
     plan_dir = tmp_path / "out" / "plans" / "qwen3_moe" / "attn-fp8+experts-int4"
     assert json.loads((plan_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "mixed_precision"
+
+
+def test_gpu_scripts_stop_on_a_machine_without_a_gpu(monkeypatch):
+    import torch
+
+    common = load("gpu_common")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        common.environment(cpu_check=False)
+    assert str(e.value) == ("no CUDA device: run this on the GPU machine (source bench/gpu_setup.sh first), "
+                            "or pass --cpu-check")
+    assert common.environment(cpu_check=True)["gpus"] == 0
