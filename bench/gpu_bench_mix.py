@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import statistics
 import sys
 import time
@@ -61,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_common import environment, make_log  # noqa: E402
+from gpu_common import environment, make_log, parse_server_log  # noqa: E402
 
 SHAPES = {
     "qwen3-30b-a3b": dict(hidden=2048, vocab=151936, num_attention_heads=32, num_key_value_heads=4,
@@ -212,22 +211,6 @@ def measure(base: str, ids: list[list[int]], repeats: int) -> dict:
     }
 
 
-def parse_log(text: str) -> dict:
-    """SGLang's weight load line (every rank; the slowest and largest kept) and the mixed loader's lines."""
-    out = {}
-    loads = re.findall(r"Load weight end\. elapsed=([\d.]+) s.*?mem usage=([\d.]+) GB", text)
-    if loads:
-        out["weight_load_s"] = max(float(s) for s, _ in loads)
-        out["weight_mem_gib"] = max(float(m) for _, m in loads)  # SGLang's "GB" is GiB (bytes / 2**30)
-    params = re.findall(r"mixed_precision: weight memory (\d+) bytes in parameters", text)
-    if params:
-        out["param_bytes"] = max(int(p) for p in params)
-    audit = re.findall(r"mixed_precision audit: .*", text)
-    if audit:
-        out["layers"] = audit[-1].split("layers: ", 1)[-1]
-    return out
-
-
 def loader_bytes_read(base: str) -> dict:
     """Bytes the mixed loader read (rank 0, every source), from /mixed_precision/info."""
     from sglang_mixed_precision.serving import client
@@ -264,7 +247,7 @@ def run_one(name: str, work: Path, conv: Path, ids, out: Path, args) -> dict:
         log(f"{key}: FAILED {res['error'][:300]}\n{traceback.format_exc()}")
     finally:
         client.stop_server(proc)
-    res.update(parse_log(log_path.read_text(errors="replace")))
+    res.update(parse_server_log(log_path.read_text(errors="replace")))
     return res
 
 

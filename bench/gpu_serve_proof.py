@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_common import environment, make_log  # noqa: E402
+from gpu_common import environment, make_log, parse_server_log  # noqa: E402
 
 ARCHS = ("qwen3", "qwen3_moe")
 # mix name -> (default source for linears, rules); "mlp" means the routed experts for MoE models.
@@ -372,19 +372,14 @@ def plan_rank_bytes(plan) -> int:
 
 def read_log(log_path: Path, res: Result) -> None:
     """The loader's audit line (method classes) and parameter bytes."""
-    import re
-
     try:
-        text = log_path.read_text(errors="replace")
+        facts = parse_server_log(log_path.read_text(errors="replace"))
     except OSError:
         return
-    audit = re.findall(r"mixed_precision audit: .*", text)
-    if audit:
-        res.layers = audit[-1].split("layers: ", 1)[-1]
-    mem = re.findall(r"mixed_precision: weight memory (\d+) bytes in parameters; plan (\d+) bytes", text)
-    if mem:
-        res.weight_bytes, logged_plan = int(mem[-1][0]), int(mem[-1][1])
-        res.plan_bytes = res.plan_bytes or logged_plan
+    res.layers = facts.get("layers", res.layers)
+    if "param_bytes" in facts:
+        res.weight_bytes = facts["param_bytes"]
+        res.plan_bytes = res.plan_bytes or facts["logged_plan_bytes"]
         res.weight_vs_plan = round((res.weight_bytes - res.plan_bytes) / res.plan_bytes, 5)
 
 

@@ -134,9 +134,9 @@ def test_bench_parses_sglang_and_loader_log_lines(bench):
         "[TP0] mixed_precision audit: 10 tensors consumed once, 10 parameters loaded; layers: 2 Fp8LinearMethod",
         "[TP0] mixed_precision: weight memory 6450000000 bytes in parameters; plan 6449000000 bytes per rank (+0.02%)",
     ])
-    assert bench.parse_log(text) == {"weight_load_s": 3.5, "weight_mem_gib": 6.02, "param_bytes": 6450000000,
-                                     "layers": "2 Fp8LinearMethod"}
-    assert bench.parse_log("nothing") == {}
+    assert bench.parse_server_log(text) == {"weight_load_s": 3.5, "weight_mem_gib": 6.02, "param_bytes": 6450000000,
+                                            "logged_plan_bytes": 6449000000, "layers": "2 Fp8LinearMethod"}
+    assert bench.parse_server_log("nothing") == {}
 
 
 def test_bench_misses_name_each_goal(bench):
