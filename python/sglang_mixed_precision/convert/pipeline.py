@@ -185,9 +185,8 @@ def _unit_done(unit: Unit, writers: dict[str, ShardedWriter]) -> bool:
     return True
 
 
-def _read_written_int4(writer: ShardedWriter, unit: Unit) -> dict[str, torch.Tensor]:
+def _read_written_int4(reader: OutputReader, unit: Unit) -> dict[str, torch.Tensor]:
     """Dequantized int4 weights of a finished unit, read back from its shards (resume of gptq)."""
-    reader = OutputReader(writer.out_dir, writer.weight_map())
     return {m: reader.gptq_weight(m) for m in unit.quantized_modules}
 
 
@@ -204,6 +203,7 @@ def _unit_bytes(model: InputModel, unit: Unit) -> int:
 
 def run_units(model: InputModel, plan: ConversionPlan, opts: ConvertOptions, writers: dict[str, ShardedWriter], int4) -> None:
     bar = _progress_bar(model.total_bytes, opts.progress)
+    written: OutputReader | None = None  # int4 shards of an earlier run, indexed once on the first gptq resume
     try:
         for unit in plan.units:
             bar.set_postfix_str(unit.label)
@@ -213,7 +213,9 @@ def run_units(model: InputModel, plan: ConversionPlan, opts: ConvertOptions, wri
                 continue
             tensors = {n: model.read(n) for n in unit.tensors}
             if done:  # gptq resume: carry the calibration activations through the written layer
-                int4.skip_unit(unit, tensors, _read_written_int4(writers["int4"], unit))
+                # finished units were all recorded by the earlier run, so one index covers every one
+                written = written or OutputReader(writers["int4"].out_dir, writers["int4"].weight_map())
+                int4.skip_unit(unit, tensors, _read_written_int4(written, unit))
             else:
                 if "fp8" in writers:
                     for name, t in _fp8_tensors(plan, unit, tensors).items():
@@ -226,6 +228,8 @@ def run_units(model: InputModel, plan: ConversionPlan, opts: ConvertOptions, wri
                             writers["int4"].add(name, t)
             del tensors
             model.release()  # unmap the input shards: their touched pages would otherwise stay resident
+            if written is not None:
+                written.release()
             bar.update(_unit_bytes(model, unit))
     except BaseException:
         for w in writers.values():
