@@ -23,7 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import MixedPrecisionError
-from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS, PlanSettings
+from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 from .client import stop_server
 
 SGLANG_SERVER = ("-m", "sglang.launch_server")
@@ -100,10 +100,10 @@ def check_plugin_installed() -> None:
 def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None, str]:
     """(YAML path, skeleton label or None, int4 MoE kernel). --model-path names the mix's model or a
     plan directory; a plan directory's saved skeleton and kernel are kept unless flags change them."""
-    from .plandir import is_plan_dir
+    from .plandir import saved_settings
 
     model = Path(args.model_path).expanduser() if args.model_path else None
-    saved = plan_dir_settings(model) if model is not None and is_plan_dir(model) else None
+    saved = saved_settings(model) if model is not None else None
     if args.mixed_precision_config:
         config = Path(args.mixed_precision_config).expanduser().resolve()
     elif saved is not None:
@@ -117,13 +117,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None, str]:
     if saved is not None:  # its skeleton label belongs to its own YAML
         return config, saved.skeleton if Path(saved.config_path).resolve() == config else None, kernel
     return config, skeleton_label(config, model), kernel
-
-
-def plan_dir_settings(plan_dir: Path) -> PlanSettings:
-    import json
-
-    qc = json.loads((plan_dir / "config.json").read_text())["quantization_config"]
-    return PlanSettings.from_quantization_config(qc)
 
 
 def skeleton_label(config_path: Path, model: Path) -> str:

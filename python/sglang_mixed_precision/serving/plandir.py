@@ -65,14 +65,24 @@ def make_plan_dir(config_path: str | Path, out_dir: str | Path, *, tp_size: int 
 
 
 def is_plan_dir(path: str | Path) -> bool:
+    return _mixed_quantization_config(path) is not None
+
+
+def saved_settings(path: str | Path) -> PlanSettings | None:
+    """The settings a plan directory was written with; None when ``path`` is no plan directory."""
+    qc = _mixed_quantization_config(path)
+    return None if qc is None else PlanSettings.from_quantization_config(qc)
+
+
+def _mixed_quantization_config(path: str | Path) -> dict | None:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
-        return False
+        return None
     try:
         qc = json.loads(cfg.read_text()).get("quantization_config") or {}
     except ValueError:
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+        return None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
 
 
 def _check_target(out: Path) -> None:
