@@ -78,8 +78,12 @@ PROMPTS = [
 ]
 # KV cache capped: SGLang sizes it from the memory free when the server measures, so servers that
 # start side by side (--parallel) must not take big pools while another one is measuring.
-SERVER_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--disable-cuda-graph",
-                "--mem-fraction-static", "0.5", "--max-total-tokens", "32768", "--dtype", "bfloat16", "--log-level", "info"]
+# One set of server settings: flags for the launcher and launch_server, keywords for sglang.Engine.
+SERVER_SETTINGS = {"attention_backend": "triton", "sampling_backend": "pytorch", "disable_cuda_graph": True,
+                   "mem_fraction_static": 0.5, "max_total_tokens": 32768, "dtype": "bfloat16"}
+SERVER_FLAGS = [*(f for k, v in SERVER_SETTINGS.items() for f in (["--" + k.replace("_", "-")] if v is True
+                                                                    else ["--" + k.replace("_", "-"), str(v)])),
+                "--log-level", "info"]
 REFERENCE_LOCK = threading.Lock()  # transformers sets torch's process-wide default dtype while it builds a model
 PORTS_LOCK, PORTS_GIVEN = threading.Lock(), set()
 MEMORY_TOLERANCE = 0.02
@@ -275,9 +279,8 @@ def output_ids(reply: dict) -> list[int]:
 ENGINE_SCRIPT = r"""
 import json, sys
 import sglang as sgl
-plan_dir, prompts, request, nccl_port = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-engine = sgl.Engine(model_path=plan_dir, nccl_port=nccl_port, attention_backend="triton", sampling_backend="pytorch", disable_cuda_graph=True,
-                    mem_fraction_static=0.5, max_total_tokens=32768, dtype="bfloat16")
+plan_dir, prompts, request, settings = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+engine = sgl.Engine(model_path=plan_dir, **settings)
 try:
     replies = [engine.generate(input_ids=ids, **request) for ids in prompts]
     print("ENGINE_OUTPUT " + json.dumps([[int(t) for _, t, *_ in r["meta_info"]["output_token_logprobs"]] for r in replies]))
@@ -296,8 +299,9 @@ def check_entrypoints(res: Result, plan_dir: Path, outputs: list[dict], args, ou
     dummy = serve_plan_dir(res, plan_dir, prompts, args, out, ["--load-format", "dummy"])
     res.checks["load_format_dummy_answers"] = dummy is not None and all(len(ids) == args.max_new_tokens for ids in dummy)
     log(f"{res.name}: sglang.Engine on the plan directory")
+    settings = {**SERVER_SETTINGS, "nccl_port": fresh_port()}
     p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(plan_dir), json.dumps(prompts), json.dumps(greedy_request(args)),
-                        str(fresh_port())],
+                        json.dumps(settings)],
                        capture_output=True, text=True, timeout=args.step_timeout)
     (out / "logs" / f"{res.arch}__{res.mix}__engine.log").write_text(p.stdout + p.stderr)
     line = [l for l in p.stdout.splitlines() if l.startswith("ENGINE_OUTPUT ")]

@@ -186,6 +186,9 @@ def test_serve_proof_entrypoint_checks_compare_with_the_launchers_tokens(tmp_pat
     assert all(c[c.index("--model-path") + 1] == str(tmp_path / "plan") for c in launched)
     assert "--load-format" not in launched[0] and launched[1][-2:] == ["--load-format", "dummy"]
     assert engine_argv[0][3] == str(tmp_path / "plan") and json.loads(engine_argv[0][4]) == [[1, 2]]
+    engine_settings = json.loads(engine_argv[0][6])  # the servers' settings, and a port of its own
+    assert engine_settings.pop("nccl_port") not in {int(c[c.index("--nccl-port") + 1]) for c in launched}
+    assert engine_settings == serve.SERVER_SETTINGS
     assert res.checks == {"launch_server_plan_dir_same_tokens": True, "load_format_dummy_answers": True,
                           "engine_plan_dir_same_tokens": False}  # the Engine's third token differs
     assert "`sglang.Engine` False" in serve.markdown(
