@@ -15,7 +15,8 @@ from ckpt_writers import load_state, write_fp8_checkpoint
 
 
 PLANNING_CORE = ("errors", "naming", "config", "formats", "formats.fp8", "formats.gptq", "formats.unquantized", "sources",
-                 "sources.safetensors_header", "sources.torch_bin", "geometry", "plan", "report", "analyzer", "shapegen")
+                 "sources.safetensors_header", "sources.torch_bin", "geometry", "plan", "report", "analyzer", "shapegen",
+                 "reload")
 
 
 def test_planning_core_imports_neither_sglang_nor_torch():
