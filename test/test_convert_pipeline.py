@@ -13,10 +13,10 @@ from safetensors import safe_open
 
 from sglang_mixed_precision.cli import main as cli_main
 from sglang_mixed_precision.convert import writer as writer_mod
-from sglang_mixed_precision.convert.dequant import dequant_fp8_block, dequant_gptq
+from sglang_mixed_precision.convert.dequant import dequant_fp8_block
 from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
 from sglang_mixed_precision.errors import MixedPrecisionError, PlanErrors
-from sglang_mixed_precision.naming import Role, classify
+from sglang_mixed_precision.naming import classify
 
 
 def read_all(d: Path) -> dict[str, torch.Tensor]:
