@@ -10,8 +10,8 @@ unit (bench/results/convert_memory.md has the bound it is checked against).
 
 The price is a fresh mapping (page faults) per tensor between 128 KiB and 32 MiB; larger ones are
 mapped by glibc either way. On bench/convert_throughput.py's model (hidden 1024, 1-6 MiB tensors),
-alternating runs on 2 cores: fp8 0.61-0.79 -> 0.42-0.48 GB/s, rtn 0.20-0.23 -> 0.11-0.13 GB/s,
-gptq 0.009-0.010 -> 0.008 GB/s. A bounded, repeatable peak is worth more to a conversion that must
+runs on 2 cores (three without, four with the pin): fp8 0.61-0.79 -> 0.42-0.49 GB/s, rtn
+0.20-0.23 -> 0.11-0.14 GB/s, gptq 0.009-0.011 -> 0.008 GB/s. A bounded, repeatable peak is worth more to a conversion that must
 fit next to other work than the time.
 """
 
