@@ -5,7 +5,7 @@ of every mmapped block that is freed (up to 32 MiB). After the first unit every 
 therefore carved from the heap, and the freed middle of the heap stays resident: the converter's
 peak then depends on how the previous units happened to fragment it. Measured on a 24-layer
 fp8 + gptq conversion (hidden 512): peak RSS 915 / 920 MiB in two runs, ~100 MiB still resident
-between units; with the threshold pinned at 128 KiB: 842 / 843 MiB, back to the baseline after every
+between units; with the threshold pinned at 128 KiB: 843 / 844 MiB, back to the baseline after every
 unit (bench/results/convert_memory.md has the bound it is checked against).
 
 The price is a fresh mapping (page faults) per tensor between 128 KiB and 32 MiB; larger ones are
