@@ -78,7 +78,7 @@ def write_model(path: Path, hidden: int, layers: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from sglang_mixed_precision.tinymodels import tiny_config, write_tokenizer
+    from sglang_mixed_precision.testing.tinymodels import tiny_config, write_tokenizer
 
     cfg = tiny_config("qwen3", num_layers=layers, hidden=hidden, vocab=8192, num_attention_heads=hidden // 128,
                       num_key_value_heads=max(1, hidden // 512), intermediate_size=3 * hidden)

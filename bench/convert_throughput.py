@@ -42,7 +42,7 @@ def main() -> int:
     import torch
 
     from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
-    from sglang_mixed_precision.tinymodels import make_tiny_model
+    from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="convert_tp_"))
     try:

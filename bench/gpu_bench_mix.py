@@ -123,7 +123,7 @@ def run_key(name: str, tp: int, dp: int) -> str:
 def prepare(work: Path, shape: str, layers: int) -> Path:
     """Generate the 16-bit model and convert it (skipped when there); returns the conversion dir."""
     from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
-    from sglang_mixed_precision.tinymodels import make_tiny_model
+    from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
     src, conv = work / "model", work / "conv"
     if not (src / "config.json").exists():
@@ -151,7 +151,7 @@ def mix_config(work: Path, conv: Path, name: str) -> Path:
 def plan_bytes(config: Path, tp: int) -> dict:
     """What the plan expects: bytes per rank (GPU weight memory) and in total (bytes to read)."""
     from sglang_mixed_precision.reference import plan_from_config
-    from sglang_mixed_precision.report import summary
+    from sglang_mixed_precision.core.report import summary
 
     s = summary(plan_from_config(config, tp_size=tp))
     return {"plan_rank_bytes": s["per_rank"][0]["bytes"], "plan_total_bytes": s["total"]["bytes"],

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(server_command(Path(c["dir"]), 30000, c["extra"])))
         return 0
 
-    from sglang_mixed_precision.tinymodels import make_tiny_model
+    from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
     steps = {}

@@ -71,7 +71,7 @@ def prepare(work: Path) -> dict[str, Path]:
     """bf16 model A, model B (perturbed MLPs), their conversions; skipped when already there."""
     model_a, model_b = work / "model_a", work / "model_b"
     if not (model_a / "config.json").exists():
-        from sglang_mixed_precision.tinymodels import make_tiny_model
+        from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
         log("generating tiny Qwen3 A")
         make_tiny_model("qwen3", model_a, num_layers=2)
@@ -398,7 +398,7 @@ class StagingBackend:
         self.plan = plan
 
     async def send_reload(self, request_dir: str) -> tuple[bool, str]:
-        from sglang_mixed_precision.reload import replan_in_worker
+        from sglang_mixed_precision.core.reload_plan import replan_in_worker
         from sglang_mixed_precision.serving import runtime as rt
 
         request = rt.read_worker_request(request_dir)

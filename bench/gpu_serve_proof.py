@@ -118,7 +118,7 @@ class Result:
 
 def prepare_models(workdir: Path, archs: list[str]) -> dict[str, Path]:
     from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
-    from sglang_mixed_precision.tinymodels import make_tiny_model
+    from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
     out = {}
     for arch in archs:
@@ -369,7 +369,7 @@ def scored_sequence(o: dict):
 
 
 def plan_rank_bytes(plan) -> int:
-    from sglang_mixed_precision.report import summary
+    from sglang_mixed_precision.core.report import summary
 
     return summary(plan)["per_rank"][0]["bytes"]
 

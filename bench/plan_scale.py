@@ -18,11 +18,11 @@ import statistics
 import time
 from pathlib import Path
 
-from sglang_mixed_precision.config import load_config
-from sglang_mixed_precision.formats import Scheme
-from sglang_mixed_precision.plan import build_plan
-from sglang_mixed_precision.report import format_tables, summary
-from sglang_mixed_precision.shapegen import write_shape_checkpoint
+from sglang_mixed_precision.core.config import load_config
+from sglang_mixed_precision.core.formats import Scheme
+from sglang_mixed_precision.core.plan import build_plan
+from sglang_mixed_precision.core.report import format_tables, summary
+from sglang_mixed_precision.testing.shapegen import write_shape_checkpoint
 
 # Qwen3-235B-A22B's config.json (the dimensions planning depends on).
 QWEN3_235B = {
@@ -86,7 +86,7 @@ def main() -> int:
     cfg_path = root / "mix.yaml"
     cfg_path.write_text(CONFIG.format(root=root))
 
-    import sglang_mixed_precision.sources as sources
+    import sglang_mixed_precision.core.sources as sources
 
     cold, warm, cold_cpu = [], [], []
     for i in range(args.repeats):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from sglang_mixed_precision.convert.fp8_block import quantize_fp8_block
 from sglang_mixed_precision.convert.gptq_pack import rtn_quantize
-from sglang_mixed_precision.naming import classify, split_tensor_name
+from sglang_mixed_precision.core.naming import classify, split_tensor_name
 
 _COPY = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_mixed_precision.tinymodels import make_tiny_model
+from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
 
 @pytest.fixture(scope="session")

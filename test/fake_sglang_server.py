@@ -82,7 +82,7 @@ class Backend:
         return ok, message
 
     async def worker_info(self) -> list[dict]:
-        from sglang_mixed_precision.report import summary
+        from sglang_mixed_precision.core.report import summary
 
         plan = self.mix.plan
         layers = {prefix: {"method": METHODS[g.scheme.kind]} for prefix, g in plan.groups.items()}
@@ -95,7 +95,7 @@ def pseudo_generate(prompts: list[list[int]], max_new: int) -> list[tuple[list[i
 
 
 def print_load_lines(args, mix: Mix | None) -> None:
-    from sglang_mixed_precision.report import summary
+    from sglang_mixed_precision.core.report import summary
 
     if mix is None:
         nbytes = sum(f.stat().st_size for f in Path(args.model_path).glob("*.safetensors"))

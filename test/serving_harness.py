@@ -152,7 +152,7 @@ def read_source_tensor(plan, name: str):
     """The tensor ``name`` straight from the file of the source the plan assigns it to."""
     from safetensors import safe_open
 
-    from sglang_mixed_precision.naming import split_tensor_name
+    from sglang_mixed_precision.core.naming import split_tensor_name
 
     assignment = plan.modules[split_tensor_name(name)[0]]
     info = assignment.tensors[split_tensor_name(name)[1]]

@@ -9,10 +9,10 @@ import yaml
 
 from sglang_mixed_precision.analyzer import analyze, choose_precisions, export_config, plot_bytes_per_layer
 from sglang_mixed_precision.cli import main as cli_main
-from sglang_mixed_precision.config import load_config
-from sglang_mixed_precision.errors import MixedPrecisionError
-from sglang_mixed_precision.naming import Role
-from sglang_mixed_precision.plan import build_plan
+from sglang_mixed_precision.core.config import load_config
+from sglang_mixed_precision.core.errors import MixedPrecisionError
+from sglang_mixed_precision.core.naming import Role
+from sglang_mixed_precision.core.plan import build_plan
 
 from ckpt_writers import load_state, write_fp8_checkpoint, write_gptq_checkpoint
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_mixed_precision.config import Rule, compile_pattern, load_config, parse_config
-from sglang_mixed_precision.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.config import Rule, compile_pattern, load_config, parse_config
+from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
 
 SEED = """\
 mixed_precision:

@@ -6,8 +6,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sglang_mixed_precision.config import SECTION_KEYS, MixedConfig, parse_config
-from sglang_mixed_precision.errors import MixedPrecisionError
+from sglang_mixed_precision.core.config import SECTION_KEYS, MixedConfig, parse_config
+from sglang_mixed_precision.core.errors import MixedPrecisionError
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -15,8 +15,8 @@ from sglang_mixed_precision.cli import main as cli_main
 from sglang_mixed_precision.convert import writer as writer_mod
 from sglang_mixed_precision.convert.dequant import dequant_fp8_block
 from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
-from sglang_mixed_precision.errors import MixedPrecisionError, PlanErrors
-from sglang_mixed_precision.naming import classify
+from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.naming import classify
 
 
 def read_all(d: Path) -> dict[str, torch.Tensor]:
@@ -248,7 +248,7 @@ def test_already_quantized_input(moe_rtn, tmp_path):
 
 
 def test_shape_not_divisible_names_tensor_and_fix(tmp_path):
-    from sglang_mixed_precision.tinymodels import make_tiny_model
+    from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
     m = make_tiny_model("qwen3", tmp_path / "m", num_layers=1, intermediate_size=200)
     with pytest.raises(MixedPrecisionError) as e:
@@ -322,7 +322,7 @@ def test_config_precision_needs_its_output():
 
 
 def test_several_problems_reported_together(tmp_path):
-    from sglang_mixed_precision.tinymodels import make_tiny_model
+    from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
     m = make_tiny_model("qwen3", tmp_path / "m", num_layers=2, intermediate_size=200)
     with pytest.raises(PlanErrors) as e:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from sglang_mixed_precision.config import parse_config
+from sglang_mixed_precision.core.config import parse_config
 from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
-from sglang_mixed_precision.plan import build_plan
-from sglang_mixed_precision.tinymodels import make_tiny_model
+from sglang_mixed_precision.core.plan import build_plan
+from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "mixed_precision_config.yaml"
 

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from sglang_mixed_precision.config import parse_config
-from sglang_mixed_precision.errors import MixedPrecisionError, PlanErrors
-from sglang_mixed_precision.plan import build_plan
-from sglang_mixed_precision.tinymodels import make_tiny_model
+from sglang_mixed_precision.core.config import parse_config
+from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.plan import build_plan
+from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
 from ckpt_writers import rewrite_checkpoint, write_fp8_checkpoint, write_gptq_checkpoint
 
@@ -208,7 +208,7 @@ def test_config_json_without_model_dimensions(moe_sources, tmp_path):
 
 
 def test_header_entry_that_does_not_fit_its_bytes(tiny_qwen3, tmp_path):
-    from sglang_mixed_precision.shapegen import write_shape_checkpoint
+    from sglang_mixed_precision.testing.shapegen import write_shape_checkpoint
 
     cfg = json.loads((tiny_qwen3 / "config.json").read_text())
     base = write_shape_checkpoint(cfg, tmp_path / "bf16", shard_bytes=1 << 40)

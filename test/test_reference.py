@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from sglang_mixed_precision.tensors import TensorReader, read_tensor
 import pytest
 import torch
 
 from serving_harness import converted, mix_config, write_mix
 
-from sglang_mixed_precision.errors import MixedPrecisionError
+from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.reference import (
     build_reference_model,
     fake_quant_fp8_activation,
@@ -22,7 +23,7 @@ from sglang_mixed_precision.reference import (
     simulate_fp8_activations,
     teacher_forced_logprobs,
 )
-from sglang_mixed_precision.tinymodels import tiny_config
+from sglang_mixed_precision.testing.tinymodels import tiny_config
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,13 +56,13 @@ def test_quantized_modules_are_dequantized_from_their_source(tiny_qwen3):
 
     fp8_module = "model.layers.1.mlp.up_proj"  # fp8 in this mix
     src = plan.sources["fp8"]
-    expected = dequant_fp8_block(src.read_tensor(fp8_module + ".weight"), src.read_tensor(fp8_module + ".weight_scale_inv"))
+    expected = dequant_fp8_block(read_tensor(src, fp8_module + ".weight"), read_tensor(src, fp8_module + ".weight_scale_inv"))
     assert torch.equal(params[fp8_module + ".weight"], expected)
     assert _relative_error(expected, module_weights(fp16, fp8_module)["weight"]) < 0.05
 
     int4_module = "model.layers.1.self_attn.k_proj"  # int4 in this mix
     src = plan.sources["int4"]
-    q = {s: src.read_tensor(f"{int4_module}.{s}") for s in ("qweight", "qzeros", "scales")}
+    q = {s: read_tensor(src, f"{int4_module}.{s}") for s in ("qweight", "qzeros", "scales")}
     expected = dequant_gptq(q["qweight"], q["qzeros"], q["scales"], None)
     assert torch.equal(params[int4_module + ".weight"], expected)
     assert _relative_error(expected, module_weights(fp16, int4_module)["weight"]) < 0.15

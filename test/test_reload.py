@@ -7,8 +7,8 @@ import json
 import pytest
 from test_reload_helpers import mix  # noqa: F401  (session fixture)
 
-from sglang_mixed_precision.errors import MixedPrecisionError, PlanErrors
-from sglang_mixed_precision.reload import (
+from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.reload_plan import (
     NOTHING,
     REBUILD,
     RELOAD,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from ckpt_writers import rewrite_checkpoint, write_fp8_checkpoint, write_gptq_checkpoint
 
-from sglang_mixed_precision.config import parse_config
-from sglang_mixed_precision.plan import build_plan
+from sglang_mixed_precision.core.config import parse_config
+from sglang_mixed_precision.core.plan import build_plan
 
 MLP_FP8 = """
 mixed_precision:

@@ -3,6 +3,7 @@ real safetensors sources, and the HTTP routes driven through FastAPI's test clie
 
 from __future__ import annotations
 
+from sglang_mixed_precision.tensors import TensorReader, read_tensor
 import json
 import os
 from types import SimpleNamespace
@@ -12,9 +13,9 @@ import torch
 from ckpt_writers import rewrite_checkpoint
 from test_reload_helpers import mix  # noqa: F401  (session fixture)
 
-from sglang_mixed_precision.errors import MixedPrecisionError
-from sglang_mixed_precision.naming import classify, split_tensor_name
-from sglang_mixed_precision.reload import ReloadRequest, plan_reload
+from sglang_mixed_precision.core.errors import MixedPrecisionError
+from sglang_mixed_precision.core.naming import classify, split_tensor_name
+from sglang_mixed_precision.core.reload_plan import ReloadRequest, plan_reload
 from sglang_mixed_precision.serving import runtime as rt
 
 SHARD_ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
@@ -31,7 +32,7 @@ class FakeModel(torch.nn.Module):
             members = sorted(group.members, key=lambda m: SHARD_ORDER.get(plan.modules[m].ref.shard, 0))
             module = self._make(prefix)
             for suffix in plan.modules[members[0]].tensors:
-                parts = [plan.sources[plan.modules[m].label].read_tensor(plan.modules[m].tensors[suffix].name) for m in members]
+                parts = [read_tensor(plan.sources[plan.modules[m].label], plan.modules[m].tensors[suffix].name) for m in members]
                 row = 0
                 for m, part in zip(members, parts):
                     self.offsets[plan.modules[m].tensors[suffix].name] = row

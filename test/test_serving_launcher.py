@@ -13,7 +13,7 @@ import pytest
 
 from serving_harness import mix_config
 
-from sglang_mixed_precision.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
 from sglang_mixed_precision.serving import launcher
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 
 from serving_harness import init_sglang_cpu, load_on_cpu, methods_by_prefix, mix_config, read_source_tensor
 
-from sglang_mixed_precision.errors import MixedPrecisionError
+from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.serving.plandir import make_plan_dir
 
 
@@ -135,7 +135,7 @@ def test_fp8_and_bf16_mix_loads_and_postprocesses(tiny_qwen3_moe, tmp_path, sgla
     assert torch.equal(w13[3][: gate.shape[0]], gate)
     assert loader.report.ok
     # Parameter bytes after post-processing agree with the plan's bytes for this rank.
-    from sglang_mixed_precision.report import summary
+    from sglang_mixed_precision.core.report import summary
 
     planned = summary(plan)["per_rank"][0]["bytes"]
     assert abs(loader.weight_bytes - planned) <= 0.02 * planned

@@ -15,7 +15,7 @@ from serving_harness import (
     model_config,
 )
 
-from sglang_mixed_precision.errors import MixedPrecisionError
+from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.serving.plandir import make_plan_dir
 
 
@@ -173,8 +173,8 @@ def test_layer_missing_from_plan_is_refused(tiny_qwen3, tmp_path, sglang_cpu):
 
 
 def test_plan_summary_counts_groups_drawn_from_two_sources_of_one_scheme(tiny_qwen3, tmp_path):
-    from sglang_mixed_precision.config import parse_config
-    from sglang_mixed_precision.plan import build_plan
+    from sglang_mixed_precision.core.config import parse_config
+    from sglang_mixed_precision.core.plan import build_plan
     from sglang_mixed_precision.serving.quant_config import plan_summary
 
     (tmp_path / "alt").symlink_to(tiny_qwen3, target_is_directory=True)  # a second 16-bit source
@@ -195,7 +195,7 @@ def test_quantized_lm_head_is_refused_before_launch_and_by_the_serving_config(ti
     from ckpt_writers import rewrite_checkpoint, write_gptq_checkpoint
 
     from sglang_mixed_precision.convert.gptq_pack import rtn_quantize
-    from sglang_mixed_precision.errors import PlanErrors
+    from sglang_mixed_precision.core.errors import PlanErrors
     from sglang_mixed_precision.reference import plan_from_config
     from sglang_mixed_precision.serving import quant_config as qc
 

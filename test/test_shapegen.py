@@ -6,11 +6,11 @@ import json
 
 from safetensors import safe_open
 
-from sglang_mixed_precision.config import parse_config
-from sglang_mixed_precision.formats import Scheme
-from sglang_mixed_precision.plan import build_plan
-from sglang_mixed_precision.shapegen import write_shape_checkpoint
-from sglang_mixed_precision.sources import CheckpointSource
+from sglang_mixed_precision.core.config import parse_config
+from sglang_mixed_precision.core.formats import Scheme
+from sglang_mixed_precision.core.plan import build_plan
+from sglang_mixed_precision.testing.shapegen import write_shape_checkpoint
+from sglang_mixed_precision.core.sources import CheckpointSource
 
 from ckpt_writers import write_fp8_checkpoint, write_gptq_checkpoint
 

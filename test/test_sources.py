@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sglang_mixed_precision.tensors import TensorReader, read_tensor
 import json
 import pathlib
 import sys
@@ -11,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sglang_mixed_precision.errors import MixedPrecisionError
-from sglang_mixed_precision.formats import detect_scheme, expected_tensors
-from sglang_mixed_precision.sources import _HEADER_CACHE, CheckpointSource
-from sglang_mixed_precision.sources.torch_bin import read_bin_tensors
+from sglang_mixed_precision.core.errors import MixedPrecisionError
+from sglang_mixed_precision.core.formats import detect_scheme, expected_tensors
+from sglang_mixed_precision.core.sources import _HEADER_CACHE, CheckpointSource
+from sglang_mixed_precision.core.sources.torch_bin import read_bin_tensors
 
 from ckpt_writers import load_state, write_fp8_checkpoint, write_gptq_checkpoint
 
@@ -55,11 +56,11 @@ def test_sharded_safetensors_with_index(tiny_llama):
         assert source.tensor(name).file.name == fname
     # data offsets point at the right bytes
     name = "model.layers.1.mlp.down_proj.weight"
-    assert torch.equal(source.read_tensor(name), load_file(str(tiny_llama / index[name]))[name])
+    assert torch.equal(read_tensor(source, name), load_file(str(tiny_llama / index[name]))[name])
 
 
 def test_header_cache_parses_each_file_once(tiny_qwen3, monkeypatch):
-    import sglang_mixed_precision.sources as sources_mod
+    import sglang_mixed_precision.core.sources as sources_mod
 
     CheckpointSource("a", tiny_qwen3).scan()
     calls = []
@@ -72,7 +73,8 @@ def test_header_cache_parses_each_file_once(tiny_qwen3, monkeypatch):
 def test_open_handles_are_cached(tiny_qwen3):
     source = CheckpointSource("a", tiny_qwen3)
     file = source.tensor("model.norm.weight").file
-    assert source.open(file) is source.open(file)
+    reader = TensorReader(source)
+    assert reader.open(file) is reader.open(file)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_torch_bin_read_without_loading(bin_checkpoint, monkeypatch):
     assert names == set(state)
     assert_matches_torch(source, state)
     name = "model.layers.1.mlp.up_proj.weight"
-    assert torch.equal(source.read_tensor(name), state[name])
+    assert torch.equal(read_tensor(source, name), state[name])
 
 
 def test_sharded_torch_bin_with_index(tiny_qwen3, tmp_path):

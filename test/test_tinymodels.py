@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from sglang_mixed_precision.tinymodels import make_tiny_model
+from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
 PROMPTS = [[5, 17, 300, 41, 9, 77], [1000, 3, 3, 250, 600]]
 
@@ -51,7 +51,7 @@ def test_clear_margins_refuse_tied_embeddings(tmp_path):
 def test_an_unknown_architecture_is_named():
     import pytest
 
-    from sglang_mixed_precision.tinymodels import tiny_config
+    from sglang_mixed_precision.testing.tinymodels import tiny_config
 
     with pytest.raises(ValueError, match=r"unknown tiny architecture 'mistral'; choose one of \('qwen3', 'qwen3_moe', 'llama'\)"):
         tiny_config("mistral")

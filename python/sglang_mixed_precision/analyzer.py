@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from .config import Rule, first_matching_rule
-from .errors import MixedPrecisionError
-from .formats import DTYPE_BYTES, Scheme, release_tensors
-from .naming import ModuleRef, Role, classify, module_name
-from .sources import CheckpointSource
+from .core.config import Rule, first_matching_rule
+from .core.errors import MixedPrecisionError
+from .core.formats import DTYPE_BYTES, Scheme, release_tensors
+from .core.naming import ModuleRef, Role, classify, module_name
+from .core.sources import CheckpointSource
 
 PRECISIONS = ("fp16", "bf16", "16bit", "fp8", "int4")
 # What the exported labels are assumed to hold when estimating bytes (the official releases' layouts).

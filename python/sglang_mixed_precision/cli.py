@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import MixedPrecisionError
+from .core.errors import MixedPrecisionError
 
 SUBCOMMANDS = {
     "plan": "Resolve and validate a mixed-precision config; print memory per precision / layer / TP rank",

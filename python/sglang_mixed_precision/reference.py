@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import MixedPrecisionError
+from .core.errors import MixedPrecisionError
+from .tensors import read_tensor
 
 FP8_MAX = 448.0  # largest float8_e4m3fn
 ACT_GROUP = 128  # SGLang's per-token-group activation quantization width for block FP8
@@ -57,7 +58,7 @@ def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
 
     a = plan.modules[module]
     source = plan.sources[a.label]
-    raw = {suffix: source.read_tensor(info.name) for suffix, info in a.tensors.items()}
+    raw = {suffix: read_tensor(source, info.name) for suffix, info in a.tensors.items()}
     scheme = a.scheme
     out = {k: v for k, v in raw.items() if k == "bias"}
     if scheme.kind == "unquantized":
@@ -239,8 +240,8 @@ def generate_reference(plan, prompts: list[str] | list[list[int]], max_new_token
 
 
 def plan_from_config(config_path: str | Path, tp_size: int = 1):
-    from .config import load_config
-    from .plan import build_plan
+    from .core.config import load_config
+    from .core.plan import build_plan
 
     return build_plan(load_config(config_path), tp_size=tp_size)
 

@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..analyzer import analyze, choose_precisions, export_config, plot_bytes_per_layer, role_table
-    from ..report import human_bytes
+    from ..core.report import human_bytes
 
     analysis = analyze(args.model_path)
     choice = choose_precisions(analysis, attention=args.attention_precision, mlp=args.mlp_precision,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..convert.pipeline import CONFIG_NAME, FORMATS, ConvertOptions, convert
 from ..convert.verify import DEFAULT_MAX_ERROR
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
 
 PRECISIONS = FORMATS  # each precision is read from the output of the same name
 

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from ..tinymodels import ARCHITECTURES
+from ..testing.tinymodels import ARCHITECTURES
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
 
@@ -43,7 +43,7 @@ def step(n: int, msg: str) -> float:
 def prepare(workdir: Path, arch: str) -> Path:
     """Steps 1-3: model, conversions, mix config; returns the config path."""
     from ..convert.pipeline import FORMATS, ConvertOptions, convert
-    from ..tinymodels import make_tiny_model
+    from ..testing.tinymodels import make_tiny_model
     from .convert import mixed_config_yaml
 
     t = step(1, f"tiny {arch} model -> {workdir / 'bf16'}")
@@ -114,7 +114,7 @@ def run_reference(config: Path, plan, args, why: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..reference import plan_from_config
-    from ..report import format_tables
+    from ..core.report import format_tables
 
     started = time.time()
     workdir = Path(args.workdir).expanduser().resolve()

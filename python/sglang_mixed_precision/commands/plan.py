@@ -12,9 +12,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config
-    from ..plan import build_plan
-    from ..report import format_tables
+    from ..core.config import load_config
+    from ..core.plan import build_plan
+    from ..core.report import format_tables
 
     plan = build_plan(load_config(args.config), tp_size=args.tp_size)
     if args.json:

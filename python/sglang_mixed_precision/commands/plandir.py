@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import format_tables
+    from ..core.report import format_tables
     from ..serving.launcher import skeleton_label
     from ..serving.plandir import make_plan_dir
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MixedPrecisionError
-from ..naming import Role, classify
+from ..core.errors import MixedPrecisionError
+from ..core.naming import Role, classify
 from .gptq import HessianAccumulator, gptq_quantize
 from .gptq_pack import GptqTensors, rtn_quantize
 from .dequant import dequant_gptq
@@ -44,7 +44,7 @@ class CalibrationSet:
 
 def calibration_text(calib_file: str | None) -> str:
     if calib_file is None:
-        from ..tinymodels import corpus_text
+        from ..testing.tinymodels import corpus_text
 
         return corpus_text()
     p = Path(calib_file)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import MixedPrecisionError
-from ..formats import FLOAT_DTYPES
-from ..sources import CheckpointSource, TensorInfo
+from ..core.errors import MixedPrecisionError
+from ..core.formats import FLOAT_DTYPES
+from ..core.sources import CheckpointSource, TensorInfo
+from ..tensors import TensorReader
 
 # Architectures whose tensor names naming.classify() understands and whose decoder layers the
 # calibration forward can run through transformers.
@@ -45,6 +46,7 @@ class InputModel:
         self.path = Path(path)
         self._check_is_model_dir()
         self.source = CheckpointSource("input", self.path)
+        self._reader = TensorReader(self.source)
         self.config: dict = self.source.hf_config
 
     def _check_is_model_dir(self) -> None:
@@ -84,10 +86,10 @@ class InputModel:
 
     def read(self, name: str):
         """One tensor, read from its shard (memory-mapped; only this tensor is materialised)."""
-        return self.source.read_tensor(name)
+        return self._reader.read(name)
 
     def release(self) -> None:
-        self.source.close()
+        self._reader.close()
 
     # -- checks -------------------------------------------------------------------------------
     @property

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
 from .allocator import pin_mmap_threshold
 from .fp8_block import DEFAULT_BLOCK, quantize_fp8_block
 from .gptq_pack import GptqTensors, rtn_quantize

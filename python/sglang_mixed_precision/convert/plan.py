@@ -10,9 +10,9 @@ import fnmatch
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..errors import MixedPrecisionError, PlanErrors
-from ..naming import Role, classify, split_tensor_name
-from ..sources import TensorInfo
+from ..core.errors import MixedPrecisionError, PlanErrors
+from ..core.naming import Role, classify, split_tensor_name
+from ..core.sources import TensorInfo
 from .gptq_pack import check_gptq_shape
 from .model_dir import InputModel
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..naming import classify
+from ..core.naming import classify
 from .dequant import dequant_fp8_block, dequant_gptq
 from .gptq_pack import GPTQ_SUFFIXES
 from .model_dir import InputModel

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
 from .quant_config import EMBEDDING, MOE, expected_method_class, layer_kind
 
 logger = logging.getLogger(__name__)

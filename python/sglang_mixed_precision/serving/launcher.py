@@ -22,7 +22,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
 from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 from .client import stop_server
 
@@ -121,7 +121,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None, str]:
 
 def skeleton_label(config_path: Path, model: Path) -> str:
     """The label of the source at ``model``: it gives the served model its config.json."""
-    from ..config import load_config
+    from ..core.config import load_config
 
     cfg = load_config(config_path)
     target = model.resolve()
@@ -140,7 +140,7 @@ def default_plan_dir(config: Path, skeleton: str | None, tp: int, kernel: str) -
 
 def prepare_mixed(args: argparse.Namespace, out=sys.stdout) -> Path:
     """Validate the plan at the requested TP size, print it, write the plan directory."""
-    from ..report import format_tables
+    from ..core.report import format_tables
     from .plandir import make_plan_dir
 
     if (args.pp_size or 1) > 1:

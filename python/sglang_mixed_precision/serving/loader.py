@@ -19,7 +19,8 @@ from itertools import groupby
 import torch
 from sglang.srt.model_loader.loader import DefaultModelLoader, device_loading_context
 
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
+from ..tensors import TensorReader
 from .audit import LoadRecorder, audit_model
 from .quant_config import MixedPrecisionConfig
 
@@ -46,12 +47,13 @@ class PlanWeightStream:
 
     def _read_source(self, label: str, infos):
         source = self.plan.sources[label]
+        reader = TensorReader(source)
         start = time.perf_counter()
         try:
             # File by file, in storage order: each file is opened once and read front to back.
             in_order = sorted(infos, key=lambda i: (str(i.file), i.data_offsets[0]))
             for file, in_file in groupby(in_order, key=lambda i: i.file):
-                handle = source.open(file)
+                handle = reader.open(file)
                 self.files_opened[label].add(str(file))
                 read = handle.__getitem__ if isinstance(handle, dict) else handle.get_tensor
                 for info in in_file:
@@ -60,7 +62,7 @@ class PlanWeightStream:
                     self.bytes_read[label] += tensor.numel() * tensor.element_size()
                     yield info.name, tensor
         finally:
-            source.close()
+            reader.close()
             self.seconds[label] = time.perf_counter() - start
         logger.info("mixed_precision: source %r (%s): read %d tensors, %.1f MiB from %d file(s) in %.2fs",
                     label, source.path, len(infos), self.bytes_read[label] / 2**20, len(self.files_opened[label]),
@@ -125,7 +127,7 @@ class MixedPrecisionModelLoader(DefaultModelLoader):
 
 def log_weight_memory(model: torch.nn.Module, plan) -> int:
     """Bytes the model's parameters hold after loading, next to what the plan expects per rank."""
-    from ..report import summary
+    from ..core.report import summary
 
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     planned = summary(plan)["per_rank"][0]["bytes"]

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
 from . import QUANT_METHOD
 from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
 
@@ -55,8 +55,8 @@ def write_plan_dir(plan, settings: PlanSettings, out_dir: str | Path) -> Path:
 def make_plan_dir(config_path: str | Path, out_dir: str | Path, *, tp_size: int = 1, skeleton: str | None = None,
                   int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL):
     """Load and validate ``config_path`` at ``tp_size``, then write its plan directory: (plan, path)."""
-    from ..config import load_config
-    from ..plan import build_plan
+    from ..core.config import load_config
+    from ..core.plan import build_plan
 
     config_path = Path(config_path).expanduser().resolve()
     plan = build_plan(load_config(config_path), tp_size=tp_size, skeleton=skeleton)

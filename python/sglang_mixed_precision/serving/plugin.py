@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
 from . import QUANT_METHOD
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
 from . import QUANT_METHOD
 from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
 
@@ -42,8 +42,8 @@ LINEAR, MOE, EMBEDDING = "linear", "moe", "embedding"
 # ---- where the plan comes from ---------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _cached_plan(config_path: str, mtime_ns: int, tp_size: int, skeleton: str | None):
-    from ..config import load_config
-    from ..plan import build_plan
+    from ..core.config import load_config
+    from ..core.plan import build_plan
 
     return build_plan(load_config(config_path), tp_size=tp_size, skeleton=skeleton)
 

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import read_config_text
-from ..errors import MixedPrecisionError, PlanErrors
-from ..reload import (
+from ..core.config import read_config_text
+from ..core.errors import MixedPrecisionError, PlanErrors
+from ..tensors import TensorReader
+from ..core.reload_plan import (
     ReloadPlan,
     config_sha256,
     parse_reload_request,
@@ -109,14 +110,14 @@ def stage_tensors(reload_plan: ReloadPlan) -> StagedReload:
     start = time.perf_counter()
     tensors, layer_of, nbytes = {}, {}, 0
     checked_files: set[str] = set()
-    sources = reload_plan.plan.sources
+    readers = {label: TensorReader(s) for label, s in reload_plan.plan.sources.items()}
     try:
         for load in reload_plan.loads:
             if load.file not in checked_files:
                 _check_file(Path(load.file))
                 checked_files.add(load.file)
             try:
-                tensor = sources[load.label].read_tensor(load.name)
+                tensor = readers[load.label].read(load.name)
             except MixedPrecisionError:
                 raise
             except Exception as e:  # safetensors / torch read errors name no file: add it
@@ -127,14 +128,14 @@ def stage_tensors(reload_plan: ReloadPlan) -> StagedReload:
             layer_of[load.name] = load.layer
             nbytes += tensor.numel() * tensor.element_size()
     finally:
-        for source in sources.values():
-            source.close()
+        for r in readers.values():
+            r.close()
     return StagedReload(reload_plan, tensors, layer_of, nbytes, time.perf_counter() - start)
 
 
 def _check_file(path: Path) -> None:
     """The file is still there and, for safetensors, whole (its header against its size)."""
-    from ..sources.safetensors_header import read_header
+    from ..core.sources.safetensors import read_header
 
     if not path.is_file():
         raise MixedPrecisionError("missing_file", f"{path} disappeared after the reload was planned",
@@ -424,7 +425,7 @@ class ActiveMix:
 
     def active_plan(self):
         if self.plan is None:
-            from ..reload import plan_of
+            from ..core.reload_plan import plan_of
 
             self.plan = plan_of(self.config_text, self.config_path, self.tp_size, self.skeleton)
         return self.plan
@@ -584,7 +585,7 @@ class MixedPrecisionRuntime:
 # ---- /info ------------------------------------------------------------------------------------------
 def tp_split(plan, assignment) -> str:
     """How SGLang splits a module over TP ranks: column, row, vocab or replicated."""
-    from ..naming import Role
+    from ..core.naming import Role
 
     if plan.tp_size == 1:
         return "none (tp_size 1)"
@@ -597,7 +598,7 @@ def tp_split(plan, assignment) -> str:
 
 
 def build_info(active: ActiveMix, plan, worker: dict | None, worker_error: dict | None = None) -> dict:
-    from ..report import summary
+    from ..core.report import summary
 
     layers = (worker or {}).get("layers", {})
     modules = {}

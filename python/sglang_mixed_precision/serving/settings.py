@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import MixedPrecisionError
+from ..core.errors import MixedPrecisionError
 from . import QUANT_METHOD
 
 INT4_MOE_KERNELS = ("marlin", "wna16")

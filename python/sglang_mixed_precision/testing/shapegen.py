@@ -14,9 +14,9 @@ from math import prod
 from pathlib import Path
 from typing import Iterator
 
-from .formats import DTYPE_BYTES, Scheme, config_dtype, release_tensors
-from .geometry import ModelGeometry
-from .naming import classify
+from ..core.formats import DTYPE_BYTES, Scheme, config_dtype, release_tensors
+from ..core.geometry import ModelGeometry
+from ..core.naming import classify
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 

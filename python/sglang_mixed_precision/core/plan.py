@@ -26,7 +26,7 @@ from .geometry import ModelGeometry
 from .naming import ModuleRef, Role, classify
 from .report import summary
 from .sources import CheckpointSource, TensorInfo
-from .sources.safetensors_header import corrupt_safetensors, entry_problem
+from .sources.safetensors import corrupt_safetensors, entry_problem
 
 # config.json keys that must agree between the skeleton and every other source.
 ARCHITECTURE_KEYS = (

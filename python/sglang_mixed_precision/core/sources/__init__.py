@@ -4,7 +4,7 @@ A source knows its tensors (name, file, dtype, shape, byte range) from safetenso
 (single file, several files, or ``model.safetensors.index.json``) or from the pickle of
 PyTorch ``.bin`` files (+ ``pytorch_model.bin.index.json``) — never from tensor data. Parsed
 headers are cached per file (path, size, mtime), so planning the same sources twice is cheap;
-tensor data is read only by ``read_tensor`` (the serving loader), which imports torch lazily.
+tensor data is read by :mod:`sglang_mixed_precision.tensors` (torch), never here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import NamedTuple
 from ..errors import MixedPrecisionError, PlanErrors
 from ..formats import DTYPE_BYTES, Scheme, detect_scheme
 from ..naming import TENSOR_SUFFIXES
-from .safetensors_header import corrupt_safetensors, entry_problem, json_loads, read_header
+from .safetensors import corrupt_safetensors, entry_problem, json_loads, read_header
 from .torch_bin import read_bin_tensors
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -99,7 +99,6 @@ class CheckpointSource:
         self.label = label
         self.path = Path(path)
         self.origin = origin or str(self.path)
-        self._handles: dict[Path, object] = {}
         self._problems: list[MixedPrecisionError] | None = None
         self._entry: dict[str, dict] = {}  # tensor name -> raw header entry (dtype, shape, data_offsets)
         self._file_of: dict[str, Path] = {}  # tensor name -> file
@@ -277,29 +276,3 @@ class CheckpointSource:
     def module_names(self) -> dict[str, None]:
         """Module names in checkpoint order (tensor suffixes stripped), as an ordered set."""
         return dict.fromkeys(self._by_module)
-
-    # ---- tensor data (serving only) ------------------------------------------------------------
-    def open(self, file: str | os.PathLike):
-        """A cached handle on a weight file: ``safe_open`` for safetensors, the mmapped state
-        dict for ``.bin``. Imports safetensors / torch only here."""
-        path = Path(file)
-        handle = self._handles.get(path)
-        if handle is None:
-            if path.suffix == ".bin":
-                import torch
-
-                handle = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            else:
-                from safetensors import safe_open
-
-                handle = safe_open(str(path), framework="pt", device="cpu")
-            self._handles[path] = handle
-        return handle
-
-    def read_tensor(self, name: str):
-        info = self.tensor(name)
-        handle = self.open(info.file)
-        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()

@@ -21,7 +21,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def corpus_text() -> str:
     """The small calibration / tokenizer corpus shipped in the package."""
-    return (Path(__file__).parent / "data" / "calibration.txt").read_text(encoding="utf-8")
+    return (Path(__file__).parents[1] / "data" / "calibration.txt").read_text(encoding="utf-8")
 
 
 def tiny_config(arch: str, *, num_layers: int = 2, hidden: int = 512, vocab: int = 2048, **overrides):
