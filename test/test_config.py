@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sglang_mixed_precision.core.config import Rule, compile_pattern, load_config, parse_config
-from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
 
 SEED = """\
 mixed_precision:
@@ -20,7 +20,7 @@ mixed_precision:
 
 
 def codes(exc: MixedPrecisionError) -> list[str]:
-    return exc.codes if isinstance(exc, PlanErrors) else [exc.code]
+    return exc.codes if isinstance(exc, ValidationErrors) else [exc.code]
 
 
 def test_seed_format_verbatim():
@@ -83,7 +83,7 @@ def test_glob_patterns(pattern, name, expected):
 
 def test_bad_patterns_name_rule_and_line():
     text = "mixed_precision:\n  fp16_path: /a\n  rules:\n    - {match: 'model.layers.[a-z].*', source: fp16}\n    - {match: 're:(unclosed', source: fp16}\n"
-    with pytest.raises(PlanErrors) as e:
+    with pytest.raises(ValidationErrors) as e:
         parse_config(text, "m.yaml")
     assert e.value.codes == ["config_bad_pattern", "config_bad_pattern"]
     assert "m.yaml:4" in str(e.value) and "[0-3]" in str(e.value) and "m.yaml:5" in str(e.value)
@@ -102,7 +102,7 @@ def test_unknown_key_names_line_and_suggests():
 
 def test_unknown_rule_key_and_top_level_key():
     text = "mixed_precision:\n  fp16_path: /a\n  rules:\n    - {match: '*', sorce: fp16}\nserver: {}\n"
-    with pytest.raises(PlanErrors) as e:
+    with pytest.raises(ValidationErrors) as e:
         parse_config(text, "mix.yaml")
     assert set(e.value.codes) == {"config_unknown_key"}
     assert "'sorce'" in str(e.value) and "mix.yaml:4" in str(e.value) and "'server'" in str(e.value) and "mix.yaml:5" in str(e.value)
@@ -119,7 +119,7 @@ mixed_precision:
   weight_mapping:
     model.layers.0.self_attn.q_proj.weight: fp-8
 """
-    with pytest.raises(PlanErrors) as e:
+    with pytest.raises(ValidationErrors) as e:
         parse_config(text, "mix.yaml")
     assert e.value.codes == ["config_bad_label"] * 3
     msg = str(e.value)

@@ -15,7 +15,7 @@ from sglang_mixed_precision.cli import main as cli_main
 from sglang_mixed_precision.convert import writer as writer_mod
 from sglang_mixed_precision.convert.dequant import dequant_fp8_block
 from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
-from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
 from sglang_mixed_precision.core.naming import classify
 
 
@@ -325,7 +325,7 @@ def test_several_problems_reported_together(tmp_path):
     from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
     m = make_tiny_model("qwen3", tmp_path / "m", num_layers=2, intermediate_size=200)
-    with pytest.raises(PlanErrors) as e:
+    with pytest.raises(ValidationErrors) as e:
         convert(opts(m, tmp_path / "o"))
     assert len(e.value.errors) == 2 and set(e.value.codes) == {"shape_not_divisible"}
 
@@ -387,7 +387,7 @@ def test_tensors_the_converter_cannot_quantize_are_named_before_writing(tiny_qwe
         state["model.layers.1.mlp.experts.gate_up_proj"] = torch.zeros(2, 8, 4, dtype=torch.bfloat16)
 
     m = rewrite_checkpoint(tiny_qwen3, tmp_path / "m", edit)
-    with pytest.raises(PlanErrors) as e:
+    with pytest.raises(ValidationErrors) as e:
         convert(opts(m, tmp_path / "o"))
     assert e.value.codes == ["unsupported_tensor", "unsupported_tensor"]
     by_detail = {x.detail: x for x in e.value.errors}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sglang_mixed_precision.core.config import parse_config
-from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
 from sglang_mixed_precision.core.plan import build_plan
 from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
@@ -21,13 +21,13 @@ def yaml_for(sources: dict, extra: str = "") -> str:
     return "\n".join(lines) + "\n" + extra
 
 
-def plan_errors(text: str, tp: int = 1) -> PlanErrors:
-    with pytest.raises(PlanErrors) as e:
+def plan_errors(text: str, tp: int = 1) -> ValidationErrors:
+    with pytest.raises(ValidationErrors) as e:
         build_plan(parse_config(text, "/cfg/mix.yaml"), tp_size=tp)
     return e.value
 
 
-def only(err: PlanErrors, code: str) -> MixedPrecisionError:
+def only(err: ValidationErrors, code: str) -> MixedPrecisionError:
     found = [x for x in err.errors if x.code == code]
     assert found, f"no {code} in {err.codes}: {err}"
     assert found[0].fix, "every error says how to fix it"
@@ -174,7 +174,7 @@ def test_independent_errors_are_reported_together(moe_sources, tmp_path):
     err = plan_errors(yaml_for(moe_sources, "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
                                "  weight_mapping:\n    model.layers.1.self_attn.k_proj: int4\n"), tp=4)
     assert {"mixed_group", "tp_indivisible"} <= set(err.codes)
-    assert str(err).startswith(f"{len(err.errors)} problem(s) found before launch")
+    assert str(err).startswith(f"{len(err.errors)} problem(s) found:")
 
 
 def test_corrupt_config_json(moe_sources, tmp_path):

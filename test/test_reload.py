@@ -7,7 +7,7 @@ import json
 import pytest
 from test_reload_helpers import mix  # noqa: F401  (session fixture)
 
-from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
 from sglang_mixed_precision.core.reload_plan import (
     NOTHING,
     REBUILD,
@@ -146,7 +146,7 @@ def test_bad_yaml_and_unknown_label_raise_the_config_errors(mix):
 
 
 def test_missing_source_directory_is_a_plan_error(mix):
-    with pytest.raises(PlanErrors) as e:
+    with pytest.raises(ValidationErrors) as e:
         plan_reload(mix.plan(mix.yaml()), request_for(mix, mix.yaml(fp8=mix.root / "nowhere")))
     assert "missing_source" in e.value.codes
 

@@ -13,7 +13,7 @@ import pytest
 
 from serving_harness import mix_config
 
-from sglang_mixed_precision.core.errors import MixedPrecisionError, PlanErrors
+from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
 from sglang_mixed_precision.serving import launcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_enabled_launch_validates_prints_and_serves_the_plan_dir(tiny_qwen3_moe,
 
 def test_plan_errors_fail_before_sglang_starts(tiny_qwen3_moe, tmp_path, capsys):
     cfg = mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4")
-    with pytest.raises(PlanErrors) as e:
+    with pytest.raises(ValidationErrors) as e:
         launcher.sglang_command(["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--tp-size", "3",
                                  "--plan-dir", str(tmp_path / "plan")])
     assert "tp_indivisible" in e.value.codes
@@ -189,7 +189,7 @@ def _supervisor(tmp_path, scripts: dict[str, str], refuse: set[str]):
     def command_for(args):
         calls.append(Path(args.mixed_precision_config).name)
         if calls[-1] in refuse:
-            raise MixedPrecisionError("plan_invalid", f"{calls[-1]} does not plan")
+            raise MixedPrecisionError("validation_failed", f"{calls[-1]} does not plan")
         return [sys.executable, "-c", scripts[calls[-1]]]
 
     args, _ = launcher.parse(["--enable-mixed-precision", "--mixed-precision-config", str(tmp_path / "a.yaml")])

@@ -195,7 +195,7 @@ def test_quantized_lm_head_is_refused_before_launch_and_by_the_serving_config(ti
     from ckpt_writers import rewrite_checkpoint, write_gptq_checkpoint
 
     from sglang_mixed_precision.convert.gptq_pack import rtn_quantize
-    from sglang_mixed_precision.core.errors import PlanErrors
+    from sglang_mixed_precision.core.errors import ValidationErrors
     from sglang_mixed_precision.reference import plan_from_config
     from sglang_mixed_precision.serving import quant_config as qc
 
@@ -206,7 +206,7 @@ def test_quantized_lm_head_is_refused_before_launch_and_by_the_serving_config(ti
     int4 = rewrite_checkpoint(plain_int4, tmp_path / "int4", quantize_lm_head)
     cfg = tmp_path / "mix.yaml"
     cfg.write_text(f"mixed_precision:\n  fp16_path: {tiny_qwen3}\n  int4_path: {int4}\n  weight_mapping:\n    lm_head: int4\n")
-    with pytest.raises(PlanErrors) as e:
+    with pytest.raises(ValidationErrors) as e:
         plan_from_config(cfg)
     (err,) = [x for x in e.value.errors if x.code == "quantized_vocab"]
     assert err.detail == "lm_head is gptq-int4-g128 in source 'int4', but SGLang serves embeddings and lm_head only in 16 bits"

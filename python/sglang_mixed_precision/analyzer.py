@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .core.config import Rule, first_matching_rule
-from .core.errors import MixedPrecisionError
+from .core.errors import ErrorCode, MixedPrecisionError
 from .core.formats import DTYPE_BYTES, Scheme, release_tensors
 from .core.naming import ModuleRef, Role, classify, module_name
 from .core.sources import CheckpointSource
@@ -77,7 +77,7 @@ def choose_precisions(analysis: Analysis, *, attention="fp16", mlp="fp16", exper
                 Role.SHARED_EXPERT: shared_expert or mlp}
     for role, value in per_role.items():
         if value not in PRECISIONS:
-            raise MixedPrecisionError("bad_argument", f"precision {value!r} for {role.value} is not one of {', '.join(PRECISIONS)}",
+            raise MixedPrecisionError(ErrorCode.BAD_ARGUMENT, f"precision {value!r} for {role.value} is not one of {', '.join(PRECISIONS)}",
                                       fix="use fp16 (= bf16 / 16bit, the unquantized source), fp8 or int4")
     norm = {p: ("fp16" if p in ("bf16", "16bit") else p) for p in PRECISIONS}
     return {m: norm[per_role[ref.role]] if ref.role in per_role else "fp16" for m, ref in analysis.refs.items()}
@@ -177,7 +177,7 @@ def plot_bytes_per_layer(analysis: Analysis, choice: dict[str, str], out_png: st
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MixedPrecisionError("missing_dependency", "--plot needs matplotlib, which is not installed",
+        raise MixedPrecisionError(ErrorCode.MISSING_DEPENDENCY, "--plot needs matplotlib, which is not installed",
                                   fix="pip install matplotlib") from None
     per_layer = bytes_per_layer(analysis, choice)
     layers = sorted(k for k in per_layer if k != "other")

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "launch": "Validate the plan, then start SGLang with the mix (flags pass through to SGLang)",
     "demo": "Generate a small model, convert it, plan a mix and serve or run it",
     "plandir": "Write a plan directory servable by plain `python -m sglang.launch_server`",
+    "errors": "List every error code with its HTTP status and meaning",
 }
 
 

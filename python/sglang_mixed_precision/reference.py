@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .core.errors import MixedPrecisionError
+from .core.errors import ErrorCode, MixedPrecisionError
 from .tensors import read_tensor
 
 FP8_MAX = 448.0  # largest float8_e4m3fn
@@ -74,7 +74,7 @@ def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
         out["weight"] = dequant_gptq(raw["qweight"], raw["qzeros"], raw["scales"], raw.get("g_idx") if scheme.desc_act else None,
                                      bits=scheme.bits)
         return out
-    raise MixedPrecisionError("unsupported_scheme", f"no dequantizer for {scheme.label()}", where=module)
+    raise MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"no dequantizer for {scheme.label()}", where=module)
 
 
 def fill_model(model: torch.nn.Module, plan) -> None:
@@ -95,7 +95,7 @@ def fill_model(model: torch.nn.Module, plan) -> None:
             if name not in params:
                 if name in tied:
                     continue
-                raise MixedPrecisionError("reference_no_parameter", f"the transformers model has no parameter {name}",
+                raise MixedPrecisionError(ErrorCode.REFERENCE_NO_PARAMETER, f"the transformers model has no parameter {name}",
                                           where=str(plan.skeleton_path / "config.json"),
                                           fix="the reference supports the architectures transformers builds from config.json")
             _copy(params[name], tensor, name)
@@ -104,7 +104,7 @@ def fill_model(model: torch.nn.Module, plan) -> None:
         done |= _fill_experts(params, base, per_expert)
     missing = sorted(set(params) - done - tied)
     if missing:
-        raise MixedPrecisionError("reference_unfilled", f"{len(missing)} parameter(s) have no planned source: {', '.join(missing[:5])}",
+        raise MixedPrecisionError(ErrorCode.REFERENCE_UNFILLED, f"{len(missing)} parameter(s) have no planned source: {', '.join(missing[:5])}",
                                   fix="the plan must cover every tensor of the model")
 
 
@@ -114,7 +114,7 @@ def _fill_experts(params: dict, base: str, per_expert: dict) -> set[str]:
     for fused in ("gate_up_proj", "down_proj"):
         name = f"{base}.{fused}"
         if name not in params:
-            raise MixedPrecisionError("reference_no_parameter", f"the transformers model has no fused expert parameter {name}",
+            raise MixedPrecisionError(ErrorCode.REFERENCE_NO_PARAMETER, f"the transformers model has no fused expert parameter {name}",
                                       fix="the reference stacks experts for models with fused experts (transformers 5)")
         parts = []
         for e in sorted(per_expert):
@@ -127,7 +127,7 @@ def _fill_experts(params: dict, base: str, per_expert: dict) -> set[str]:
 
 def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
     if tuple(param.shape) != tuple(tensor.shape):
-        raise MixedPrecisionError("reference_shape", f"{name}: source gives {tuple(tensor.shape)}, the model has {tuple(param.shape)}",
+        raise MixedPrecisionError(ErrorCode.REFERENCE_SHAPE, f"{name}: source gives {tuple(tensor.shape)}, the model has {tuple(param.shape)}",
                                   fix="the sources must be of the skeleton's model size")
     with torch.no_grad():
         param.copy_(tensor.to(param.dtype))
@@ -143,7 +143,7 @@ def fake_quant_fp8_activation(x: torch.Tensor, group: int = ACT_GROUP) -> torch.
     """Per token and group of ``group`` channels: scale = amax / 448, round to e4m3, scale back."""
     shape = x.shape
     if shape[-1] % group:
-        raise MixedPrecisionError("reference_act_group", f"activation width {shape[-1]} is not a multiple of {group}")
+        raise MixedPrecisionError(ErrorCode.REFERENCE_ACT_GROUP, f"activation width {shape[-1]} is not a multiple of {group}")
     g = x.float().reshape(-1, shape[-1] // group, group)
     scale = g.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / FP8_MAX
     q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..convert.pipeline import CONFIG_NAME, FORMATS, ConvertOptions, convert
 from ..convert.verify import DEFAULT_MAX_ERROR
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 
 PRECISIONS = FORMATS  # each precision is read from the output of the same name
 
@@ -71,7 +71,7 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
 
     for what, prec in (("attention", attention), ("mlp", mlp), ("expert", experts)):
         if prec not in sources:
-            raise MixedPrecisionError("bad_precision", f"--{what}_precision {prec} but {prec}/ is not being written",
+            raise MixedPrecisionError(ErrorCode.BAD_PRECISION, f"--{what}_precision {prec} but {prec}/ is not being written",
                                       fix=f"add {prec} to --formats")
     rules = [
         {"match": "model.layers.*.mlp.experts.*", "source": experts},

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.naming import Role, classify
 from .gptq import HessianAccumulator, gptq_quantize
 from .gptq_pack import GptqTensors, rtn_quantize
@@ -49,7 +49,7 @@ def calibration_text(calib_file: str | None) -> str:
         return corpus_text()
     p = Path(calib_file)
     if not p.is_file():
-        raise MixedPrecisionError("calib_file_missing", "calibration file not found", where=str(p),
+        raise MixedPrecisionError(ErrorCode.CALIB_FILE_MISSING, "calibration file not found", where=str(p),
                                   fix="pass a UTF-8 text file to --calib_file, or omit it to use the bundled corpus")
     return p.read_text(encoding="utf-8", errors="replace")
 
@@ -75,16 +75,16 @@ def calibration_set(model_path: Path, calib_file: str | None, nsamples: int, seq
     try:
         tok = AutoTokenizer.from_pretrained(str(model_path))
     except Exception as e:  # transformers raises many types for a missing / broken tokenizer
-        raise MixedPrecisionError("no_tokenizer", f"cannot load the model's tokenizer: {e}", where=str(model_path),
+        raise MixedPrecisionError(ErrorCode.NO_TOKENIZER, f"cannot load the model's tokenizer: {e}", where=str(model_path),
                                   fix="add the tokenizer files to the model directory, or use --method rtn") from e
     text = calibration_text(calib_file)
     ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
     if ids.numel() == 0 and text.strip():  # transformers builds an empty tokenizer when the directory has no tokenizer files
-        raise MixedPrecisionError("no_tokenizer", f"the model's tokenizer ({type(tok).__name__}, {len(tok)} token(s)) turns "
+        raise MixedPrecisionError(ErrorCode.NO_TOKENIZER, f"the model's tokenizer ({type(tok).__name__}, {len(tok)} token(s)) turns "
                                   "the calibration text into no tokens: the model directory has no usable tokenizer files",
                                   where=str(model_path), fix="add the tokenizer files to the model directory, or use --method rtn")
     if ids.numel() < 64:
-        raise MixedPrecisionError("calib_too_short", f"calibration text has only {ids.numel()} tokens",
+        raise MixedPrecisionError(ErrorCode.CALIB_TOO_SHORT, f"calibration text has only {ids.numel()} tokens",
                                   where=calib_file or "bundled corpus", fix="pass a longer --calib_file")
     return split_windows(ids, nsamples, seqlen)
 
@@ -125,7 +125,7 @@ class LayerFactory:
     def _find(module, suffix: str):
         hits = [v for k, v in vars(module).items() if k.endswith(suffix) and isinstance(v, type) and not k.startswith("_")]
         if not hits:
-            raise MixedPrecisionError("unsupported_architecture", f"{module.__name__} has no *{suffix} class",
+            raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"{module.__name__} has no *{suffix} class",
                                       fix="use --method rtn for this architecture")
         return hits[0]
 
@@ -182,7 +182,7 @@ class LayerWeights:
             module = rel.rsplit(".", 1)[0]
             target = self._fused_expert_target(module) if ".experts." in rel else None
             if target is None:
-                raise MixedPrecisionError("unsupported_architecture", f"tensor {name} has no place in {type(self.layer).__name__}",
+                raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"tensor {name} has no place in {type(self.layer).__name__}",
                                           where=name, fix="use --method rtn for this model")
             param, idx = target
             key = next(k for k, v in expected.items() if v is param)
@@ -191,7 +191,7 @@ class LayerWeights:
         sd.update(fused)
         missing = set(expected) - set(sd)
         if missing:
-            raise MixedPrecisionError("unsupported_architecture", f"layer tensors missing from the checkpoint: {sorted(missing)[:5]}",
+            raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"layer tensors missing from the checkpoint: {sorted(missing)[:5]}",
                                       where=self.prefix, fix="use --method rtn for this model")
         self.layer.load_state_dict(sd, assign=True, strict=True)
 
@@ -298,7 +298,7 @@ class GptqInt4:
     def _embed(self, tensors: dict[str, torch.Tensor]) -> None:
         emb = [t for n, t in tensors.items() if classify(n.rsplit(".", 1)[0]).role is Role.EMBEDDING]
         if not emb:
-            raise MixedPrecisionError("unsupported_architecture", "no token embedding found outside the layers",
+            raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, "no token embedding found outside the layers",
                                       where=str(self.model.path), fix="use --method rtn for this model")
         table = emb[0].float()
         self.hidden = table[self.data.calib]
@@ -394,7 +394,7 @@ class GptqInt4:
         for m in modules:
             leaf = m.rsplit(".", 1)[-1]
             if leaf not in STAGE_OF_LEAF:
-                raise MixedPrecisionError("unsupported_architecture", f"no calibration order known for {m}",
+                raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"no calibration order known for {m}",
                                           where=m, fix="use --method rtn, or --skip this module")
             stages.setdefault(STAGE_OF_LEAF[leaf], []).append(m)
         # experts' down projections are handled with their gate/up from the same routed tokens
@@ -414,7 +414,7 @@ class GptqInt4:
             ref = classify(n.rsplit(".", 1)[0])
             if ref.role is Role.ROUTER and n.startswith(moe_block + ".") and n.endswith(".weight") and "shared" not in n:
                 return t.float()
-        raise MixedPrecisionError("unsupported_architecture", f"no router weight found in {moe_block}", where=moe_block,
+        raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"no router weight found in {moe_block}", where=moe_block,
                                   fix="use --method rtn for this model")
 
     def route(self, x: torch.Tensor, router_w: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.formats import FLOAT_DTYPES
 from ..core.sources import CheckpointSource, TensorInfo
 from ..tensors import TensorReader
@@ -52,15 +52,15 @@ class InputModel:
     def _check_is_model_dir(self) -> None:
         p = self.path
         if not p.is_dir():
-            raise MixedPrecisionError("not_a_model_dir", "the model path is not a directory", where=str(p),
+            raise MixedPrecisionError(ErrorCode.NOT_A_MODEL_DIR, "the model path is not a directory", where=str(p),
                                       fix="pass --model_path pointing at a Hugging Face model directory")
         if not (p / "config.json").exists():
-            raise MixedPrecisionError("not_a_model_dir", "no config.json in the model directory", where=str(p),
+            raise MixedPrecisionError(ErrorCode.NOT_A_MODEL_DIR, "no config.json in the model directory", where=str(p),
                                       fix="pass the directory that holds config.json and the *.safetensors weights")
         if not list(p.glob("*.safetensors")):
             has_bin = bool(list(p.glob("*.bin")))
             raise MixedPrecisionError(
-                "not_a_model_dir",
+                ErrorCode.NOT_A_MODEL_DIR,
                 "no *.safetensors weights in the model directory" + (" (only .bin files)" if has_bin else ""),
                 where=str(p),
                 fix="save the model with safe_serialization=True (model.save_pretrained(dir)) and retry",
@@ -100,7 +100,7 @@ class InputModel:
     def check_supported(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise MixedPrecisionError(
-                "unsupported_architecture",
+                ErrorCode.UNSUPPORTED_ARCHITECTURE,
                 f"architecture {self.architecture} is not supported by the converter",
                 where=str(self.path / "config.json"),
                 fix=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
@@ -110,7 +110,7 @@ class InputModel:
         qc = self.config.get("quantization_config")
         if qc:
             raise MixedPrecisionError(
-                "already_quantized",
+                ErrorCode.ALREADY_QUANTIZED,
                 f"the input is already quantized (quantization_config.quant_method={qc.get('quant_method')!r})",
                 where=str(self.path / "config.json"),
                 fix="convert from the original 16-bit (bf16/fp16) model, or use this checkpoint directly as a source",
@@ -119,7 +119,7 @@ class InputModel:
             suffix = t.name.rsplit(".", 1)[-1]
             if suffix in QUANTIZED_SUFFIXES or t.dtype not in FLOAT_DTYPES:
                 raise MixedPrecisionError(
-                    "already_quantized",
+                    ErrorCode.ALREADY_QUANTIZED,
                     f"tensor {t.name} is {t.dtype} / '{suffix}', not a 16-bit weight",
                     where=f"{t.file}:{t.name}",
                     fix="convert from the original 16-bit (bf16/fp16) model",

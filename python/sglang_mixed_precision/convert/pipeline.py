@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from .allocator import pin_mmap_threshold
 from .fp8_block import DEFAULT_BLOCK, quantize_fp8_block
 from .gptq_pack import GptqTensors, rtn_quantize
@@ -105,7 +105,7 @@ def prepare_output_dir(opts: ConvertOptions, fingerprint: dict) -> Path:
     (resume) or --overwrite is given (then only what the converter writes is removed)."""
     out = Path(opts.output_dir)
     if out.exists() and not out.is_dir():
-        raise MixedPrecisionError("output_not_dir", "the output path exists and is not a directory", where=str(out),
+        raise MixedPrecisionError(ErrorCode.OUTPUT_NOT_DIR, "the output path exists and is not a directory", where=str(out),
                                   fix="pick a new --output_dir")
     if not out.exists() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def prepare_output_dir(opts: ConvertOptions, fingerprint: dict) -> Path:
     if states and all(json.loads(s.read_text()).get("fingerprint") == fingerprint for s in states):
         return out
     reason = "holds another conversion (different input or settings)" if states else "is not empty"
-    raise MixedPrecisionError("output_not_empty", f"the output directory {reason}", where=str(out),
+    raise MixedPrecisionError(ErrorCode.OUTPUT_NOT_EMPTY, f"the output directory {reason}", where=str(out),
                               fix="pass --overwrite to replace the converter's outputs there, or pick a new --output_dir")
 
 
@@ -152,7 +152,7 @@ def make_int4_method(opts: ConvertOptions, model: InputModel):
         from .calibration import GptqInt4
 
         return GptqInt4(model, opts, log=_log)
-    raise MixedPrecisionError("bad_method", f"unknown int4 method {opts.method!r}", fix="use --method gptq or --method rtn")
+    raise MixedPrecisionError(ErrorCode.BAD_METHOD, f"unknown int4 method {opts.method!r}", fix="use --method gptq or --method rtn")
 
 
 # -- the pass over units ------------------------------------------------------------------------
@@ -244,9 +244,9 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     t0 = time.time()
     bad = [f for f in opts.formats if f not in FORMATS]
     if bad or not opts.formats:
-        raise MixedPrecisionError("bad_format", f"unknown output format(s) {bad}", fix=f"choose from {', '.join(FORMATS)}")
+        raise MixedPrecisionError(ErrorCode.BAD_FORMAT, f"unknown output format(s) {bad}", fix=f"choose from {', '.join(FORMATS)}")
     if opts.group_size not in (32, 64, 128, -1):
-        raise MixedPrecisionError("bad_group_size", f"group_size {opts.group_size} is not supported",
+        raise MixedPrecisionError(ErrorCode.BAD_GROUP_SIZE, f"group_size {opts.group_size} is not supported",
                                   fix="use --group_size 32, 64, 128 or -1")
     model = InputModel(opts.model_path)
     model.check_supported()
@@ -307,7 +307,7 @@ def gate_verification(report: ConversionReport, opts: ConvertOptions) -> None:
         failures += c.problems
         failures += [f"{f}: {m} relative error {e:.4f} > {limits[f]}" for m, e in c.errors.items() if e > limits[f]]
     if failures:
-        raise MixedPrecisionError("verify_failed", f"{len(failures)} check(s) failed:\n  " + "\n  ".join(failures[:30]),
+        raise MixedPrecisionError(ErrorCode.VERIFY_FAILED, f"{len(failures)} check(s) failed:\n  " + "\n  ".join(failures[:30]),
                                   where=report.output_dir,
                                   fix="inspect the listed modules; raise --max_error_fp8/--max_error_int4 if expected, "
                                       "or leave them 16-bit with --skip")

@@ -10,7 +10,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..core.errors import MixedPrecisionError, PlanErrors
+from ..core.errors import ErrorCode, MixedPrecisionError, raise_all
 from ..core.naming import Role, classify, split_tensor_name
 from ..core.sources import TensorInfo
 from .gptq_pack import check_gptq_shape
@@ -68,14 +68,14 @@ def build_plan(model: InputModel, *, skip: list[str], group_size: int | None, fp
         if ref.role.quantizable and suffix == "weight":
             if len(meta.shape) != 2:
                 errors.append(MixedPrecisionError(
-                    "unsupported_tensor", f"{name} is a {len(meta.shape)}-D linear weight {list(meta.shape)}",
+                    ErrorCode.UNSUPPORTED_TENSOR, f"{name} is a {len(meta.shape)}-D linear weight {list(meta.shape)}",
                     where=f"{meta.file}:{name}",
                     fix="save the model with one 2-D weight per expert/projection (transformers' per-expert layout)"))
                 continue
             candidates[module] = meta
         elif ref.role is Role.OTHER and len(meta.shape) >= 2 and ".experts." in name:
             errors.append(MixedPrecisionError(
-                "unsupported_tensor", f"{name}: fused expert tensor the converter does not know how to split",
+                ErrorCode.UNSUPPORTED_TENSOR, f"{name}: fused expert tensor the converter does not know how to split",
                 where=f"{meta.file}:{name}",
                 fix="save the model with per-expert gate_proj/up_proj/down_proj weights"))
 
@@ -88,11 +88,11 @@ def build_plan(model: InputModel, *, skip: list[str], group_size: int | None, fp
             why = check_gptq_shape(f"{module}.weight", n, k, group_size)
             if why:
                 errors.append(MixedPrecisionError(
-                    "shape_not_divisible", why, where=f"{meta.file}:{module}.weight",
+                    ErrorCode.SHAPE_NOT_DIVISIBLE, why, where=f"{meta.file}:{module}.weight",
                     fix=f"pick --group_size that divides {k} (32, 64, 128 or -1 for one group per row), "
                         f"or leave it 16-bit with --skip '{module}'"))
     if errors:
-        raise errors[0] if len(errors) == 1 else PlanErrors(errors)
+        raise_all(errors)
 
     units: dict[int | None, Unit] = {}
     for name in model.tensors:

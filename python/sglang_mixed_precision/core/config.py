@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import MixedPrecisionError, PlanErrors
+from .errors import ErrorCode, MixedPrecisionError, raise_all
 from .naming import TENSOR_SUFFIXES, module_name
 
 UNQUANTIZED_ALIASES = ("fp16", "bf16", "16bit")
@@ -167,7 +167,7 @@ def _parse_ranges(body: str, pattern: str, origin: str) -> tuple[tuple[int, int]
 
 
 def _bad_pattern(pattern: str, origin: str, why: str) -> MixedPrecisionError:
-    return MixedPrecisionError("config_bad_pattern", f"rule pattern {pattern!r}: {why}", where=origin,
+    return MixedPrecisionError(ErrorCode.CONFIG_BAD_PATTERN, f"rule pattern {pattern!r}: {why}", where=origin,
                                fix="use a glob like 'model.layers.[0-3].self_attn.*' or 're:<python regex>'")
 
 
@@ -183,10 +183,10 @@ def read_config_text(path: Path, *, missing_fix: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MixedPrecisionError("missing_file", f"config file {path} does not exist", where=str(path),
+        raise MixedPrecisionError(ErrorCode.MISSING_FILE, f"config file {path} does not exist", where=str(path),
                                   fix=missing_fix) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise MixedPrecisionError("config_syntax", f"cannot read config file {path}: {e}", where=str(path),
+        raise MixedPrecisionError(ErrorCode.CONFIG_SYNTAX, f"cannot read config file {path}: {e}", where=str(path),
                                   fix="pass a UTF-8 YAML file") from None
 
 
@@ -195,7 +195,7 @@ def parse_config(text: str, path: str | Path | None = None) -> MixedConfig:
     parser = _Parser(Path(path) if path is not None else None)
     config = parser.parse(text)
     if parser.errors:
-        raise parser.errors[0] if len(parser.errors) == 1 else PlanErrors(parser.errors)
+        raise_all(parser.errors)
     return config
 
 
@@ -222,7 +222,7 @@ class _Parser:
     def mapping(self, node, what: str, known: tuple[str, ...]) -> dict[str, tuple]:
         """{key: (key node, value node)} of a YAML mapping, reporting unknown / duplicate keys."""
         if not isinstance(node, yaml.MappingNode):
-            self.fail("config_syntax", f"{what} must be a mapping, found {_kind(node)}", node,
+            self.fail(ErrorCode.CONFIG_SYNTAX, f"{what} must be a mapping, found {_kind(node)}", node,
                       f"write {what} as 'key: value' lines")
             return {}
         out = {}
@@ -233,11 +233,11 @@ class _Parser:
             if known and key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                self.fail("config_unknown_key", f"unknown key {key!r} in {what}", key_node,
+                self.fail(ErrorCode.CONFIG_UNKNOWN_KEY, f"unknown key {key!r} in {what}", key_node,
                           f"{hint}known keys: {', '.join(known)}", key)
                 continue
             if key in out:
-                self.fail("config_duplicate_key", f"key {key!r} appears twice in {what}", key_node,
+                self.fail(ErrorCode.CONFIG_DUPLICATE_KEY, f"key {key!r} appears twice in {what}", key_node,
                           "keep one entry per key", key)
                 continue
             out[key] = (key_node, value_node)
@@ -245,7 +245,7 @@ class _Parser:
 
     def string(self, node, what: str) -> str | None:
         if not isinstance(node, yaml.ScalarNode) or node.tag == _NULL_TAG or node.value == "":
-            self.fail("config_syntax", f"{what} must be a non-empty string, found {_kind(node)}", node,
+            self.fail(ErrorCode.CONFIG_SYNTAX, f"{what} must be a non-empty string, found {_kind(node)}", node,
                       f"write {what} as plain text")
             return None
         return node.value
@@ -253,7 +253,7 @@ class _Parser:
     def label(self, node, what: str) -> str | None:
         value = self.string(node, what)
         if value is not None and not _LABEL_RE.fullmatch(value):
-            self.fail("config_bad_label", f"{what} {value!r} is not a valid source label", node,
+            self.fail(ErrorCode.CONFIG_BAD_LABEL, f"{what} {value!r} is not a valid source label", node,
                       "labels are letters, digits, '_', '-', '.', '+' (e.g. fp8, int4, bf16)")
             return None
         return value
@@ -266,21 +266,21 @@ class _Parser:
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             where = f"{self.file}:{mark.line + 1}:{mark.column + 1}" if mark else self.file
-            self.errors.append(MixedPrecisionError("config_syntax", f"YAML syntax error: {e.problem or e}", where=where,
+            self.errors.append(MixedPrecisionError(ErrorCode.CONFIG_SYNTAX, f"YAML syntax error: {e.problem or e}", where=where,
                                                    fix="fix the YAML at that line (indentation, quotes, colons)"))
             return empty
         except (yaml.YAMLError, RecursionError, ValueError) as e:
-            self.errors.append(MixedPrecisionError("config_syntax", f"YAML syntax error: {type(e).__name__}: {e}",
+            self.errors.append(MixedPrecisionError(ErrorCode.CONFIG_SYNTAX, f"YAML syntax error: {type(e).__name__}: {e}",
                                                    where=self.file, fix="fix the YAML syntax"))
             return empty
         if root is None:
-            self.errors.append(MixedPrecisionError("config_syntax", "the config is empty", where=self.file,
+            self.errors.append(MixedPrecisionError(ErrorCode.CONFIG_SYNTAX, "the config is empty", where=self.file,
                                                    fix="start the file with 'mixed_precision:' and its sources"))
             return empty
         top = self.mapping(root, "the config's top level", TOP_KEYS)
         if "mixed_precision" not in top:
             if not self.errors:
-                self.fail("config_syntax", "the config has no 'mixed_precision:' section", root,
+                self.fail(ErrorCode.CONFIG_SYNTAX, "the config has no 'mixed_precision:' section", root,
                           "put the sources, rules and weight_mapping under a top-level 'mixed_precision:' key")
             return empty
         section = self.mapping(top["mixed_precision"][1], "mixed_precision", SECTION_KEYS)
@@ -299,7 +299,7 @@ class _Parser:
         if "weight_mapping" in section and not _is_null(section["weight_mapping"][1]):
             config.weight_mapping = self.weight_mapping(section["weight_mapping"][1], known)
         if not config.sources and not self.errors:
-            self.fail("config_no_sources", "mixed_precision names no checkpoint source", top["mixed_precision"][0],
+            self.fail(ErrorCode.CONFIG_NO_SOURCES, "mixed_precision names no checkpoint source", top["mixed_precision"][0],
                       "add fp16_path / fp8_path / int4_path or a 'sources: {label: path}' mapping")
         return config
 
@@ -311,7 +311,7 @@ class _Parser:
             if raw is None:
                 return
             if label in out:
-                self.fail("config_duplicate_label", f"source label {label!r} is defined twice ({out[label].origin} and here)",
+                self.fail(ErrorCode.CONFIG_DUPLICATE_LABEL, f"source label {label!r} is defined twice ({out[label].origin} and here)",
                           key_node, "give each checkpoint its own label", key)
                 return
             out[label] = SourceSpec(label, self.resolve(raw), self.at(key_node, key))
@@ -322,7 +322,7 @@ class _Parser:
         if "sources" in section and not _is_null(section["sources"][1]):
             for key, (key_node, value_node) in self.mapping(section["sources"][1], "sources", ()).items():
                 if not _LABEL_RE.fullmatch(key):
-                    self.fail("config_bad_label", f"source label {key!r} is not a valid label", key_node,
+                    self.fail(ErrorCode.CONFIG_BAD_LABEL, f"source label {key!r} is not a valid label", key_node,
                               "labels are letters, digits, '_', '-', '.', '+' (e.g. fp8, int4, bf16)", key)
                     continue
                 add(key, value_node, key_node, f"sources.{key}")
@@ -334,7 +334,7 @@ class _Parser:
             return value
         close = difflib.get_close_matches(value, sorted(known), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        self.fail("config_bad_label", f"{what} uses label {value!r}, which is no source of this config", node,
+        self.fail(ErrorCode.CONFIG_BAD_LABEL, f"{what} uses label {value!r}, which is no source of this config", node,
                   f"{hint}use one of: {', '.join(sorted(known))} (or add '{value}' under sources)", what)
         return None
 
@@ -348,7 +348,7 @@ class _Parser:
             if spec.path == path:
                 return spec.label
         if "model" in config.sources:
-            self.fail("config_duplicate_label", "model_path names a directory no source uses, and label 'model' is taken",
+            self.fail(ErrorCode.CONFIG_DUPLICATE_LABEL, "model_path names a directory no source uses, and label 'model' is taken",
                       key_node, "set model_path to one of the source paths, or use 'skeleton: <label>'", "model_path")
             return None
         config.sources["model"] = SourceSpec("model", path, self.at(key_node, "model_path"))
@@ -356,7 +356,7 @@ class _Parser:
 
     def rules(self, node, known: set[str]) -> list[Rule]:
         if not isinstance(node, yaml.SequenceNode):
-            self.fail("config_syntax", f"rules must be a list, found {_kind(node)}", node,
+            self.fail(ErrorCode.CONFIG_SYNTAX, f"rules must be a list, found {_kind(node)}", node,
                       "write rules as '- {match: \"model.layers.*.mlp.experts.*\", source: int4}' items")
             return []
         rules = []
@@ -366,7 +366,7 @@ class _Parser:
             missing = [k for k in RULE_KEYS if k not in fields]
             if missing:
                 if len(self.errors) == reported:  # a misspelled key was reported already
-                    self.fail("config_syntax", f"rule #{i} lacks {' and '.join(missing)}", item,
+                    self.fail(ErrorCode.CONFIG_SYNTAX, f"rule #{i} lacks {' and '.join(missing)}", item,
                               "each rule needs 'match: <glob or re:regex>' and 'source: <label>'")
                 continue
             pattern = self.string(fields["match"][1], f"rule #{i} match")
@@ -388,7 +388,7 @@ class _Parser:
             entry = MappingEntry(key, module_name(key), label, self.at(key_node))
             previous = out.get(entry.module)
             if previous is not None and previous.label != label:
-                self.fail("config_conflict", f"module {entry.module} is mapped to {previous.label!r} by {previous.key!r} "
+                self.fail(ErrorCode.CONFIG_CONFLICT, f"module {entry.module} is mapped to {previous.label!r} by {previous.key!r} "
                           f"({previous.origin}) and to {label!r} by {key!r}", key_node,
                           "a module (all its tensors) comes from one source: keep one of the two entries", key)
                 continue

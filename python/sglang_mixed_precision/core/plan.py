@@ -6,7 +6,7 @@ assigned a source (explicit ``weight_mapping`` name > first matching rule > ``de
 shapes agree with config.json under the source's format, members of one SGLang layer (q/k/v,
 gate/up, all experts of a layer) share a scheme, and the per-rank shapes run on the scheme's
 CUDA kernel at the given TP size. Independent problems are collected and raised together as
-:class:`PlanErrors`.
+:class:`ValidationErrors`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from math import prod
 from pathlib import Path
 
 from .config import UNQUANTIZED_ALIASES, MixedConfig, first_matching_rule
-from .errors import MixedPrecisionError, PlanErrors
+from .errors import EXAMPLES, ErrorCode, MixedPrecisionError, ValidationErrors, more
 from .formats import DTYPE_BYTES, Scheme, TensorSpec, expected_tensors, module_scheme, rank_problems
 from .geometry import ModelGeometry
 from .naming import ModuleRef, Role, classify
@@ -34,7 +34,6 @@ ARCHITECTURE_KEYS = (
     "num_key_value_heads", "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts",
     "num_local_experts", "vocab_size", "tie_word_embeddings",
 )
-EXAMPLES = 5  # how many members / modules a message lists before "and N more"
 
 
 @dataclass(eq=False)
@@ -135,12 +134,12 @@ class Plan:
 
 
 def build_plan(config: MixedConfig, tp_size: int = 1, skeleton: str | None = None) -> Plan:
-    """Resolve and validate; raises :class:`PlanErrors` listing every problem found. ``skeleton``
+    """Resolve and validate; raises :class:`ValidationErrors` listing every problem found. ``skeleton``
     (a source label) overrides the config's own: the serving launcher's --model-path names it."""
     if skeleton:
         config = replace(config, skeleton=skeleton)
     if not isinstance(tp_size, int) or tp_size < 1:
-        raise MixedPrecisionError("bad_argument", f"tp_size must be a positive integer, got {tp_size!r}",
+        raise MixedPrecisionError(ErrorCode.BAD_ARGUMENT, f"tp_size must be a positive integer, got {tp_size!r}",
                                   fix="pass --tp-size 1, 2, 4 or 8")
     # Planning a 235B model allocates ~1M small objects that all stay alive; the cyclic collector
     # would rescan them over and over without finding garbage.
@@ -176,12 +175,7 @@ class _Problems:
 
     def raise_if_any(self) -> None:
         if self.flush():
-            raise PlanErrors(self.errors)
-
-
-def _more(examples: list[str], count: int) -> str:
-    shown = ", ".join(examples)
-    return shown + (f" and {count - len(examples)} more" if count > len(examples) else "")
+            raise ValidationErrors(self.errors)
 
 
 class _Planner:
@@ -232,7 +226,7 @@ class _Planner:
             source = self.sources[chosen]
             if source in usable and source.scheme.quantized:
                 self.problems.add(MixedPrecisionError(
-                    "skeleton_quantized", f"skeleton {chosen!r} is a quantized checkpoint ({source.scheme.label()})",
+                    ErrorCode.SKELETON_QUANTIZED, f"skeleton {chosen!r} is a quantized checkpoint ({source.scheme.label()})",
                     where=source.origin, fix="name the unquantized (16-bit) source as skeleton"))
             return chosen
         for preferred in UNQUANTIZED_ALIASES:
@@ -242,7 +236,7 @@ class _Planner:
             return unquantized[0]
         if not self.problems.errors:
             self.problems.add(MixedPrecisionError(
-                "missing_source", "no unquantized (16-bit) source: the plan takes the model's structure, norms, "
+                ErrorCode.MISSING_SOURCE, "no unquantized (16-bit) source: the plan takes the model's structure, norms, "
                 "embeddings and router from it", where=self.config.where(),
                 fix="add fp16_path (or a 16-bit entry under sources) pointing at the BF16/FP16 checkpoint"))
         return ""
@@ -257,7 +251,7 @@ class _Planner:
                      if k in cfg and k in base and cfg[k] != base[k]]
             if diffs:
                 self.problems.add(MixedPrecisionError(
-                    "architecture_mismatch",
+                    ErrorCode.ARCHITECTURE_MISMATCH,
                     f"source {source.label!r} is not the same model as skeleton {self.skeleton.label!r}: " + "; ".join(diffs),
                     where=f"{source.path / 'config.json'} vs {self.skeleton.path / 'config.json'}",
                     fix=f"point {source.label!r} at a checkpoint of the same model (same config.json apart from quantization)"))
@@ -272,11 +266,11 @@ class _Planner:
         try:
             geometry = ModelGeometry.from_hf_config(self.skeleton.hf_config)
         except (KeyError, TypeError, ValueError) as e:
-            raise MixedPrecisionError("corrupt_config", f"{cfg_path} lacks a model dimension ({e})", where=str(cfg_path),
+            raise MixedPrecisionError(ErrorCode.CORRUPT_CONFIG, f"{cfg_path} lacks a model dimension ({e})", where=str(cfg_path),
                                       fix="restore the model's original config.json") from None
         for problem in geometry.tp_problems(self.tp):
             self.problems.add(MixedPrecisionError(
-                "tp_indivisible", f"tp_size {self.tp}: {problem}", where=str(cfg_path),
+                ErrorCode.TP_INDIVISIBLE, f"tp_size {self.tp}: {problem}", where=str(cfg_path),
                 fix=f"choose a --tp-size that divides the head and intermediate counts ({_valid_tps(geometry)})"))
         return geometry
 
@@ -317,7 +311,7 @@ class _Planner:
             targets = [module] if module in refs else members.get(module)
             if not targets:
                 self.problems.add_similar(("unknown_module",), f"{entry.key!r} ({entry.origin})", lambda ex, n: MixedPrecisionError(
-                    "unknown_module", f"{n} weight_mapping name(s) match no module of the model: {_more(ex, n)}",
+                    ErrorCode.UNKNOWN_MODULE, f"{n} weight_mapping name(s) match no module of the model: {more(ex, n)}",
                     where=f"{self.config.where()}; model {self.skeleton.path}",
                     fix="use checkpoint names such as model.layers.0.self_attn.q_proj(.weight) (see `sglang-mp analyze`)"))
                 continue
@@ -330,7 +324,7 @@ class _Planner:
         entries = source.module_entries(ref.name)
         if not entries:
             self.problems.add_similar(("missing_tensor", label, why), ref.name, lambda ex, n: MixedPrecisionError(
-                "missing_tensor", f"{n} module(s) assigned to source {label!r} have no tensors there: {_more(ex, n)}",
+                ErrorCode.MISSING_TENSOR, f"{n} module(s) assigned to source {label!r} have no tensors there: {more(ex, n)}",
                 where=f"{source.path} (assigned by {why})",
                 fix=f"map them to a source that has them (e.g. weight_mapping '<module>: {self.skeleton.label}') or narrow {why}"))
             return None
@@ -387,7 +381,7 @@ class _Planner:
     def _missing_part(self, a: ModuleAssignment, suffix: str) -> None:
         src = a.source
         self.problems.add_similar(("missing_part", a.label, suffix, a.scheme), a.name, lambda ex, n: MixedPrecisionError(
-            "missing_tensor", f"{n} module(s) in source {src.label!r} ({a.scheme.label()}) lack their {suffix!r} tensor: {_more(ex, n)}",
+            ErrorCode.MISSING_TENSOR, f"{n} module(s) in source {src.label!r} ({a.scheme.label()}) lack their {suffix!r} tensor: {more(ex, n)}",
             where=str(src.path), fix=f"the checkpoint is incomplete for {a.scheme.label()}; re-export it or map these modules elsewhere"))
 
     def _shape_error(self, source: CheckpointSource, name: str, entry: dict, ref: ModuleRef, shape, dtypes, scheme_label, why) -> None:
@@ -395,9 +389,9 @@ class _Planner:
         key = ("shape_mismatch", source.label, name.rsplit(".", 1)[-1], actual, entry["dtype"], shape)
         file = source.file_of(name)
         self.problems.add_similar(key, name, lambda ex, n: MixedPrecisionError(
-            "shape_mismatch",
+            ErrorCode.SHAPE_MISMATCH,
             f"{n} tensor(s) of source {source.label!r} are {entry['dtype']}{list(actual)}, but config.json "
-            f"({ref.role.value}, {scheme_label}) needs {'/'.join(dtypes)}{list(shape)}: {_more(ex, n)}",
+            f"({ref.role.value}, {scheme_label}) needs {'/'.join(dtypes)}{list(shape)}: {more(ex, n)}",
             where=f"{file} (source {source.path}; {why})",
             fix="this checkpoint is of another model size or a different export; use the matching release or map these modules elsewhere"))
 
@@ -426,7 +420,7 @@ class _Planner:
         # SGLang builds embeddings and lm_head with no quantized method: it would fail at model
         # construction, after the workers started.
         self.problems.add(MixedPrecisionError(
-            "quantized_vocab", f"{group.prefix} is {group.scheme.label()} in source {group.label!r}, but SGLang serves "
+            ErrorCode.QUANTIZED_VOCAB, f"{group.prefix} is {group.scheme.label()} in source {group.label!r}, but SGLang serves "
             "embeddings and lm_head only in 16 bits",
             where=f"{group.prefix} (decided by: {'; '.join(rules)})",
             fix=f"map {group.prefix} to a 16-bit source (official FP8 and GPTQ releases keep it 16-bit)"))
@@ -435,9 +429,9 @@ class _Planner:
         by_scheme: dict[str, list[str]] = defaultdict(list)
         for a in items:
             by_scheme[f"{a.scheme.label()} from {a.label!r}"].append(f"{a.name.rsplit(prefix.rsplit('.', 1)[0] + '.', 1)[-1]}")
-        parts = [f"{k}: {_more(v[:EXAMPLES], len(v))}" for k, v in by_scheme.items()]
+        parts = [f"{k}: {more(v)}" for k, v in by_scheme.items()]
         self.problems.add(MixedPrecisionError(
-            "mixed_group",
+            ErrorCode.MIXED_GROUP,
             f"SGLang fuses {prefix} into one layer, but its members have different precisions -- " + "; ".join(parts),
             where=f"{prefix} (decided by: {'; '.join(sorted({a.rule for a in items}))})",
             fix="map every member of the fused layer (q/k/v, gate/up, or all experts of a layer) to the same precision"))
@@ -447,7 +441,7 @@ class _Planner:
         for problem in problems:
             key = ("tp_indivisible", group.scheme, group.role, group.prefix.rsplit(".", 1)[-1], problem)
             self.problems.add_similar(key, group.prefix, lambda ex, n, p=problem, g=group, rules=rules: MixedPrecisionError(
-                "tp_indivisible", f"{g.scheme.label()} at tp_size {self.tp}: {p}, in {n} layer(s): {_more(ex, n)}",
+                ErrorCode.TP_INDIVISIBLE, f"{g.scheme.label()} at tp_size {self.tp}: {p}, in {n} layer(s): {more(ex, n)}",
                 where=f"source {g.label!r} ({g.role.value}); decided by {'; '.join(rules)}",
                 fix=f"use a --tp-size this precision can split ({_valid_tps(self.geometry, g)}) or map these layers to another precision"))
 

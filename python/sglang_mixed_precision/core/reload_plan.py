@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import parse_config, read_config_text
-from .errors import MixedPrecisionError, PlanErrors
+from .errors import ErrorCode, MixedPrecisionError, more, raise_all
 from .formats import DTYPE_BYTES
 from .naming import Role
 from .plan import ARCHITECTURE_KEYS, Plan, build_plan
@@ -103,13 +103,13 @@ def same_model_problems(old: Plan, new: Plan) -> list[MixedPrecisionError]:
     problems = []
     if new.tp_size != old.tp_size:
         problems.append(MixedPrecisionError(
-            "reload_model_mismatch", f"the new plan is for tp_size {new.tp_size}, the server runs tp_size {old.tp_size}",
+            ErrorCode.RELOAD_MODEL_MISMATCH, f"the new plan is for tp_size {new.tp_size}, the server runs tp_size {old.tp_size}",
             fix="plan the reload for the running tensor-parallel size"))
     base, cfg = old.hf_config, new.hf_config
     diffs = [f"{k}: {cfg.get(k)!r} (new) vs {base.get(k)!r} (running)" for k in ARCHITECTURE_KEYS if cfg.get(k) != base.get(k)]
     if diffs:
         problems.append(MixedPrecisionError(
-            "reload_model_mismatch", "the new config describes another model than the one being served: " + "; ".join(diffs),
+            ErrorCode.RELOAD_MODEL_MISMATCH, "the new config describes another model than the one being served: " + "; ".join(diffs),
             where=str(new.skeleton_path / "config.json"),
             fix="point the new config's sources at checkpoints of the served model"))
     missing = sorted(set(old.groups) - set(new.groups))
@@ -117,7 +117,7 @@ def same_model_problems(old: Plan, new: Plan) -> list[MixedPrecisionError]:
     if (missing or extra) and not diffs:
         shown = ", ".join((missing + extra)[:EXAMPLES])
         problems.append(MixedPrecisionError(
-            "reload_model_mismatch",
+            ErrorCode.RELOAD_MODEL_MISMATCH,
             f"the new plan's layers differ from the running model's ({len(missing)} missing, {len(extra)} unknown): {shown}",
             where=str(new.skeleton_path), fix="use sources of the served model (same tensor names)"))
     return problems
@@ -146,7 +146,7 @@ def diff_plans(old: Plan, new: Plan) -> PlanDiff:
     """Per SGLang layer: nothing, reload in place, or rebuild (with the reason)."""
     problems = same_model_problems(old, new)
     if problems:
-        raise problems[0] if len(problems) == 1 else PlanErrors(problems)
+        raise_all(problems)
     real_path = cache(lambda file: str(Path(file).resolve()))
     layers = {}
     for prefix, old_group in old.groups.items():
@@ -185,7 +185,7 @@ def config_sha256(text: str) -> str:
 
 
 def _bad_request(message: str, fix: str) -> MixedPrecisionError:
-    return MixedPrecisionError("reload_bad_request", message, where="POST /mixed_precision/reload body", fix=fix)
+    return MixedPrecisionError(ErrorCode.RELOAD_BAD_REQUEST, message, where="POST /mixed_precision/reload body", fix=fix)
 
 
 def parse_reload_request(body: Any, *, base_dir: Path) -> ReloadRequest:
@@ -292,7 +292,7 @@ def reload_loads(diff: PlanDiff, new: Plan) -> list[TensorLoad]:
 
 def plan_reload(active: Plan, request: ReloadRequest, skeleton: str | None = None) -> ReloadPlan:
     """Plan ``request`` against the running ``active`` plan; raises the plan's errors
-    (``PlanErrors`` / ``MixedPrecisionError``) when the new config is invalid for this model."""
+    (``ValidationErrors`` / ``MixedPrecisionError``) when the new config is invalid for this model."""
     new = plan_of(request.config_text, request.anchor, active.tp_size, skeleton)
     diff = diff_plans(active, new)
     return ReloadPlan(diff, new, request.config_text, request.anchor, reload_loads(diff, new))
@@ -301,10 +301,9 @@ def plan_reload(active: Plan, request: ReloadRequest, skeleton: str | None = Non
 def rebuild_refusal(reload_plan: ReloadPlan) -> MixedPrecisionError:
     """The 409 answer: these layers need a rebuild (a managed restart), not an in-place reload."""
     layers = reload_plan.diff.rebuild
-    shown = "; ".join(f"{c.prefix}: {c.reason}" for c in layers[:EXAMPLES])
-    more = f" and {len(layers) - EXAMPLES} more" if len(layers) > EXAMPLES else ""
+    shown = more([f"{c.prefix}: {c.reason}" for c in layers], limit=EXAMPLES, sep="; ")
     return MixedPrecisionError(
-        "reload_needs_rebuild", f"{len(layers)} layer(s) cannot be reloaded in place: {shown}{more}",
+        ErrorCode.RELOAD_NEEDS_REBUILD, f"{len(layers)} layer(s) cannot be reloaded in place: {shown}",
         where=str(reload_plan.anchor),
         fix='send the request again with "restart": true (managed restart by launch_mixed_precision_server.py), '
             "or keep these layers' current sources")
@@ -315,10 +314,10 @@ def check_worker_request(request: dict) -> None:
     required = ("kind", "config_text", "anchor", "sha256", "tp_size", "layers", "loads")
     missing = [k for k in required if k not in request]
     if missing or request.get("kind") != "sglang_mixed_precision.reload":
-        raise MixedPrecisionError("reload_bad_request", f"malformed reload request (missing {missing or 'kind'})",
+        raise MixedPrecisionError(ErrorCode.RELOAD_BAD_REQUEST, f"malformed reload request (missing {missing or 'kind'})",
                                   fix="send reloads through POST /mixed_precision/reload")
     if config_sha256(request["config_text"]) != request["sha256"]:
-        raise MixedPrecisionError("reload_bad_request", "the reload request's config does not match its sha256",
+        raise MixedPrecisionError(ErrorCode.RELOAD_BAD_REQUEST, "the reload request's config does not match its sha256",
                                   fix="send reloads through POST /mixed_precision/reload")
 
 
@@ -336,7 +335,7 @@ def replan_in_worker(active: Plan, request: dict) -> ReloadPlan:
     expected = [TensorLoad.from_json(d) for d in request["loads"]]
     if reload_plan.layers != list(request["layers"]) or reload_plan.loads != expected:
         raise MixedPrecisionError(
-            "reload_sources_changed", "the sources changed between validation and the reload "
+            ErrorCode.RELOAD_SOURCES_CHANGED, "the sources changed between validation and the reload "
             f"(validated {len(request['layers'])} layer(s), the worker now plans {len(reload_plan.layers)})",
             where=str(request["anchor"]), fix="send the reload again once the checkpoint files are in place")
     return reload_plan

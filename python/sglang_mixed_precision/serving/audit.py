@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError, more
 from .quant_config import EMBEDDING, MOE, expected_method_class, layer_kind
 
 logger = logging.getLogger(__name__)
@@ -114,11 +114,9 @@ class AuditReport:
     def raise_if_failed(self, where: str | None = None) -> None:
         if self.ok:
             return
-        listed = self.problems[:MAX_LISTED]
-        more = len(self.problems) - len(listed)
-        lines = [f"the loaded model does not match the plan ({len(self.problems)} problem(s)):"]
-        lines += [f"  - {p}" for p in listed] + ([f"  ... and {more} more"] if more > 0 else [])
-        raise MixedPrecisionError("load_audit_failed", "\n".join(lines), where=where,
+        listed = more(self.problems, limit=MAX_LISTED, sep="\n  - ")
+        message = f"the loaded model does not match the plan ({len(self.problems)} problem(s)):\n  - {listed}"
+        raise MixedPrecisionError(ErrorCode.LOAD_AUDIT_FAILED, message, where=where,
                                   fix="the plan and the model disagree: check the sources match the skeleton's architecture "
                                       "and that the tensor names are the model's (see the list above)")
 

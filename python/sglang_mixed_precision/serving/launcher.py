@@ -22,7 +22,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 from .client import stop_server
 
@@ -89,11 +89,11 @@ def check_plugin_installed() -> None:
     """SGLang's workers only see the mix through the entry point of an installed package."""
     names = {ep.name for ep in entry_points(group=PLUGIN_GROUP)}
     if PLUGIN_NAME not in names:
-        raise MixedPrecisionError("plugin_not_installed", "the sglang.srt.plugins entry point 'mixed_precision' is not installed",
+        raise MixedPrecisionError(ErrorCode.PLUGIN_NOT_INSTALLED, "the sglang.srt.plugins entry point 'mixed_precision' is not installed",
                                   fix="install the package into SGLang's environment: pip install -e <repo> (or pip install sglang-mixed-precision)")
     allowed = os.environ.get("SGLANG_PLUGINS", "")
     if allowed and PLUGIN_NAME not in {x.strip() for x in allowed.split(",")}:
-        raise MixedPrecisionError("plugin_disabled", f"SGLANG_PLUGINS={allowed!r} does not list 'mixed_precision'",
+        raise MixedPrecisionError(ErrorCode.PLUGIN_DISABLED, f"SGLANG_PLUGINS={allowed!r} does not list 'mixed_precision'",
                                   fix="add mixed_precision to SGLANG_PLUGINS or unset it")
 
 
@@ -109,7 +109,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None, str]:
     elif saved is not None:
         config = Path(saved.config_path)
     else:
-        raise MixedPrecisionError("launch_no_config", "--enable-mixed-precision needs --mixed-precision-config",
+        raise MixedPrecisionError(ErrorCode.LAUNCH_NO_CONFIG, "--enable-mixed-precision needs --mixed-precision-config",
                                   fix="pass --mixed-precision-config <yaml> (or --model-path <plan directory>)")
     kernel = args.int4_moe_kernel or (saved.int4_moe_kernel if saved else DEFAULT_INT4_MOE_KERNEL)
     if model is None:
@@ -129,7 +129,7 @@ def skeleton_label(config_path: Path, model: Path) -> str:
         if Path(spec.path).resolve() == target:
             return label
     listed = ", ".join(f"{label}: {spec.path}" for label, spec in cfg.sources.items())
-    raise MixedPrecisionError("launch_model_not_a_source", f"--model-path {model} is none of the config's sources ({listed})",
+    raise MixedPrecisionError(ErrorCode.LAUNCH_MODEL_NOT_A_SOURCE, f"--model-path {model} is none of the config's sources ({listed})",
                               where=str(config_path), fix="pass the mix's 16-bit model as --model-path, or omit it")
 
 
@@ -144,7 +144,7 @@ def prepare_mixed(args: argparse.Namespace, out=sys.stdout) -> Path:
     from .plandir import make_plan_dir
 
     if (args.pp_size or 1) > 1:
-        raise MixedPrecisionError("launch_pp_unsupported", "pipeline parallelism is not supported with a mixed-precision plan",
+        raise MixedPrecisionError(ErrorCode.LAUNCH_PP_UNSUPPORTED, "pipeline parallelism is not supported with a mixed-precision plan",
                                   fix="use --tp-size (and --dp-size) instead of --pp-size")
     config, skeleton, kernel = resolve_config(args)
     tp = args.tp_size or 1
@@ -162,7 +162,7 @@ def sglang_command(argv: list[str], out=sys.stdout) -> list[str]:
     if not args.enable_mixed_precision:
         given = [f for f in MIX_ONLY_FLAGS if any(a == f or a.startswith(f + "=") for a in argv)]
         if given:
-            raise MixedPrecisionError("launch_flag_without_enable", f"{', '.join(given)} given without --enable-mixed-precision",
+            raise MixedPrecisionError(ErrorCode.LAUNCH_FLAG_WITHOUT_ENABLE, f"{', '.join(given)} given without --enable-mixed-precision",
                                       fix="add --enable-mixed-precision to serve the mix (or drop the flag for stock SGLang)")
         return [sys.executable, *SGLANG_SERVER, *stock_argv(argv)]
     return mixed_command(args, rest, out)

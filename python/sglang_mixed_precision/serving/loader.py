@@ -19,7 +19,7 @@ from itertools import groupby
 import torch
 from sglang.srt.model_loader.loader import DefaultModelLoader, device_loading_context
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from ..tensors import TensorReader
 from .audit import LoadRecorder, audit_model
 from .quant_config import MixedPrecisionConfig
@@ -78,7 +78,7 @@ def mixed_config_of(model: torch.nn.Module) -> MixedPrecisionConfig:
         config = getattr(module, "quant_config", None)
         if isinstance(config, MixedPrecisionConfig):
             return config
-    raise MixedPrecisionError("loader_without_plan", f"{type(model).__name__} was not built with the mixed_precision config",
+    raise MixedPrecisionError(ErrorCode.LOADER_WITHOUT_PLAN, f"{type(model).__name__} was not built with the mixed_precision config",
                               fix="serve a plan directory (quantization_config.quant_method: mixed_precision)")
 
 
@@ -109,7 +109,7 @@ class MixedPrecisionModelLoader(DefaultModelLoader):
 
     def load_weights_and_postprocess(self, model, weights, target_device):
         if not isinstance(weights, PlanWeightStream):
-            raise MixedPrecisionError("loader_stream", "the mixed loader loads only its plan's weight stream",
+            raise MixedPrecisionError(ErrorCode.LOADER_STREAM, "the mixed loader loads only its plan's weight stream",
                                       fix="load a mixed model through SGLang's get_model_loader (the plugin selects this loader)")
         config = mixed_config_of(model)
         recorder = LoadRecorder(model)

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
 from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
 
@@ -40,7 +40,7 @@ def write_plan_dir(plan, settings: PlanSettings, out_dir: str | Path) -> Path:
     _check_target(out)
     side_files = _side_files(plan)
     if not any(name.startswith("tokenizer") for name in side_files):  # checked before anything is written
-        raise MixedPrecisionError("plan_dir_no_tokenizer", "no source holds tokenizer files", where=str(plan.skeleton_path),
+        raise MixedPrecisionError(ErrorCode.PLAN_DIR_NO_TOKENIZER, "no source holds tokenizer files", where=str(plan.skeleton_path),
                                   fix="copy the model's tokenizer files into its 16-bit directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(plan_config_json(plan, settings), indent=2) + "\n")
@@ -89,11 +89,11 @@ def _check_target(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise MixedPrecisionError("plan_dir_target", f"{out} exists and is not a directory", where=str(out),
+        raise MixedPrecisionError(ErrorCode.PLAN_DIR_TARGET, f"{out} exists and is not a directory", where=str(out),
                                   fix="choose a new directory for the plan")
     weights = [p.name for pattern in WEIGHT_PATTERNS for p in out.glob(pattern)]
     if weights or ((out / "config.json").is_file() and not is_plan_dir(out)):
-        raise MixedPrecisionError("plan_dir_target", f"{out} is a model directory ({', '.join(weights[:3]) or 'config.json'}); "
+        raise MixedPrecisionError(ErrorCode.PLAN_DIR_TARGET, f"{out} is a model directory ({', '.join(weights[:3]) or 'config.json'}); "
                                   "writing a plan there would hide it", where=str(out),
                                   fix="write the plan directory somewhere else (an empty or new directory)")
 

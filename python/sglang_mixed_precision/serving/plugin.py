@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def select_model_loader(original, load_config, model_config=None, *args, **kwarg
     if load_format == "dummy":
         return original(load_config, model_config, *args, **kwargs)
     if load_format not in MIXED_LOAD_FORMATS:
-        raise MixedPrecisionError("load_format_unsupported", f"--load-format {load_format} cannot load a mixed-precision plan",
+        raise MixedPrecisionError(ErrorCode.LOAD_FORMAT_UNSUPPORTED, f"--load-format {load_format} cannot load a mixed-precision plan",
                                   fix=f"use --load-format auto (or dummy to skip reading weights); "
                                       f"the mixed loader reads each source itself ({', '.join(MIXED_LOAD_FORMATS)})")
     from .loader import MixedPrecisionModelLoader

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
 from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
 
@@ -52,7 +52,7 @@ def load_plan(settings: PlanSettings, tp_size: int | None = None):
     """The plan of ``settings`` for ``tp_size`` ranks (headers only; cached per process)."""
     path = Path(settings.config_path)
     if not path.is_file():
-        raise MixedPrecisionError("missing_file", f"mixed-precision config {path} does not exist",
+        raise MixedPrecisionError(ErrorCode.MISSING_FILE, f"mixed-precision config {path} does not exist",
                                   where="config.json quantization_config.config_path",
                                   fix="regenerate the plan directory, or restore the YAML at that path")
     return _cached_plan(str(path.resolve()), path.stat().st_mtime_ns, int(tp_size or settings.tp_size), settings.skeleton)
@@ -104,7 +104,7 @@ def expected_method_class(kind: str, scheme_kind: str, int4_moe_kernel: str = DE
     try:
         return table[(kind, scheme_kind)]
     except KeyError:
-        raise MixedPrecisionError("unsupported_layer_scheme", f"SGLang has no {scheme_kind} method for a {kind} layer",
+        raise MixedPrecisionError(ErrorCode.UNSUPPORTED_LAYER_SCHEME, f"SGLang has no {scheme_kind} method for a {kind} layer",
                                   where=where, fix="keep embeddings and lm_head in a 16-bit source") from None
 
 
@@ -123,7 +123,7 @@ def _delegate_config(source, packed_modules_mapping: dict, int4_moe_kernel: str,
         if for_moe and int4_moe_kernel == "wna16":
             return MoeWNA16Config.from_config({**qc, "quant_method": "gptq"})
         return GPTQMarlinConfig.from_config(qc)
-    raise MixedPrecisionError("unsupported_scheme", f"cannot serve a {source.scheme.label()} source with quant_method {method!r}",
+    raise MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"cannot serve a {source.scheme.label()} source with quant_method {method!r}",
                               where=where, fix="use an fp8 (quant_method fp8) or GPTQ (quant_method gptq) checkpoint")
 
 
@@ -183,13 +183,13 @@ class MixedPrecisionConfig(QuantizationConfig):
         if group is None:
             if kind == EMBEDDING:
                 return None
-            raise MixedPrecisionError("layer_not_planned", f"SGLang builds layer {prefix!r} but the plan assigns it no source",
+            raise MixedPrecisionError(ErrorCode.LAYER_NOT_PLANNED, f"SGLang builds layer {prefix!r} but the plan assigns it no source",
                                       where=prefix, fix="check that the skeleton's config.json matches the sources (same architecture)")
         method = self._method_for(kind, group, layer, prefix)
         expected = expected_method_class(kind, group.scheme.kind, self.settings.int4_moe_kernel)
         if method is not None and type(method) is not expected:
             raise MixedPrecisionError(
-                "method_mismatch",
+                ErrorCode.METHOD_MISMATCH,
                 f"layer {prefix!r} is planned as {group.scheme.label()} from source {group.label!r}, but that source's "
                 f"quantization_config gives {type(method).__name__} (expected {expected.__name__})",
                 where=prefix,

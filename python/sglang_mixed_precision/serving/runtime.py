@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.config import read_config_text
-from ..core.errors import MixedPrecisionError, PlanErrors
+from ..core.errors import ErrorCode, MixedPrecisionError, error_json
+from ..core.errors import http_status as status_of
 from ..tensors import TensorReader
 from ..core.reload_plan import (
     ReloadPlan,
@@ -60,26 +61,6 @@ FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 WORKER_TARGET = "sglang.srt.managers.tp_worker.TpModelWorker.update_weights_from_disk"
 INTERNAL_STATE_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 
-# HTTP status per error code; anything else a config or checkpoint problem -> 400.
-STATUS = {"reload_needs_rebuild": 409, "reload_busy": 409, "restart_unavailable": 409, "not_mixed_precision": 404,
-          "reload_apply_failed": 500, "reload_worker_missing": 500}
-
-
-def error_json(error: Exception) -> dict:
-    if isinstance(error, PlanErrors):
-        return {"code": error.code, "message": error.detail,
-                "errors": [error_json(e) for e in error.errors]}
-    if isinstance(error, MixedPrecisionError):
-        return {"code": error.code, "message": error.detail, "where": error.where, "fix": error.fix}
-    return {"code": "internal_error", "message": f"{type(error).__name__}: {error}"}
-
-
-def status_of(error: Exception) -> int:
-    if isinstance(error, MixedPrecisionError):
-        return STATUS.get(error.code, 400)
-    return 500
-
-
 # =================================================================================================
 # Worker side: stage, agree, apply
 # =================================================================================================
@@ -95,7 +76,7 @@ class StagedReload:
 
 
 def _tensor_problem(load, what: str, fix: str) -> MixedPrecisionError:
-    return MixedPrecisionError("reload_bad_tensor", f"tensor {load.name} (source {load.label!r}): {what}",
+    return MixedPrecisionError(ErrorCode.RELOAD_BAD_TENSOR, f"tensor {load.name} (source {load.label!r}): {what}",
                                where=load.file, fix=fix)
 
 
@@ -138,7 +119,7 @@ def _check_file(path: Path) -> None:
     from ..core.sources.safetensors import read_header
 
     if not path.is_file():
-        raise MixedPrecisionError("missing_file", f"{path} disappeared after the reload was planned",
+        raise MixedPrecisionError(ErrorCode.MISSING_FILE, f"{path} disappeared after the reload was planned",
                                   where=str(path), fix="restore the file and send the reload again")
     if path.suffix == ".safetensors":
         read_header(path)  # raises corrupt_safetensors for a truncated / damaged file
@@ -171,12 +152,12 @@ def layer_parameters(model, prefixes) -> dict[str, Any]:
         try:
             module = model.get_submodule(prefix)
         except AttributeError:
-            raise MixedPrecisionError("reload_layer_missing", f"the model has no layer {prefix!r}", where=prefix,
+            raise MixedPrecisionError(ErrorCode.RELOAD_LAYER_MISSING, f"the model has no layer {prefix!r}", where=prefix,
                                       fix="the new plan does not match the served model") from None
         scale = getattr(module, "weight_scale_inv", None)
         if scale is not None and getattr(scale, "format_ue8m0", False):
             raise MixedPrecisionError(
-                "reload_needs_rebuild", f"layer {prefix!r} runs DeepGEMM with scales requantized to UE8M0 after loading; "
+                ErrorCode.RELOAD_NEEDS_REBUILD, f"layer {prefix!r} runs DeepGEMM with scales requantized to UE8M0 after loading; "
                 "checkpoint scales cannot be copied into it", where=prefix,
                 fix='reload with "restart": true, or keep this layer\'s source')
         for name, param in module.named_parameters(recurse=False):
@@ -229,7 +210,7 @@ def apply_staged(model, staged: StagedReload) -> AppliedReload:
         applied.restore()
         if isinstance(e, MixedPrecisionError):
             raise
-        raise MixedPrecisionError("reload_apply_failed", f"copying the new weights failed ({type(e).__name__}: {e}); "
+        raise MixedPrecisionError(ErrorCode.RELOAD_APPLY_FAILED, f"copying the new weights failed ({type(e).__name__}: {e}); "
                                   "the previous weights were restored", fix="check the server log for the failing parameter") from e
     finally:
         recorder.detach()
@@ -245,7 +226,7 @@ def _check_consumed(staged: StagedReload, by_tensor: dict[str, list[str]]) -> No
         elif any(not t.startswith(layer + ".") for t in targets):
             problems.append(f"{name} reached {', '.join(targets)}, outside {layer}")
     if problems:
-        raise MixedPrecisionError("reload_apply_failed", "the model did not take the new tensors where planned (previous "
+        raise MixedPrecisionError(ErrorCode.RELOAD_APPLY_FAILED, "the model did not take the new tensors where planned (previous "
                                   "weights restored): " + "; ".join(problems[:8]), fix="report this model's parameter names")
 
 
@@ -439,7 +420,7 @@ def active_mix_from_model_path(model_path: str | os.PathLike, tp_size: int) -> A
     except (OSError, ValueError):
         qc = {}
     if str(qc.get("quant_method", "")).lower() != QUANT_METHOD or not qc.get("config_path"):
-        raise MixedPrecisionError("not_mixed_precision", f"the served model {model_path} is not a mixed-precision plan",
+        raise MixedPrecisionError(ErrorCode.NOT_MIXED_PRECISION, f"the served model {model_path} is not a mixed-precision plan",
                                   where=str(config_json),
                                   fix="start the server with launch_mixed_precision_server.py --enable-mixed-precision "
                                       "or serve a plan directory (`sglang-mp plandir`)")
@@ -490,7 +471,7 @@ def decode_worker_reply(success: bool, message: str) -> dict:
             replies.append(json.loads(part)[REPLY_KEY])
         except (ValueError, KeyError, TypeError):
             raise MixedPrecisionError(
-                "reload_worker_missing", f"a worker answered the reload without the mixed-precision executor: {part[:300]}",
+                ErrorCode.RELOAD_WORKER_MISSING, f"a worker answered the reload without the mixed-precision executor: {part[:300]}",
                 fix="the plugin's runtime hooks are not installed in the scheduler processes; check that "
                     "sglang_mixed_precision.serving.plugin.register() calls runtime.install()") from None
     failed = [r for r in replies if not r.get("success")]
@@ -523,7 +504,7 @@ class MixedPrecisionRuntime:
     # -- reload
     async def reload(self, body: Any) -> tuple[int, dict]:
         if self._lock.locked():
-            busy = MixedPrecisionError("reload_busy", "another reload is in progress", fix="wait for it to finish, then retry")
+            busy = MixedPrecisionError(ErrorCode.RELOAD_BUSY, "another reload is in progress", fix="wait for it to finish, then retry")
             return status_of(busy), {"success": False, "error": error_json(busy)}
         async with self._lock:
             try:
@@ -638,7 +619,7 @@ def request_restart(config_text: str, anchor: Path, *, inline: bool, restart_fil
     """
     target = restart_file or os.environ.get(RESTART_FILE_ENV)
     if not target:
-        raise MixedPrecisionError("restart_unavailable", "this server was not started by launch_mixed_precision_server.py, "
+        raise MixedPrecisionError(ErrorCode.RESTART_UNAVAILABLE, "this server was not started by launch_mixed_precision_server.py, "
                                   "so nothing can restart it", fix="restart it yourself with the new config, or launch it "
                                   "with launch_mixed_precision_server.py")
     sha256 = config_sha256(config_text)
@@ -648,7 +629,7 @@ def request_restart(config_text: str, anchor: Path, *, inline: bool, restart_fil
         try:
             config_path.write_text(config_text, encoding="utf-8")
         except OSError as e:
-            raise MixedPrecisionError("restart_unavailable", f"cannot write the new config to {config_path}: {e}",
+            raise MixedPrecisionError(ErrorCode.RESTART_UNAVAILABLE, f"cannot write the new config to {config_path}: {e}",
                                       where=str(config_path), fix="send the config by 'config_path' instead") from None
     marker = Path(target)
     tmp = marker.with_name(marker.name + ".tmp")
@@ -665,7 +646,7 @@ def read_restart_request(restart_file: str | os.PathLike) -> dict | None:
         return None
     request = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(request, dict) or "config_path" not in request:
-        raise MixedPrecisionError("restart_bad_request", f"{path} is not a restart request", where=str(path),
+        raise MixedPrecisionError(ErrorCode.RESTART_BAD_REQUEST, f"{path} is not a restart request", where=str(path),
                                   fix="delete the file; restarts are requested through POST /mixed_precision/reload")
     return request
 
@@ -716,7 +697,7 @@ def add_routes(app, get_runtime: Callable[[], MixedPrecisionRuntime]) -> None:
         try:
             body = await request.json()
         except ValueError as e:
-            bad = MixedPrecisionError("reload_bad_request", f"the body is not JSON ({e})",
+            bad = MixedPrecisionError(ErrorCode.RELOAD_BAD_REQUEST, f"the body is not JSON ({e})",
                                       fix='send {"config": "<yaml>"} or {"config_path": "<file>"}')
             return JSONResponse({"success": False, "error": error_json(bad)}, status_code=400)
         status, payload = await runtime.reload(body)
@@ -737,7 +718,7 @@ def _server_runtime() -> MixedPrecisionRuntime:
 
     state = http_server.get_global_state()
     if state is None or state.tokenizer_manager is None:
-        raise MixedPrecisionError("not_ready", "the server is still starting", fix="retry once /health answers")
+        raise MixedPrecisionError(ErrorCode.NOT_READY, "the server is still starting", fix="retry once /health answers")
     return runtime_for(state.tokenizer_manager)
 
 

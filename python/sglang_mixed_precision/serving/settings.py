@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.errors import MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
 
 INT4_MOE_KERNELS = ("marlin", "wna16")
@@ -32,10 +32,10 @@ class PlanSettings:
         where = "config.json quantization_config"
         path = qc.get("config_path")
         if not path:
-            raise MixedPrecisionError("plan_dir_invalid", "quant_method mixed_precision needs 'config_path' (the mixed YAML)",
+            raise MixedPrecisionError(ErrorCode.PLAN_DIR_INVALID, "quant_method mixed_precision needs 'config_path' (the mixed YAML)",
                                       where=where, fix="write the model directory with `sglang-mp plandir --config C --output D`")
         kernel = str(qc.get("int4_moe_kernel", DEFAULT_INT4_MOE_KERNEL))
         if kernel not in INT4_MOE_KERNELS:
-            raise MixedPrecisionError("plan_dir_invalid", f"int4_moe_kernel {kernel!r} is not one of {INT4_MOE_KERNELS}",
+            raise MixedPrecisionError(ErrorCode.PLAN_DIR_INVALID, f"int4_moe_kernel {kernel!r} is not one of {INT4_MOE_KERNELS}",
                                       where=where, fix="use 'wna16' (default) or 'marlin'")
         return cls(str(path), int(qc.get("tp_size", 1)), qc.get("skeleton"), kernel)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..errors import MixedPrecisionError
+from ..errors import ErrorCode, MixedPrecisionError
 
 # safetensors dtype name -> bytes per element
 DTYPE_BYTES = {
@@ -126,7 +126,7 @@ def detect_scheme(hf_config: dict, *, where: str = "config.json") -> Scheme:
     if not qc:
         return unquantized_scheme(dtype)
     if not isinstance(qc, dict):
-        raise MixedPrecisionError("unsupported_scheme", f"quantization_config is a {type(qc).__name__}, not a mapping",
+        raise MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"quantization_config is a {type(qc).__name__}, not a mapping",
                                   where=where, fix="use a checkpoint whose config.json has a quantization_config mapping")
     method = str(qc.get("quant_method", "")).lower()
     if method == "fp8":
@@ -142,7 +142,7 @@ def detect_scheme(hf_config: dict, *, where: str = "config.json") -> Scheme:
 
         return scheme_from_gptq_config(qc, dtype, where)
     raise MixedPrecisionError(
-        "unsupported_scheme",
+        ErrorCode.UNSUPPORTED_SCHEME,
         f"quant_method {method or '(none)'!r} is not one a mixed plan can combine (fp8, gptq or 16-bit)",
         where=where,
         fix="use the model's FP8 (quant_method fp8) or GPTQ (quant_method gptq) release, or convert one with `sglang-mp convert`",

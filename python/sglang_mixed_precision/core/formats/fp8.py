@@ -3,14 +3,14 @@ block), per-channel or per-tensor scales (``weight_scale``)."""
 
 from __future__ import annotations
 
-from ..errors import MixedPrecisionError
+from ..errors import ErrorCode, MixedPrecisionError
 from . import FLOAT_DTYPES, FP8_DTYPES, Scheme, TensorSpec
 
 _SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
 def _unsupported(reason: str, where: str) -> MixedPrecisionError:
-    return MixedPrecisionError("unsupported_scheme", f"FP8 checkpoint: {reason}", where=where,
+    return MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"FP8 checkpoint: {reason}", where=where,
                                fix="use an e4m3 FP8 checkpoint with [128, 128] blocks or per-channel / per-tensor scales")
 
 

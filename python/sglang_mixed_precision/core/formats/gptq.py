@@ -3,7 +3,7 @@ gptq_marlin kernels on CUDA: symmetric, 4 or 8 bits, group size -1 / 32 / 64 / 1
 
 from __future__ import annotations
 
-from ..errors import MixedPrecisionError
+from ..errors import ErrorCode, MixedPrecisionError
 from . import FLOAT_DTYPES, Scheme, TensorSpec
 
 MARLIN_BITS = (4, 8)
@@ -15,7 +15,7 @@ _SCALE_DTYPES = ("F16", "BF16")
 
 def _unsupported(reason: str, where: str) -> MixedPrecisionError:
     return MixedPrecisionError(
-        "unsupported_scheme",
+        ErrorCode.UNSUPPORTED_SCHEME,
         f"GPTQ checkpoint: {reason}; SGLang runs GPTQ on CUDA only through gptq_marlin",
         where=where,
         fix="use a symmetric GPTQ export with bits 4 or 8 and group_size -1, 32, 64 or 128 "

@@ -16,7 +16,7 @@ from math import prod
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import MixedPrecisionError, PlanErrors
+from ..errors import ErrorCode, MixedPrecisionError, raise_all
 from ..formats import DTYPE_BYTES, Scheme, detect_scheme
 from ..naming import TENSOR_SUFFIXES
 from .safetensors import corrupt_safetensors, entry_problem, json_loads, read_header
@@ -81,10 +81,10 @@ def _json_object(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise MixedPrecisionError("corrupt_config", f"{path} is not valid JSON: {e}", where=str(path),
+        raise MixedPrecisionError(ErrorCode.CORRUPT_CONFIG, f"{path} is not valid JSON: {e}", where=str(path),
                                   fix=f"restore the model's original {path.name}") from None
     if not isinstance(value, dict):
-        raise MixedPrecisionError("corrupt_config", f"{path} is not a JSON object", where=str(path),
+        raise MixedPrecisionError(ErrorCode.CORRUPT_CONFIG, f"{path} is not a JSON object", where=str(path),
                                   fix=f"restore the model's original {path.name}")
     return value
 
@@ -112,11 +112,11 @@ class CheckpointSource:
         if not self.path.is_dir():
             what = "is not a directory" if self.path.exists() else "does not exist"
             return MixedPrecisionError(
-                "missing_source", f"source {self.label!r}: checkpoint directory {self.path} {what}",
+                ErrorCode.MISSING_SOURCE, f"source {self.label!r}: checkpoint directory {self.path} {what}",
                 where=self.origin, fix=f"point {self.label!r} at a model directory (or create it with `sglang-mp convert`)")
         if not (self.path / "config.json").is_file():
             return MixedPrecisionError(
-                "missing_file", f"source {self.label!r}: {self.path / 'config.json'} is missing",
+                ErrorCode.MISSING_FILE, f"source {self.label!r}: {self.path / 'config.json'} is missing",
                 where=self.origin, fix="copy the model's config.json into the directory (it says the architecture and quantization)")
         return None
 
@@ -156,7 +156,7 @@ class CheckpointSource:
         files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("pytorch_model*.bin"))
         if not files:
             raise MixedPrecisionError(
-                "missing_file", f"source {self.label!r}: no *.safetensors, {SAFETENSORS_INDEX} or pytorch_model*.bin in {self.path}",
+                ErrorCode.MISSING_FILE, f"source {self.label!r}: no *.safetensors, {SAFETENSORS_INDEX} or pytorch_model*.bin in {self.path}",
                 where=self.origin, fix="point the source at a directory holding the checkpoint's weight files")
         return files, None, None
 
@@ -166,7 +166,7 @@ class CheckpointSource:
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise MixedPrecisionError("corrupt_index", f"{index} has no valid weight_map ({e})", where=str(index),
+            raise MixedPrecisionError(ErrorCode.CORRUPT_INDEX, f"{index} has no valid weight_map ({e})", where=str(index),
                                       fix="restore the checkpoint's index file (it maps each tensor to its file)") from None
         return weight_map
 
@@ -184,7 +184,7 @@ class CheckpointSource:
             if not file.is_file():
                 n = sum(1 for f in weight_map.values() if f == file.name) if weight_map else 0
                 problems.append(MixedPrecisionError(
-                    "missing_file", f"source {self.label!r}: {file.name} is listed in {index.name} ({n} tensors) but missing",
+                    ErrorCode.MISSING_FILE, f"source {self.label!r}: {file.name} is listed in {index.name} ({n} tensors) but missing",
                     where=str(file), fix=f"download {file.name} into {self.path}"))
                 continue
             try:
@@ -210,7 +210,7 @@ class CheckpointSource:
             return []
         shown = ", ".join(f"{n} (in {weight_map[n]})" for n in absent[:5])
         return [MixedPrecisionError(
-            "missing_tensor", f"source {self.label!r}: {len(absent)} tensor(s) listed in {index.name} are not in the named file's header: {shown}",
+            ErrorCode.MISSING_TENSOR, f"source {self.label!r}: {len(absent)} tensor(s) listed in {index.name} are not in the named file's header: {shown}",
             where=str(index), fix="the index and the weight files are from different exports; download them again together")]
 
     def _checked(self) -> None:
@@ -218,7 +218,7 @@ class CheckpointSource:
             return
         problems = self.scan()
         if problems:
-            raise problems[0] if len(problems) == 1 else PlanErrors(problems)
+            raise_all(problems)
 
     @property
     def tensor_names(self):
@@ -233,7 +233,7 @@ class CheckpointSource:
         self._checked()
         file = self._file_of.get(name)
         if file is None:
-            raise MixedPrecisionError("missing_tensor", f"source {self.label!r} has no tensor {name}",
+            raise MixedPrecisionError(ErrorCode.MISSING_TENSOR, f"source {self.label!r} has no tensor {name}",
                                       where=str(self.path), fix="check the tensor name or map the module to another source")
         info = self._infos[name] = _info(name, file, self._entry[name])
         return info

@@ -12,7 +12,7 @@ try:  # headers of a 235B checkpoint set are ~30 MB of JSON; orjson parses them 
 except ImportError:
     json_loads = json.loads
 
-from ..errors import MixedPrecisionError
+from ..errors import ErrorCode, MixedPrecisionError
 from ..formats import DTYPE_BYTES
 
 # A header larger than this is not a real checkpoint's (safetensors itself caps it at 100 MB).
@@ -21,7 +21,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 def corrupt_safetensors(path: Path, why: str) -> MixedPrecisionError:
     return MixedPrecisionError(
-        "corrupt_safetensors",
+        ErrorCode.CORRUPT_SAFETENSORS,
         f"{path.name} is truncated or corrupt: {why}",
         where=str(path),
         fix="download or convert this file again (compare its size with the original's)",

@@ -14,7 +14,7 @@ from math import prod
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import MixedPrecisionError
+from ..errors import ErrorCode, MixedPrecisionError
 from ..formats import DTYPE_BYTES
 
 _STORAGE_DTYPES = {
@@ -76,7 +76,7 @@ class _ShapeUnpickler(pickle.Unpickler):
 
 
 def _corrupt(path: Path, why: str) -> MixedPrecisionError:
-    return MixedPrecisionError("corrupt_checkpoint", f"{path.name} is not a readable PyTorch state dict: {why}",
+    return MixedPrecisionError(ErrorCode.CORRUPT_CHECKPOINT, f"{path.name} is not a readable PyTorch state dict: {why}",
                                where=str(path), fix="re-save it with torch.save (zip format) or convert it to safetensors")
 
 
