@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Thin wrapper: `python convert_weights_for_sglang.py ARGS` is `sglang-mp convert ARGS`."""
+
 import sys
 
 from sglang_mixed_precision.cli import main

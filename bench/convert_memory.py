@@ -56,9 +56,11 @@ SLACK = 64 * 2**20
 # Names and safetensors headers of the tensors written (shard index, resume state): the fp8 + rtn
 # peak grew by 1.04 KiB per output tensor from 12 to 600 layers (results/convert_memory.md).
 PER_TENSOR = 1536
-BOUND_TEXT = ("fp8 + rtn: baseline (Python, torch, transformers and its Qwen3 modeling module) + 2 x largest unit + 48 B x the largest tensor's "
-              "elements + 1.5 KiB x output tensors + 64 MiB slack; gptq: baseline + 4 x largest unit + 64 B x the largest tensor's "
-              "elements + 24 B x K_max^2 (Hessians and their inverse Cholesky factor) + 1.5 KiB x output tensors + 64 MiB slack")
+BOUND_TEXT = (
+    "fp8 + rtn: baseline (Python, torch, transformers and its Qwen3 modeling module) + 2 x largest unit + 48 B x the largest tensor's "
+    "elements + 1.5 KiB x output tensors + 64 MiB slack; gptq: baseline + 4 x largest unit + 64 B x the largest tensor's "
+    "elements + 24 B x K_max^2 (Hessians and their inverse Cholesky factor) + 1.5 KiB x output tensors + 64 MiB slack"
+)
 
 
 def bound_above_baseline(method: str, unit_bytes: int, largest: int, k_max: int, tensors: int) -> int:
@@ -80,8 +82,15 @@ def write_model(path: Path, hidden: int, layers: int) -> Path:
 
     from sglang_mixed_precision.testing.tinymodels import tiny_config, write_tokenizer
 
-    cfg = tiny_config("qwen3", num_layers=layers, hidden=hidden, vocab=8192, num_attention_heads=hidden // 128,
-                      num_key_value_heads=max(1, hidden // 512), intermediate_size=3 * hidden)
+    cfg = tiny_config(
+        "qwen3",
+        num_layers=layers,
+        hidden=hidden,
+        vocab=8192,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=max(1, hidden // 512),
+        intermediate_size=3 * hidden,
+    )
     cfg.architectures = ["Qwen3ForCausalLM"]
     path.mkdir(parents=True)
     cfg.save_pretrained(str(path))
@@ -94,13 +103,21 @@ def write_model(path: Path, hidden: int, layers: int) -> Path:
     h, i, q, kv = hidden, 3 * hidden, cfg.num_attention_heads * 128, cfg.num_key_value_heads * 128
     ones = lambda n: torch.ones(n, dtype=torch.bfloat16)  # noqa: E731
 
-    def layer(l):
-        p = f"model.layers.{l}."
-        return {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-                p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
-                p + "self_attn.q_norm.weight": ones(128), p + "self_attn.k_norm.weight": ones(128),
-                p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h), p + "mlp.down_proj.weight": rnd(h, i),
-                p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h)}
+    def layer(n):
+        p = f"model.layers.{n}."
+        return {
+            p + "self_attn.q_proj.weight": rnd(q, h),
+            p + "self_attn.k_proj.weight": rnd(kv, h),
+            p + "self_attn.v_proj.weight": rnd(kv, h),
+            p + "self_attn.o_proj.weight": rnd(h, q),
+            p + "self_attn.q_norm.weight": ones(128),
+            p + "self_attn.k_norm.weight": ones(128),
+            p + "mlp.gate_proj.weight": rnd(i, h),
+            p + "mlp.up_proj.weight": rnd(i, h),
+            p + "mlp.down_proj.weight": rnd(h, i),
+            p + "input_layernorm.weight": ones(h),
+            p + "post_attention_layernorm.weight": ones(h),
+        }
 
     def rest():
         return {"model.embed_tokens.weight": rnd(8192, h), "lm_head.weight": rnd(8192, h), "model.norm.weight": ones(h)}
@@ -117,13 +134,24 @@ def write_model(path: Path, hidden: int, layers: int) -> Path:
 
 def measure(model: Path, out: Path, method: str) -> dict:
     """Convert (fp8 + int4 by `method`) in a child process; its baseline and peak RSS in bytes."""
-    child_args = {"model_path": str(model), "output_dir": str(out), "formats": ["fp8", "int4"], "method": method,
-                  "check": False, "progress": False, "nsamples": 4, "seqlen": 256, "max_shard_size": "1GB"}
+    child_args = {
+        "model_path": str(model),
+        "output_dir": str(out),
+        "formats": ["fp8", "int4"],
+        "method": method,
+        "check": False,
+        "progress": False,
+        "nsamples": 4,
+        "seqlen": 256,
+        "max_shard_size": "1GB",
+    }
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(child_args)], capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"conversion failed:\n{p.stderr[-3000:]}")
-    tensors = sum(len(json.loads((out / f / "model.safetensors.index.json").read_text())["weight_map"]) for f in ("fp8", "int4"))
+    tensors = sum(
+        len(json.loads((out / f / "model.safetensors.index.json").read_text())["weight_map"]) for f in ("fp8", "int4")
+    )
     shutil.rmtree(out)
     return {**json.loads(p.stdout.strip().splitlines()[-1]), "seconds": time.time() - t0, "tensors": tensors}
 
@@ -134,23 +162,31 @@ def model_geometry(model: Path) -> dict:
 
     src = InputModel(model)
     plan = build_plan(src, skip=[], group_size=128, fp8_block=(128, 128))
-    return {"model_bytes": src.total_bytes,
-            "unit_bytes": max(sum(src.tensors[n].nbytes for n in u.tensors) for u in plan.units),
-            "k_max": max(t.shape[1] for t in plan.quantized.values()),
-            "largest": max(t.shape[0] * t.shape[1] for t in plan.quantized.values())}
+    return {
+        "model_bytes": src.total_bytes,
+        "unit_bytes": max(sum(src.tensors[n].nbytes for n in u.tensors) for u in plan.units),
+        "k_max": max(t.shape[1] for t in plan.quantized.values()),
+        "largest": max(t.shape[0] * t.shape[1] for t in plan.quantized.values()),
+    }
 
 
 def markdown(result: dict) -> str:
-    md = [f"# Conversion peak memory on {result['machine']}", "",
-          f"Qwen3-shaped bf16 models, hidden {result['hidden']}, largest unit {result['largest_unit_mb']:.1f} MiB, "
-          f"K_max {result['k_max']}. Bound: {result['bound']}. Peak RSS is VmHWM of the converting process "
-          "(fp8 and int4 written in one pass). The bound's weight terms do not depend on the number of layers: "
-          "only its 1.5 KiB per output tensor does.", "",
-          "| int4 method (+ fp8) | layers | output tensors | model MiB | baseline MiB | peak RSS MiB | bound MiB | model / bound | within bound | seconds |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['method']} | {r['layers']} | {r['tensors']} | {r['model_mb']:.0f} | {r['baseline_mb']:.0f} | {r['peak_mb']:.0f} | "
-           f"{r['bound_mb']:.0f} | {r['model_mb'] / r['bound_mb']:.1f}x | {r['within_bound']} | {r['seconds']:.0f} |"
-           for r in result["rows"]]
+    md = [
+        f"# Conversion peak memory on {result['machine']}",
+        "",
+        f"Qwen3-shaped bf16 models, hidden {result['hidden']}, largest unit {result['largest_unit_mb']:.1f} MiB, "
+        f"K_max {result['k_max']}. Bound: {result['bound']}. Peak RSS is VmHWM of the converting process "
+        "(fp8 and int4 written in one pass). The bound's weight terms do not depend on the number of layers: "
+        "only its 1.5 KiB per output tensor does.",
+        "",
+        "| int4 method (+ fp8) | layers | output tensors | model MiB | baseline MiB | peak RSS MiB | bound MiB | model / bound | within bound | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['method']} | {r['layers']} | {r['tensors']} | {r['model_mb']:.0f} | {r['baseline_mb']:.0f} | {r['peak_mb']:.0f} | "
+        f"{r['bound_mb']:.0f} | {r['model_mb'] / r['bound_mb']:.1f}x | {r['within_bound']} | {r['seconds']:.0f} |"
+        for r in result["rows"]
+    ]
     md += ["", growth(result["rows"])]
     return "\n".join(md) + "\n"
 
@@ -168,9 +204,11 @@ def growth(rows: list[dict]) -> str:
         small, large = mine[0], mine[-1]
         if small is large:
             continue
-        parts.append(f"{method}: +{large['peak_mb'] - small['peak_mb']:.0f} MiB from {small['layers']} to {large['layers']} layers "
-                     f"({100 * (large['peak_mb'] - small['peak_mb']) / large['model_mb']:.1f}% of the large model's weights; "
-                     f"{margin(large)})")
+        parts.append(
+            f"{method}: +{large['peak_mb'] - small['peak_mb']:.0f} MiB from {small['layers']} to {large['layers']} layers "
+            f"({100 * (large['peak_mb'] - small['peak_mb']) / large['model_mb']:.1f}% of the large model's weights; "
+            f"{margin(large)})"
+        )
     return "Peak growth with the model: " + "; ".join(parts) + "." if parts else ""
 
 
@@ -192,15 +230,34 @@ def main() -> int:
             geo = model_geometry(model)
             for method in args.methods.split(","):
                 m = measure(model, tmp / f"out_{method}", method)
-                bound = m["baseline"] + bound_above_baseline(method, geo["unit_bytes"], geo["largest"], geo["k_max"], m["tensors"])
-                rows.append({"method": method, "layers": layers, "tensors": m["tensors"], "model_mb": geo["model_bytes"] / 2**20,
-                             "baseline_mb": m["baseline"] / 2**20, "peak_mb": m["peak"] / 2**20, "bound_mb": bound / 2**20,
-                             "within_bound": m["peak"] <= bound, "seconds": round(m["seconds"], 1)})
+                bound = m["baseline"] + bound_above_baseline(
+                    method, geo["unit_bytes"], geo["largest"], geo["k_max"], m["tensors"]
+                )
+                rows.append(
+                    {
+                        "method": method,
+                        "layers": layers,
+                        "tensors": m["tensors"],
+                        "model_mb": geo["model_bytes"] / 2**20,
+                        "baseline_mb": m["baseline"] / 2**20,
+                        "peak_mb": m["peak"] / 2**20,
+                        "bound_mb": bound / 2**20,
+                        "within_bound": m["peak"] <= bound,
+                        "seconds": round(m["seconds"], 1),
+                    }
+                )
                 print(rows[-1], flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    result = {"machine": cpu_name(), "hidden": args.hidden, "largest_unit_mb": geo["unit_bytes"] / 2**20,
-              "k_max": geo["k_max"], "largest_tensor_elements": geo["largest"], "bound": BOUND_TEXT, "rows": rows}
+    result = {
+        "machine": cpu_name(),
+        "hidden": args.hidden,
+        "largest_unit_mb": geo["unit_bytes"] / 2**20,
+        "k_max": geo["k_max"],
+        "largest_tensor_elements": geo["largest"],
+        "bound": BOUND_TEXT,
+        "rows": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "convert_memory.json").write_text(json.dumps(result, indent=2))

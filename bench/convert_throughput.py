@@ -53,31 +53,60 @@ def main() -> int:
             times = []
             for rep in range(args.repeats):  # the first run also pays imports and page cache warm-up
                 out = tmp / f"{label.replace(' ', '_')}_{rep}"
-                opts = ConvertOptions(str(model), str(out), formats=(fmt,), method=method, check=False, progress=False,
-                                      nsamples=args.nsamples, seqlen=args.seqlen)
+                opts = ConvertOptions(
+                    str(model),
+                    str(out),
+                    formats=(fmt,),
+                    method=method,
+                    check=False,
+                    progress=False,
+                    nsamples=args.nsamples,
+                    seqlen=args.seqlen,
+                )
                 t0 = time.perf_counter()
                 report = convert(opts)
                 times.append(time.perf_counter() - t0)
                 shutil.rmtree(out)
             dt = min(times)
-            rows.append({"case": label, "seconds": round(dt, 2), "runs_s": [round(t, 2) for t in times],
-                         "input_gb": report.input_bytes / 1e9, "gb_per_s": report.input_bytes / 1e9 / dt,
-                         **({"calibration_tokens": args.nsamples * args.seqlen} if method == "gptq" else {})})
+            rows.append(
+                {
+                    "case": label,
+                    "seconds": round(dt, 2),
+                    "runs_s": [round(t, 2) for t in times],
+                    "input_gb": report.input_bytes / 1e9,
+                    "gb_per_s": report.input_bytes / 1e9 / dt,
+                    **({"calibration_tokens": args.nsamples * args.seqlen} if method == "gptq" else {}),
+                }
+            )
             print(f"{label}: best {dt:.2f}s of {len(times)}, {rows[-1]['gb_per_s']:.3f} GB/s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     machine = cpu_name()
-    result = {"machine": machine, "torch_threads": torch.get_num_threads(),
-              "model": f"qwen3 hidden={args.hidden} layers={args.layers} (bf16, random weights)", "rows": rows}
+    result = {
+        "machine": machine,
+        "torch_threads": torch.get_num_threads(),
+        "model": f"qwen3 hidden={args.hidden} layers={args.layers} (bf16, random weights)",
+        "rows": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "convert_throughput.json").write_text(json.dumps(result, indent=2))
-    md = [f"# Conversion throughput on {machine}", "", f"Model: {result['model']}, "
-          f"{rows[0]['input_gb'] * 1e3:.0f} MB of 16-bit input; each format converted on its own, "
-          f"reload check off; best of {args.repeats} runs.", "", "| case | seconds | GB/s of input |", "|---|---|---|"]
-    md += [f"| {r['case']}{' (' + str(r['calibration_tokens']) + ' calibration tokens)' if 'calibration_tokens' in r else ''} "
-           f"| {r['seconds']} | {r['gb_per_s']:.3f} |" for r in rows]
+    md = [
+        f"# Conversion throughput on {machine}",
+        "",
+        f"Model: {result['model']}, "
+        f"{rows[0]['input_gb'] * 1e3:.0f} MB of 16-bit input; each format converted on its own, "
+        f"reload check off; best of {args.repeats} runs.",
+        "",
+        "| case | seconds | GB/s of input |",
+        "|---|---|---|",
+    ]
+    md += [
+        f"| {r['case']}{' (' + str(r['calibration_tokens']) + ' calibration tokens)' if 'calibration_tokens' in r else ''} "
+        f"| {r['seconds']} | {r['gb_per_s']:.3f} |"
+        for r in rows
+    ]
     (out / "convert_throughput.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

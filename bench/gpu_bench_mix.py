@@ -63,17 +63,42 @@ sys.path.insert(0, str(REPO / "bench"))
 from gpu_common import environment, make_log, parse_server_log  # noqa: E402
 
 SHAPES = {
-    "qwen3-30b-a3b": dict(hidden=2048, vocab=151936, num_attention_heads=32, num_key_value_heads=4,
-                          intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
+    "qwen3-30b-a3b": dict(
+        hidden=2048,
+        vocab=151936,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+    ),
     "tiny": {},  # tinymodels' defaults: hidden 512, 8 experts of 256, top-2
 }
-PROMPTS = ["The history of the river begins", "In the morning the market", "A compiler translates",
-           "Mountains in the north"]
+PROMPTS = [
+    "The history of the river begins",
+    "In the morning the market",
+    "A compiler translates",
+    "Mountains in the north",
+]
 GREEDY_TOKENS = 32
 B1_TOKENS, B32_TOKENS = 128, 64  # decode tokens timed at batch 1 and batch 32
 # Same flags for stock and mixed. Radix cache off: repeated prompts would otherwise skip prefill.
-SERVER_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--mem-fraction-static", "0.6",
-                "--dtype", "bfloat16", "--disable-radix-cache", "--cuda-graph-max-bs", "32", "--log-level", "info"]
+SERVER_FLAGS = [
+    "--attention-backend",
+    "triton",
+    "--sampling-backend",
+    "pytorch",
+    "--mem-fraction-static",
+    "0.6",
+    "--dtype",
+    "bfloat16",
+    "--disable-radix-cache",
+    "--cuda-graph-max-bs",
+    "32",
+    "--log-level",
+    "info",
+]
 STOCK_INT4_FLAGS = ["--quantization", "moe_wna16"]
 GOAL_RATIO = 0.99
 MEMORY_TOLERANCE = 0.01
@@ -99,8 +124,14 @@ RUNS = {
     "mix-attnbf16-expint4": Run("mixed", "mix", "fp16", "int4"),
     "mix-attnfp8-expint4": Run("mixed", "mix", "fp8", "int4"),
 }
-GROUPS = {"bf16": ["stock-bf16", "mixed-bf16"], "fp8": ["stock-fp8", "mixed-fp8"], "int4": ["stock-int4", "mixed-int4"],
-          "mixes": ["mix-attnbf16-expint4", "mix-attnfp8-expint4"], "prepare": [], "all": list(RUNS)}
+GROUPS = {
+    "bf16": ["stock-bf16", "mixed-bf16"],
+    "fp8": ["stock-fp8", "mixed-fp8"],
+    "int4": ["stock-int4", "mixed-int4"],
+    "mixes": ["mix-attnbf16-expint4", "mix-attnfp8-expint4"],
+    "prepare": [],
+    "all": list(RUNS),
+}
 
 
 log = make_log("bench")
@@ -131,8 +162,11 @@ def prepare(work: Path, shape: str, layers: int) -> Path:
         make_tiny_model("qwen3_moe", src, num_layers=layers, max_shard_size="2GB", **SHAPES[shape])
     if not all((conv / f / "config.json").exists() for f in ("fp16", "fp8", "int4")):
         log("converting with the project's converter (rtn)")
-        convert(ConvertOptions(model_path=str(src), output_dir=str(conv), method="rtn", overwrite=True,
-                               check=False, progress=False))
+        convert(
+            ConvertOptions(
+                model_path=str(src), output_dir=str(conv), method="rtn", overwrite=True, check=False, progress=False
+            )
+        )
     return conv
 
 
@@ -141,8 +175,13 @@ def mix_config(work: Path, conv: Path, name: str) -> Path:
 
     run = RUNS[name]
     rules = [{"match": "model.layers.*.mlp.experts.*", "source": run.experts}] if run.experts else []
-    doc = {"mixed_precision": {"sources": {f: str(conv / f) for f in ("fp16", "fp8", "int4")},
-                               "default": run.default, "rules": rules}}
+    doc = {
+        "mixed_precision": {
+            "sources": {f: str(conv / f) for f in ("fp16", "fp8", "int4")},
+            "default": run.default,
+            "rules": rules,
+        }
+    }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -150,25 +189,46 @@ def mix_config(work: Path, conv: Path, name: str) -> Path:
 
 def plan_bytes(config: Path, tp: int) -> dict:
     """What the plan expects: bytes per rank (GPU weight memory) and in total (bytes to read)."""
-    from sglang_mixed_precision.reference import plan_from_config
     from sglang_mixed_precision.core.report import summary
+    from sglang_mixed_precision.reference import plan_from_config
 
     s = summary(plan_from_config(config, tp_size=tp))
-    return {"plan_rank_bytes": s["per_rank"][0]["bytes"], "plan_total_bytes": s["total"]["bytes"],
-            "plan_by_precision": {r["precision"]: r["bytes"] for r in s["by_precision"]}}
+    return {
+        "plan_rank_bytes": s["per_rank"][0]["bytes"],
+        "plan_total_bytes": s["total"]["bytes"],
+        "plan_by_precision": {r["precision"]: r["bytes"] for r in s["by_precision"]},
+    }
 
 
 def server_argv(name: str, work: Path, conv: Path, out: Path, port: int, args) -> list[str]:
     """The arguments after the program: stock SGLang's, or the launcher's for a mixed run."""
     run = RUNS[name]
-    common = ["--host", "127.0.0.1", "--port", str(port), "--tp-size", str(args.tp_size), "--dp-size", str(args.dp_size),
-              *SERVER_FLAGS]
+    common = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--tp-size",
+        str(args.tp_size),
+        "--dp-size",
+        str(args.dp_size),
+        *SERVER_FLAGS,
+    ]
     if run.kind == "stock":
         extra = STOCK_INT4_FLAGS if run.fmt == "int4" else []
         return ["--model-path", str(conv / run.default), *common, *extra, *args.sglang_arg]
     plan_dir = out / "plans" / run_key(name, args.tp_size, args.dp_size)
-    return ["--enable-mixed-precision", "--mixed-precision-config", str(mix_config(work, conv, name)),
-            "--model-path", str(conv / "fp16"), "--plan-dir", str(plan_dir), *common, *args.sglang_arg]
+    return [
+        "--enable-mixed-precision",
+        "--mixed-precision-config",
+        str(mix_config(work, conv, name)),
+        "--model-path",
+        str(conv / "fp16"),
+        "--plan-dir",
+        str(plan_dir),
+        *common,
+        *args.sglang_arg,
+    ]
 
 
 def program(name: str) -> list[str]:
@@ -196,8 +256,12 @@ def timed_generate(base: str, ids: list[list[int]], max_new: int) -> tuple[float
 
 def measure(base: str, ids: list[list[int]], repeats: int) -> dict:
     one, batch = [ids[0]], [ids[i % len(ids)] for i in range(32)]
-    cases = {"prefill_b1": (one, 1), "total_b1": (one, 1 + B1_TOKENS),
-             "prefill_b32": (batch, 1), "total_b32": (batch, 1 + B32_TOKENS)}
+    cases = {
+        "prefill_b1": (one, 1),
+        "total_b1": (one, 1 + B1_TOKENS),
+        "prefill_b32": (batch, 1),
+        "total_b32": (batch, 1 + B32_TOKENS),
+    }
     for request, n in cases.values():  # warm-up: Triton JIT and CUDA-graph shapes of every timed request
         timed_generate(base, request, n)
     t = {k: statistics.median(timed_generate(base, r, n)[0] for _ in range(repeats)) for k, (r, n) in cases.items()}
@@ -230,8 +294,14 @@ def run_one(name: str, work: Path, conv: Path, ids, out: Path, args) -> dict:
     port = client.free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = program(name) + server_argv(name, work, conv, out, port, args)
-    res = {"run": name, "kind": RUNS[name].kind, "format": RUNS[name].fmt, "tp": args.tp_size, "dp": args.dp_size,
-           "command": cmd}
+    res = {
+        "run": name,
+        "kind": RUNS[name].kind,
+        "format": RUNS[name].fmt,
+        "tp": args.tp_size,
+        "dp": args.dp_size,
+        "command": cmd,
+    }
     if RUNS[name].kind == "mixed":
         res.update(plan_bytes(work / f"{name}.yaml", args.tp_size))
     log_path = out / "logs" / f"{key}.log"
@@ -269,15 +339,21 @@ def comparisons(runs: dict) -> list[dict]:
             s, m = runs.get(run_key(f"stock-{fmt}", tp, dp)), runs.get(run_key(f"mixed-{fmt}", tp, dp))
             if not (s and m) or "error" in s or "error" in m:
                 continue
-            load = (s["weight_load_s"] / m["weight_load_s"]) if s.get("weight_load_s") and m.get("weight_load_s") else None
-            rows.append({
-                "format": fmt, "tp": tp, "dp": dp,
-                "identical_greedy_tokens": s["greedy_ids"] == m["greedy_ids"],
-                "decode_b1_mixed_over_stock": m["decode_tok_s_b1"] / s["decode_tok_s_b1"],
-                "decode_b32_mixed_over_stock": m["decode_tok_s_b32"] / s["decode_tok_s_b32"],
-                "ttft_stock_over_mixed": s["ttft_s"] / m["ttft_s"],
-                "load_time_stock_over_mixed": load,
-            })
+            load = (
+                (s["weight_load_s"] / m["weight_load_s"]) if s.get("weight_load_s") and m.get("weight_load_s") else None
+            )
+            rows.append(
+                {
+                    "format": fmt,
+                    "tp": tp,
+                    "dp": dp,
+                    "identical_greedy_tokens": s["greedy_ids"] == m["greedy_ids"],
+                    "decode_b1_mixed_over_stock": m["decode_tok_s_b1"] / s["decode_tok_s_b1"],
+                    "decode_b32_mixed_over_stock": m["decode_tok_s_b32"] / s["decode_tok_s_b32"],
+                    "ttft_stock_over_mixed": s["ttft_s"] / m["ttft_s"],
+                    "load_time_stock_over_mixed": load,
+                }
+            )
     return rows
 
 
@@ -288,8 +364,12 @@ def misses(runs: dict, rows: list[dict]) -> list[str]:
         where = f"{r['format']} tp{r['tp']}dp{r['dp']}"
         if not r["identical_greedy_tokens"]:
             out.append(f"{where}: greedy tokens differ between stock and mixed")
-        for k in ("decode_b1_mixed_over_stock", "decode_b32_mixed_over_stock", "ttft_stock_over_mixed",
-                  "load_time_stock_over_mixed"):
+        for k in (
+            "decode_b1_mixed_over_stock",
+            "decode_b32_mixed_over_stock",
+            "ttft_stock_over_mixed",
+            "load_time_stock_over_mixed",
+        ):
             if r[k] is None:
                 out.append(f"{where}: {k} not measured")
             elif r[k] < GOAL_RATIO:
@@ -319,12 +399,16 @@ def fmt(value, spec: str = "", scale: float = 1.0) -> str:
 
 def markdown(doc: dict) -> str:
     env, runs, rows = doc["environment"], doc["runs"], doc["comparisons"]
-    lines = [f"# Mixed vs stock SGLang — {env['card']}", "",
-             f"{env['card']} x {env['gpus']}; {env['versions']}. Model: random weights, {doc['shape']} shapes, "
-             f"{doc['layers']} layers. Mode: {doc['mode']}.", "",
-             "| run | ready s | load s | GPU weight GiB | param bytes | plan bytes/rank | GPU mem vs plan | params vs plan "
-             "| bytes read / plan | TTFT ms | tok/s b1 | tok/s b32 | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Mixed vs stock SGLang — {env['card']}",
+        "",
+        f"{env['card']} x {env['gpus']}; {env['versions']}. Model: random weights, {doc['shape']} shapes, "
+        f"{doc['layers']} layers. Mode: {doc['mode']}.",
+        "",
+        "| run | ready s | load s | GPU weight GiB | param bytes | plan bytes/rank | GPU mem vs plan | params vs plan "
+        "| bytes read / plan | TTFT ms | tok/s b1 | tok/s b32 | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for key, r in runs.items():
         c = memory_checks(r) if r["kind"] == "mixed" else {}
         lines.append(
@@ -332,14 +416,22 @@ def markdown(doc: dict) -> str:
             f"{fmt(r.get('param_bytes'))} | {fmt(r.get('plan_rank_bytes'))} | {fmt(c.get('gpu_mem_vs_plan'), '+.2%')} | "
             f"{fmt(c.get('param_bytes_vs_plan'), '+.2%')} | {fmt(c.get('bytes_read_vs_plan'), '.3f')} | "
             f"{fmt(r.get('ttft_s'), '.1f', 1e3)} | {fmt(r.get('decode_tok_s_b1'), '.1f')} | "
-            f"{fmt(r.get('decode_tok_s_b32'), '.1f')} | {(r.get('error') or '')[:80]} |")
-    lines += ["", f"Stock vs mixed (goal: identical tokens, every ratio >= {GOAL_RATIO}):", "",
-              "| format | tp | dp | identical greedy tokens | decode b1 mixed/stock | decode b32 mixed/stock "
-              "| TTFT stock/mixed | load time stock/mixed |", "|---|---|---|---|---|---|---|---|"]
+            f"{fmt(r.get('decode_tok_s_b32'), '.1f')} | {(r.get('error') or '')[:80]} |"
+        )
+    lines += [
+        "",
+        f"Stock vs mixed (goal: identical tokens, every ratio >= {GOAL_RATIO}):",
+        "",
+        "| format | tp | dp | identical greedy tokens | decode b1 mixed/stock | decode b32 mixed/stock "
+        "| TTFT stock/mixed | load time stock/mixed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['format']} | {r['tp']} | {r['dp']} | {r['identical_greedy_tokens']} | "
-                     f"{r['decode_b1_mixed_over_stock']:.3f} | {r['decode_b32_mixed_over_stock']:.3f} | "
-                     f"{r['ttft_stock_over_mixed']:.3f} | {fmt(r['load_time_stock_over_mixed'], '.3f')} |")
+        lines.append(
+            f"| {r['format']} | {r['tp']} | {r['dp']} | {r['identical_greedy_tokens']} | "
+            f"{r['decode_b1_mixed_over_stock']:.3f} | {r['decode_b32_mixed_over_stock']:.3f} | "
+            f"{r['ttft_stock_over_mixed']:.3f} | {fmt(r['load_time_stock_over_mixed'], '.3f')} |"
+        )
     if doc["mode"] == "cpu-check":
         lines += ["", "cpu-check: nothing measured; the SGLang commands a GPU run would start:", ""]
         lines += [f"- {key}: `{' '.join(r['sglang_command'])}`" for key, r in runs.items()]
@@ -395,8 +487,10 @@ def run_gpu(names: list[str], work: Path, conv: Path, out: Path, results: Result
         servers += 1
         r = run_one(name, work, conv, ids, out, args)
         results.add(key, r)
-        log(f"{key}: {'FAILED' if 'error' in r else 'done'}; ttft {fmt(r.get('ttft_s'), '.1f', 1e3)} ms, "
-            f"b1 {fmt(r.get('decode_tok_s_b1'), '.1f')} tok/s, b32 {fmt(r.get('decode_tok_s_b32'), '.1f')} tok/s")
+        log(
+            f"{key}: {'FAILED' if 'error' in r else 'done'}; ttft {fmt(r.get('ttft_s'), '.1f', 1e3)} ms, "
+            f"b1 {fmt(r.get('decode_tok_s_b1'), '.1f')} tok/s, b32 {fmt(r.get('decode_tok_s_b32'), '.1f')} tok/s"
+        )
 
 
 def run_cpu_check(names: list[str], work: Path, conv: Path, out: Path, results: Results, args) -> None:
@@ -408,8 +502,16 @@ def run_cpu_check(names: list[str], work: Path, conv: Path, out: Path, results: 
         argv = server_argv(name, work, conv, out, 30000, args)
         # The launcher validates the plan and writes the plan directory, as it does before starting SGLang.
         cmd = launcher.sglang_command(argv, out=io.StringIO())
-        res = {"run": name, "kind": RUNS[name].kind, "format": RUNS[name].fmt, "tp": args.tp_size, "dp": args.dp_size,
-               "mode": "cpu-check", "command": program(name) + argv, "sglang_command": cmd}
+        res = {
+            "run": name,
+            "kind": RUNS[name].kind,
+            "format": RUNS[name].fmt,
+            "tp": args.tp_size,
+            "dp": args.dp_size,
+            "mode": "cpu-check",
+            "command": program(name) + argv,
+            "sglang_command": cmd,
+        }
         if RUNS[name].kind == "mixed":
             res.update(plan_bytes(work / f"{name}.yaml", args.tp_size))
         problem = client.sglang_argv_problem(cmd[3:])
@@ -423,13 +525,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="results directory (kept runs are merged)")
     ap.add_argument("--workdir", default=None, help="model and conversions (default: OUT/work)")
-    ap.add_argument("--shape", choices=SHAPES, default=None, help="model shapes (default: qwen3-30b-a3b; tiny with --cpu-check)")
+    ap.add_argument(
+        "--shape", choices=SHAPES, default=None, help="model shapes (default: qwen3-30b-a3b; tiny with --cpu-check)"
+    )
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--only", default="all", help=f"comma list of runs or groups ({', '.join(GROUPS)})")
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--dp-size", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median)")
-    ap.add_argument("--budget", type=float, default=0, help="seconds this command may take; runs that would not fit are skipped")
+    ap.add_argument(
+        "--budget", type=float, default=0, help="seconds this command may take; runs that would not fit are skipped"
+    )
     ap.add_argument("--server-timeout", type=float, default=400, help="seconds to wait for a server to be ready")
     ap.add_argument("--cpu-check", action="store_true", help="everything up to launching SGLang, on CPU")
     ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang flag for every server (repeat)")
@@ -443,8 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     mode = "cpu-check" if args.cpu_check else "gpu"
     results = Results(out, environment(args.cpu_check), args, mode)
-    log(f"{len(names)} run(s) at tp {args.tp_size} dp {args.dp_size}: {', '.join(names) or 'none (prepare only)'}; "
-        f"estimated {estimate_s(len(names))}s of servers on an H100 (+ preparing the model once)")
+    log(
+        f"{len(names)} run(s) at tp {args.tp_size} dp {args.dp_size}: {', '.join(names) or 'none (prepare only)'}; "
+        f"estimated {estimate_s(len(names))}s of servers on an H100 (+ preparing the model once)"
+    )
     try:
         conv = prepare(work, args.shape, args.layers)
         if args.cpu_check:
@@ -456,9 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     doc = results.doc
     print("\n" + markdown(doc))
     failed = [k for k, r in doc["runs"].items() if "error" in r]
-    print(f"SUMMARY: {len(doc['runs'])} run(s) recorded ({mode}, {doc['environment']['card']}), {len(failed)} failed, "
-          f"{len(doc['misses'])} goal(s) missed, not run: {', '.join(doc['not_run']) or 'none'}; "
-          f"{time.time() - started:.0f}s -> {results.path.with_suffix('.md')}", flush=True)
+    print(
+        f"SUMMARY: {len(doc['runs'])} run(s) recorded ({mode}, {doc['environment']['card']}), {len(failed)} failed, "
+        f"{len(doc['misses'])} goal(s) missed, not run: {', '.join(doc['not_run']) or 'none'}; "
+        f"{time.time() - started:.0f}s -> {results.path.with_suffix('.md')}",
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -27,9 +27,16 @@ def environment(cpu_check: bool) -> dict:
     import torch
 
     if cpu_check:
-        return {"card": f"CPU check on {platform.processor() or platform.machine()} (no GPU)", "gpus": 0, "capability": "-",
-                "torch": torch.__version__, "sglang": "-", "cuda": None, "jit_cache": None,
-                "versions": f"torch {torch.__version__}"}
+        return {
+            "card": f"CPU check on {platform.processor() or platform.machine()} (no GPU)",
+            "gpus": 0,
+            "capability": "-",
+            "torch": torch.__version__,
+            "sglang": "-",
+            "cuda": None,
+            "jit_cache": None,
+            "versions": f"torch {torch.__version__}",
+        }
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: run this on the GPU machine (source bench/gpu_setup.sh first), or pass --cpu-check")
     try:
@@ -38,13 +45,22 @@ def environment(cpu_check: bool) -> dict:
         sys.exit("sglang is not importable: source bench/gpu_setup.sh (or pip install sglang==0.5.17)")
     if "mixed_precision" not in {ep.name for ep in entry_points(group="sglang.srt.plugins")}:
         # PYTHONPATH off: the SGLang bundle's `kernels` package breaks setuptools' metadata step.
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],
-                       check=True, env={**os.environ, "PYTHONPATH": ""})
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],
+            check=True,
+            env={**os.environ, "PYTHONPATH": ""},
+        )
     version = getattr(sglang, "__version__", "?")
-    return {"card": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-            "capability": "sm%d%d" % torch.cuda.get_device_capability(0), "torch": torch.__version__, "sglang": version,
-            "cuda": torch.version.cuda, "jit_cache": os.environ.get("TVM_FFI_CACHE_DIR"),
-            "versions": f"torch {torch.__version__}, CUDA {torch.version.cuda}, sglang {version}"}
+    return {
+        "card": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "capability": "sm{}{}".format(*torch.cuda.get_device_capability(0)),
+        "torch": torch.__version__,
+        "sglang": version,
+        "cuda": torch.version.cuda,
+        "jit_cache": os.environ.get("TVM_FFI_CACHE_DIR"),
+        "versions": f"torch {torch.__version__}, CUDA {torch.version.cuda}, sglang {version}",
+    }
 
 
 def parse_server_log(text: str) -> dict:

@@ -24,14 +24,43 @@ FORMATS = ("fp8", "int4")
 
 
 def server_command(model_dir: Path, port: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
-            "--attention-backend", "triton", "--sampling-backend", "pytorch", "--disable-cuda-graph",
-            "--mem-fraction-static", "0.5", "--port", str(port), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model_dir),
+        "--attention-backend",
+        "triton",
+        "--sampling-backend",
+        "pytorch",
+        "--disable-cuda-graph",
+        "--mem-fraction-static",
+        "0.5",
+        "--port",
+        str(port),
+        *extra,
+    ]
 
 
 def convert_command(model_dir: Path, out: Path, method: str) -> list[str]:
-    return [sys.executable, "-m", "sglang_mixed_precision.cli", "convert", "--model_path", str(model_dir),
-            "--output_dir", str(out), "--method", method, "--formats", "fp8,int4", "--overwrite", "--no_progress", "--verify"]
+    return [
+        sys.executable,
+        "-m",
+        "sglang_mixed_precision.cli",
+        "convert",
+        "--model_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--method",
+        method,
+        "--formats",
+        "fp8,int4",
+        "--overwrite",
+        "--no_progress",
+        "--verify",
+    ]
 
 
 def plan_cases(work: Path, quant_flag_moe_int4: str | None) -> list[dict]:
@@ -57,8 +86,11 @@ def run_case(case: dict, out: Path, args) -> dict:
     try:
         res["startup_s"] = round(client.wait_until_ready(base, proc, args.start_timeout, log_path), 1)
         t1 = time.time()
-        reply = client.post_json(f"{base}/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 16, "temperature": 0}},
-                                 timeout=args.request_timeout)
+        reply = client.post_json(
+            f"{base}/generate",
+            {"text": PROMPT, "sampling_params": {"max_new_tokens": 16, "temperature": 0}},
+            timeout=args.request_timeout,
+        )
         res["generate_s"] = round(time.time() - t1, 2)
         res["answer"] = reply.get("text", reply)
         res["ok"] = isinstance(res["answer"], str)
@@ -79,13 +111,21 @@ def gpu_name() -> str:
 
 
 def markdown(results: list[dict], gpu: str, method: str) -> str:
-    lines = [f"# Converter GPU proof (stock SGLang) on {gpu}", "", f"int4 method: {method}", "",
-             "| model | format | flags | ok | startup s | generate s | answer / error |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Converter GPU proof (stock SGLang) on {gpu}",
+        "",
+        f"int4 method: {method}",
+        "",
+        "| model | format | flags | ok | startup s | generate s | answer / error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         ans = (r.get("answer") if r["ok"] else r.get("error", "")) or ""
         ans = str(ans).replace("|", "\\|").replace("\n", " ")[:80]
-        lines.append(f"| {r['model']} | {r['format']} | {' '.join(r['extra'])} | {'yes' if r['ok'] else 'NO'} "
-                     f"| {r.get('startup_s', '')} | {r.get('generate_s', '')} | {ans} |")
+        lines.append(
+            f"| {r['model']} | {r['format']} | {' '.join(r['extra'])} | {'yes' if r['ok'] else 'NO'} "
+            f"| {r.get('startup_s', '')} | {r.get('generate_s', '')} | {ans} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", help="where models are generated (default: OUT/work)")
     ap.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
-    ap.add_argument("--moe-int4-quantization", default=None, help="e.g. moe_wna16: --quantization for the MoE int4 server")
+    ap.add_argument(
+        "--moe-int4-quantization", default=None, help="e.g. moe_wna16: --quantization for the MoE int4 server"
+    )
     ap.add_argument("--start-timeout", type=float, default=540)
     ap.add_argument("--request-timeout", type=float, default=120)
     ap.add_argument("--convert-timeout", type=float, default=300)
@@ -132,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for c in cases:
         print(f"== {c['model']} {c['format']} {' '.join(c['extra'])}", flush=True)
-        results.append(run_case(c, out, args) if steps[c["model"]]["rc"] == 0 else {**c, "ok": False, "error": "conversion failed"})
-        print(json.dumps({k: results[-1].get(k) for k in ("ok", "startup_s", "generate_s", "answer", "error")}), flush=True)
+        results.append(
+            run_case(c, out, args) if steps[c["model"]]["rc"] == 0 else {**c, "ok": False, "error": "conversion failed"}
+        )
+        print(
+            json.dumps({k: results[-1].get(k) for k in ("ok", "startup_s", "generate_s", "answer", "error")}),
+            flush=True,
+        )
     gpu = gpu_name()
-    (out / "results.json").write_text(json.dumps({"gpu": gpu, "method": args.method, "convert": steps, "cases": results}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"gpu": gpu, "method": args.method, "convert": steps, "cases": results}, indent=2)
+    )
     (out / "results.md").write_text(markdown(results, gpu, args.method))
     print(markdown(results, gpu, args.method))
     return 0 if all(r["ok"] for r in results) else 1

@@ -52,14 +52,31 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_common import environment, make_log  # noqa: E402
 
-PROMPTS = ["The history of the river begins", "In the morning the market", "A compiler translates",
-           "Mountains in the north"]
+PROMPTS = [
+    "The history of the river begins",
+    "In the morning the market",
+    "A compiler translates",
+    "Mountains in the north",
+]
 MAX_NEW = 16
 CPU_CHECK_NEW = 2  # reference tokens per prompt in --cpu-check
 # Radix cache off: a prompt served from cached KV takes another numeric path than a fresh prefill,
 # which could change near-tied greedy tokens between the A/B classification and the stream.
-SERVER_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--mem-fraction-static", "0.5",
-                "--max-total-tokens", "32768", "--dtype", "bfloat16", "--disable-radix-cache", "--log-level", "info"]
+SERVER_FLAGS = [
+    "--attention-backend",
+    "triton",
+    "--sampling-backend",
+    "pytorch",
+    "--mem-fraction-static",
+    "0.5",
+    "--max-total-tokens",
+    "32768",
+    "--dtype",
+    "bfloat16",
+    "--disable-radix-cache",
+    "--log-level",
+    "info",
+]
 MLP_LAYERS = 4  # 2 decoder layers x (gate_up_proj, down_proj)
 
 
@@ -81,9 +98,14 @@ def prepare(work: Path) -> dict[str, Path]:
     convert_once(model_a, work / "conv_a", ("fp16", "fp8", "int4"))
     convert_once(model_b, work / "conv_b", ("fp8",))
     fp8_b = work / "conv_b" / "fp8"
-    return {"fp16": work / "conv_a" / "fp16", "fp8_a": work / "conv_a" / "fp8", "int4": work / "conv_a" / "int4",
-            "fp8_b": fp8_b, "fp8_trunc": damaged_copy(fp8_b, work / "fp8_truncated", "truncate"),
-            "fp8_nan": damaged_copy(fp8_b, work / "fp8_nan", "nan")}
+    return {
+        "fp16": work / "conv_a" / "fp16",
+        "fp8_a": work / "conv_a" / "fp8",
+        "int4": work / "conv_a" / "int4",
+        "fp8_b": fp8_b,
+        "fp8_trunc": damaged_copy(fp8_b, work / "fp8_truncated", "truncate"),
+        "fp8_nan": damaged_copy(fp8_b, work / "fp8_nan", "nan"),
+    }
 
 
 def perturbed_copy(src: Path, dst: Path) -> None:
@@ -106,8 +128,11 @@ def convert_once(model: Path, out: Path, formats: tuple[str, ...]) -> None:
     if all((out / f / "config.json").is_file() for f in formats):
         return
     log(f"converting {model.name} -> {out.name} ({', '.join(formats)}, rtn)")
-    convert(ConvertOptions(model_path=str(model), output_dir=str(out), formats=formats, method="rtn",
-                           overwrite=True, progress=False))
+    convert(
+        ConvertOptions(
+            model_path=str(model), output_dir=str(out), formats=formats, method="rtn", overwrite=True, progress=False
+        )
+    )
 
 
 def damaged_copy(src: Path, dst: Path, how: str) -> Path:
@@ -136,18 +161,24 @@ def damaged_copy(src: Path, dst: Path, how: str) -> Path:
 def mix_yaml(paths: dict[str, Path], fp8: str, mlp: str = "fp8") -> str:
     import yaml
 
-    doc = {"mixed_precision": {"fp16_path": str(paths["fp16"]),
-                               "sources": {"fp8": str(paths[fp8]), "int4": str(paths["int4"])},
-                               "rules": [{"match": "model.layers.*.mlp.*", "source": mlp}]}}
+    doc = {
+        "mixed_precision": {
+            "fp16_path": str(paths["fp16"]),
+            "sources": {"fp8": str(paths[fp8]), "int4": str(paths["int4"])},
+            "rules": [{"match": "model.layers.*.mlp.*", "source": mlp}],
+        }
+    }
     return yaml.safe_dump(doc, sort_keys=False)
 
 
 def reload_bodies(paths: dict[str, Path]) -> dict[str, dict]:
     """The POST /mixed_precision/reload bodies, in the order the proof sends them."""
-    return {"fp8_b": {"config": mix_yaml(paths, "fp8_b")},
-            "fp8_trunc": {"config": mix_yaml(paths, "fp8_trunc")},
-            "fp8_nan": {"config": mix_yaml(paths, "fp8_nan")},
-            "scheme_change": {"config": mix_yaml(paths, "fp8_b", mlp="int4")}}
+    return {
+        "fp8_b": {"config": mix_yaml(paths, "fp8_b")},
+        "fp8_trunc": {"config": mix_yaml(paths, "fp8_trunc")},
+        "fp8_nan": {"config": mix_yaml(paths, "fp8_nan")},
+        "scheme_change": {"config": mix_yaml(paths, "fp8_b", mlp="int4")},
+    }
 
 
 # ---- reference -------------------------------------------------------------------------------------------
@@ -172,17 +203,27 @@ class Reference:
         for ids in self.prompt_ids():
             tokens, logits = greedy(self.pair.fp32, ids, max_new)
             lps = logits.log_softmax(-1)
-            samples.append({"prompt_ids": ids, "output_ids": tokens,
-                            "output_logprobs": [float(lps[j, t]) for j, t in enumerate(tokens)]})
+            samples.append(
+                {
+                    "prompt_ids": ids,
+                    "output_ids": tokens,
+                    "output_logprobs": [float(lps[j, t]) for j, t in enumerate(tokens)],
+                }
+            )
         return samples
 
     def deviation(self, samples: list[dict]) -> dict:
         """Max |log-prob| distance of the samples' generated tokens from this mix, and the tolerance."""
         from sglang_mixed_precision.reference import logprob_deviation, logprob_tolerance, scored_continuation
 
-        dev, noise = logprob_deviation(self.pair, [scored_continuation(s["prompt_ids"], s["output_ids"], s["output_logprobs"])
-                                                   for s in samples])
-        return {"max_abs_dlogprob": round(dev, 5), "bf16_noise": round(noise, 5), "tolerance": round(logprob_tolerance(noise), 5)}
+        dev, noise = logprob_deviation(
+            self.pair, [scored_continuation(s["prompt_ids"], s["output_ids"], s["output_logprobs"]) for s in samples]
+        )
+        return {
+            "max_abs_dlogprob": round(dev, 5),
+            "bf16_noise": round(noise, 5),
+            "tolerance": round(logprob_tolerance(noise), 5),
+        }
 
 
 def within(d: dict) -> bool:
@@ -191,8 +232,12 @@ def within(d: dict) -> bool:
 
 # ---- what each reply must look like (the GPU run and --cpu-check judge replies with the same code) --------
 def reload_applied(status: int, reply) -> bool:
-    return status == 200 and isinstance(reply, dict) and reply.get("status") == "reloaded" \
+    return (
+        status == 200
+        and isinstance(reply, dict)
+        and reply.get("status") == "reloaded"
         and len(reply.get("layers", [])) == MLP_LAYERS
+    )
 
 
 def refused(status: int, reply, code: str) -> bool:
@@ -242,17 +287,26 @@ class Results:
 
 def markdown(d: dict) -> str:
     env = d["environment"]
-    lines = [f"# Runtime reload proof ({env['card']})", "",
-             f"Mode: {d['mode']}; {env.get('versions', '')}; {d.get('seconds', 0):.0f} s; steps done: "
-             f"{', '.join(d['steps']) or 'none'}.", "",
-             "Tiny Qwen3 (2 layers), mix {attention bf16, MLP fp8-block}; MLP fp8 source swapped A -> B while "
-             f"requests stream; greedy, {d.get('max_new_tokens', MAX_NEW)} new tokens, {len(PROMPTS)} prompts.", "",
-             "| check | result |", "|---|---|"]
+    lines = [
+        f"# Runtime reload proof ({env['card']})",
+        "",
+        f"Mode: {d['mode']}; {env.get('versions', '')}; {d.get('seconds', 0):.0f} s; steps done: "
+        f"{', '.join(d['steps']) or 'none'}.",
+        "",
+        "Tiny Qwen3 (2 layers), mix {attention bf16, MLP fp8-block}; MLP fp8 source swapped A -> B while "
+        f"requests stream; greedy, {d.get('max_new_tokens', MAX_NEW)} new tokens, {len(PROMPTS)} prompts.",
+        "",
+        "| check | result |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {'pass' if v else 'FAIL'} |" for k, v in d["checks"].items()]
     lines.append("")
     served = "reference B's own greedy tokens" if d["mode"] == "cpu-check" else "after reload"
-    for key, label in (("dev_a_vs_ref_a", "before reload vs ref A"), ("dev_b_vs_ref_b", f"{served} vs ref B"),
-                       ("dev_b_vs_ref_a", f"{served} vs ref A")):
+    for key, label in (
+        ("dev_a_vs_ref_a", "before reload vs ref A"),
+        ("dev_b_vs_ref_b", f"{served} vs ref B"),
+        ("dev_b_vs_ref_a", f"{served} vs ref A"),
+    ):
         if key in d:
             v = d[key]
             lines.append(f"- {label}: max |dlogprob| {v['max_abs_dlogprob']} (tolerance {v['tolerance']})")
@@ -260,10 +314,15 @@ def markdown(d: dict) -> str:
         lines.append(f"- reload: HTTP {d['reload']['status']} in {d['reload']['seconds']:.2f} s")
     if "stream" in d:
         s = d["stream"]
-        lines.append(f"- streamed requests: {s['requests']} (A {s['A']}, B {s['B']}, other {s['other']}, "
-                     f"errors {len(s['errors'])}, B after the reload {s['B_after_reload']})")
-    statuses = [f"{name}: HTTP {d[f'reload_{name}']['status']}" for name in ("fp8_trunc", "fp8_nan", "scheme_change")
-                if f"reload_{name}" in d]
+        lines.append(
+            f"- streamed requests: {s['requests']} (A {s['A']}, B {s['B']}, other {s['other']}, "
+            f"errors {len(s['errors'])}, B after the reload {s['B_after_reload']})"
+        )
+    statuses = [
+        f"{name}: HTTP {d[f'reload_{name}']['status']}"
+        for name in ("fp8_trunc", "fp8_nan", "scheme_change")
+        if f"reload_{name}" in d
+    ]
     if statuses:
         lines.append(f"- refusals: {'; '.join(statuses)}")
     if "error" in d:
@@ -277,12 +336,23 @@ def generate(base: str, prompt_ids: list[list[int]], timeout: float = 300) -> li
     """Greedy /generate of every prompt in one batch: output ids and their log-probs."""
     from sglang_mixed_precision.serving import client
 
-    reply = client.post_json(f"{base}/generate", {
-        "input_ids": prompt_ids, "return_logprob": True,
-        "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}, timeout=timeout)
-    return [{"prompt_ids": ids, "output_ids": list(r["output_ids"]),
-             "output_logprobs": [float(lp) for lp, *_ in r["meta_info"]["output_token_logprobs"]]}
-            for ids, r in zip(prompt_ids, reply)]
+    reply = client.post_json(
+        f"{base}/generate",
+        {
+            "input_ids": prompt_ids,
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
+        },
+        timeout=timeout,
+    )
+    return [
+        {
+            "prompt_ids": ids,
+            "output_ids": list(r["output_ids"]),
+            "output_logprobs": [float(lp) for lp, *_ in r["meta_info"]["output_token_logprobs"]],
+        }
+        for ids, r in zip(prompt_ids, reply)
+    ]
 
 
 def token_ids(samples: list[dict]) -> list[list[int]]:
@@ -307,17 +377,38 @@ class Streamer(threading.Thread):
 
 
 def stream_summary(replies: list[dict], out_a, out_b, t_done: float) -> dict:
-    kinds = ["A" if r["ids"] == out_a else "B" if r["ids"] == out_b else ("error" if r["error"] else "other")
-             for r in replies]
-    return {"requests": len(kinds), "A": kinds.count("A"), "B": kinds.count("B"), "other": kinds.count("other"),
-            "errors": [r["error"] for r in replies if r["error"]],
-            "B_after_reload": sum(1 for k, r in zip(kinds, replies) if k == "B" and r["t0"] >= t_done)}
+    kinds = [
+        "A" if r["ids"] == out_a else "B" if r["ids"] == out_b else ("error" if r["error"] else "other")
+        for r in replies
+    ]
+    return {
+        "requests": len(kinds),
+        "A": kinds.count("A"),
+        "B": kinds.count("B"),
+        "other": kinds.count("other"),
+        "errors": [r["error"] for r in replies if r["error"]],
+        "B_after_reload": sum(1 for k, r in zip(kinds, replies) if k == "B" and r["t0"] >= t_done),
+    }
 
 
 def launch_command(cfg_a: Path, paths: dict[str, Path], port: int, out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "launch_mixed_precision_server.py"), "--enable-mixed-precision",
-            "--mixed-precision-config", str(cfg_a), "--model-path", str(paths["fp16"]), "--plan-dir", str(out / "plan"),
-            "--host", "127.0.0.1", "--port", str(port), *SERVER_FLAGS, *extra]
+    return [
+        sys.executable,
+        str(REPO / "launch_mixed_precision_server.py"),
+        "--enable-mixed-precision",
+        "--mixed-precision-config",
+        str(cfg_a),
+        "--model-path",
+        str(paths["fp16"]),
+        "--plan-dir",
+        str(out / "plan"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *SERVER_FLAGS,
+        *extra,
+    ]
 
 
 def run_gpu(res: Results, paths, cfg_a: Path, refs: dict[str, Reference], args, out: Path) -> None:
@@ -331,7 +422,9 @@ def run_gpu(res: Results, paths, cfg_a: Path, refs: dict[str, Reference], args, 
     os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"  # log-probs of the model's distribution, not the sampler's
     proc = client.start_server(cmd, log_path)
     try:
-        res.step("server_ready", ready_s=round(client.wait_until_ready(base, proc, args.limit, log_path, progress=log), 1))
+        res.step(
+            "server_ready", ready_s=round(client.wait_until_ready(base, proc, args.limit, log_path, progress=log), 1)
+        )
         prompt_ids = refs["A"].prompt_ids()
         samples_a = generate(base, prompt_ids)
         dev_a = refs["A"].deviation(samples_a)
@@ -356,8 +449,16 @@ def run_gpu(res: Results, paths, cfg_a: Path, refs: dict[str, Reference], args, 
         gate = info["modules"]["model.layers.0.mlp.gate_proj"]
         res.check("info_names_fp8_b", info_names(info, paths["fp8_b"]) and gate["method"] == "Fp8LinearMethod")
         res.check("config_is_b", config_text == bodies["fp8_b"]["config"])
-        res.step("info", info_sample={"gate_proj": gate, "totals": info["totals"]["by_precision"], "load": info.get("load"),
-                                      "reloads": info.get("reloads"), "config": info["config"]})
+        res.step(
+            "info",
+            info_sample={
+                "gate_proj": gate,
+                "totals": info["totals"]["by_precision"],
+                "load": info.get("load"),
+                "reloads": info.get("reloads"),
+                "config": info["config"],
+            },
+        )
     finally:
         client.stop_server(proc)
 
@@ -385,8 +486,14 @@ def stream_and_reload(res: Results, base: str, prompt_ids, samples_a, refs, body
     res.check("outputs_changed", out_b != out_a)
     res.check("stream_no_errors", not stream["errors"])
     res.check("stream_only_a_or_b", stream["other"] == 0 and stream["B_after_reload"] > 0)
-    res.step("reload_b", reload={"status": status, "reply": reply, "seconds": round(t_done - t_reload, 3)},
-             outputs_b=out_b, dev_b_vs_ref_b=dev_b, dev_b_vs_ref_a=dev_b_a, stream=stream)
+    res.step(
+        "reload_b",
+        reload={"status": status, "reply": reply, "seconds": round(t_done - t_reload, 3)},
+        outputs_b=out_b,
+        dev_b_vs_ref_b=dev_b,
+        dev_b_vs_ref_a=dev_b_a,
+        stream=stream,
+    )
 
 
 # ---- --cpu-check ----------------------------------------------------------------------------------------------
@@ -405,10 +512,19 @@ class StagingBackend:
         try:
             staged = rt.stage_tensors(replan_in_worker(self.plan, request))
             self.plan = staged.plan.plan
-            reply = {"success": True, "layers": len(staged.plan.layers), "bytes_read": staged.bytes,
-                     "seconds": round(staged.seconds, 3)}
+            reply = {
+                "success": True,
+                "layers": len(staged.plan.layers),
+                "bytes_read": staged.bytes,
+                "seconds": round(staged.seconds, 3),
+            }
         except Exception as e:
-            reply = {"success": False, "stage": "stage", "applied": False, "failures": [{"rank": 0, "error": rt.error_json(e)}]}
+            reply = {
+                "success": False,
+                "stage": "stage",
+                "applied": False,
+                "failures": [{"rank": 0, "error": rt.error_json(e)}],
+            }
         return reply["success"], json.dumps({rt.REPLY_KEY: reply})
 
     async def worker_info(self) -> list[dict]:
@@ -423,8 +539,12 @@ def run_cpu_check(res: Results, paths, cfg_a: Path, refs: dict[str, Reference], 
     dev_b, dev_b_a = refs["B"].deviation(samples["B"]), refs["A"].deviation(samples["B"])
     res.check("reference_b_within_own_tolerance", within(dev_b))
     res.check("references_a_b_differ", not within(dev_b_a))
-    res.step("references", dev_b_vs_ref_b=dev_b, dev_b_vs_ref_a=dev_b_a,
-             reference_outputs={k: token_ids(s) for k, s in samples.items()})
+    res.step(
+        "references",
+        dev_b_vs_ref_b=dev_b,
+        dev_b_vs_ref_a=dev_b_a,
+        reference_outputs={k: token_ids(s) for k, s in samples.items()},
+    )
 
     cmd = launcher.sglang_command(launch_command(cfg_a, paths, 30000, out, args.sglang_arg)[2:], out=io.StringIO())
     log(f"would launch: {' '.join(cmd)}")
@@ -447,7 +567,9 @@ def run_cpu_check(res: Results, paths, cfg_a: Path, refs: dict[str, Reference], 
     info = asyncio.run(runtime.info())
     res.check("info_names_fp8_b", info_names(info, paths["fp8_b"]))
     res.check("config_is_b", runtime.config_text() == bodies["fp8_b"]["config"])
-    res.step("info", info_sample={"gate_proj": info["modules"]["model.layers.0.mlp.gate_proj"], "config": info["config"]})
+    res.step(
+        "info", info_sample={"gate_proj": info["modules"]["model.layers.0.mlp.gate_proj"], "config": info["config"]}
+    )
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -484,9 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     res.save()
     print("\n" + markdown(res.data))
     checks = res.data["checks"]
-    print(f"SUMMARY: reload proof ({res.data['mode']}) {'PASSED' if res.passed else 'FAILED'} on {res.data['environment']['card']} "
-          f"in {res.data['seconds']:.0f}s: " + ", ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in checks.items())
-          + f" -> {out / 'reload_proof.md'}", flush=True)
+    print(
+        f"SUMMARY: reload proof ({res.data['mode']}) {'PASSED' if res.passed else 'FAILED'} on {res.data['environment']['card']} "
+        f"in {res.data['seconds']:.0f}s: "
+        + ", ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in checks.items())
+        + f" -> {out / 'reload_proof.md'}",
+        flush=True,
+    )
     return 0 if res.passed else 1
 
 

@@ -79,11 +79,23 @@ PROMPTS = [
 # KV cache capped: SGLang sizes it from the memory free when the server measures, so servers that
 # start side by side (--parallel) must not take big pools while another one is measuring.
 # One set of server settings: flags for the launcher and launch_server, keywords for sglang.Engine.
-SERVER_SETTINGS = {"attention_backend": "triton", "sampling_backend": "pytorch", "disable_cuda_graph": True,
-                   "mem_fraction_static": 0.5, "max_total_tokens": 32768, "dtype": "bfloat16"}
-SERVER_FLAGS = [*(f for k, v in SERVER_SETTINGS.items() for f in (["--" + k.replace("_", "-")] if v is True
-                                                                    else ["--" + k.replace("_", "-"), str(v)])),
-                "--log-level", "info"]
+SERVER_SETTINGS = {
+    "attention_backend": "triton",
+    "sampling_backend": "pytorch",
+    "disable_cuda_graph": True,
+    "mem_fraction_static": 0.5,
+    "max_total_tokens": 32768,
+    "dtype": "bfloat16",
+}
+SERVER_FLAGS = [
+    *(
+        f
+        for k, v in SERVER_SETTINGS.items()
+        for f in (["--" + k.replace("_", "-")] if v is True else ["--" + k.replace("_", "-"), str(v)])
+    ),
+    "--log-level",
+    "info",
+]
 REFERENCE_LOCK = threading.Lock()  # transformers sets torch's process-wide default dtype while it builds a model
 PORTS_LOCK, PORTS_GIVEN = threading.Lock(), set()
 MEMORY_TOLERANCE = 0.02
@@ -128,8 +140,15 @@ def prepare_models(workdir: Path, archs: list[str]) -> dict[str, Path]:
             make_tiny_model(arch, base / "bf16", clear_margins=True)
         if not (base / "converted" / "int4" / "config.json").is_file():
             log(f"{arch}: converting to fp16/ fp8/ int4/ (rtn)")
-            convert(ConvertOptions(model_path=str(base / "bf16"), output_dir=str(base / "converted"), method="rtn",
-                                   overwrite=True, progress=False))
+            convert(
+                ConvertOptions(
+                    model_path=str(base / "bf16"),
+                    output_dir=str(base / "converted"),
+                    method="rtn",
+                    overwrite=True,
+                    progress=False,
+                )
+            )
         out[arch] = base / "converted"
     return out
 
@@ -138,8 +157,13 @@ def write_mix(converted: Path, mix: str) -> Path:
     import yaml
 
     default, rules = MIXES[mix]
-    doc = {"mixed_precision": {"sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"}, "default": default,
-                               "rules": [{"match": m, "source": s} for m, s in rules]}}
+    doc = {
+        "mixed_precision": {
+            "sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"},
+            "default": default,
+            "rules": [{"match": m, "source": s} for m, s in rules],
+        }
+    }
     path = converted / f"{mix}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -169,7 +193,11 @@ def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
     base = f"http://127.0.0.1:{port}"
     log_path = out / "logs" / f"{arch}__{mix}.log"
     plan_dir = out / "plans" / arch / mix
-    cmd = [sys.executable, str(REPO / "launch_mixed_precision_server.py"), *launcher_argv(config, converted, plan_dir, port, args)]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch_mixed_precision_server.py"),
+        *launcher_argv(config, converted, plan_dir, port, args),
+    ]
     log(f"{res.name}: starting {' '.join(cmd[1:])}")
     os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
     proc = client.start_server(cmd, log_path)
@@ -193,9 +221,27 @@ def run_mix(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
 
 
 def launcher_argv(config: Path, converted: Path, plan_dir: Path, port: int, args) -> list[str]:
-    return ["--enable-mixed-precision", "--mixed-precision-config", str(config), "--model-path", str(converted / "fp16"),
-            "--host", "127.0.0.1", "--port", str(port), "--nccl-port", str(fresh_port()), "--plan-dir", str(plan_dir), "--tp-size", str(args.tp_size),
-            "--dp-size", str(args.dp_size), *SERVER_FLAGS, *args.sglang_arg]
+    return [
+        "--enable-mixed-precision",
+        "--mixed-precision-config",
+        str(config),
+        "--model-path",
+        str(converted / "fp16"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--nccl-port",
+        str(fresh_port()),
+        "--plan-dir",
+        str(plan_dir),
+        "--tp-size",
+        str(args.tp_size),
+        "--dp-size",
+        str(args.dp_size),
+        *SERVER_FLAGS,
+        *args.sglang_arg,
+    ]
 
 
 def cpu_check(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
@@ -216,7 +262,9 @@ def cpu_check(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
         cmd = launcher.sglang_command(launcher_argv(config, converted, plan_dir, 30000, args), out=io.StringIO())
         commands = [cmd[3:]]
         if mix in args.entrypoints:
-            commands += [["--model-path", str(plan_dir), *SERVER_FLAGS, *extra] for extra in ([], ["--load-format", "dummy"])]
+            commands += [
+                ["--model-path", str(plan_dir), *SERVER_FLAGS, *extra] for extra in ([], ["--load-format", "dummy"])
+            ]
         problems = [p for p in map(client.sglang_argv_problem, commands) if p]
         res.checks["sglang_accepts_commands"] = not problems
         res.notes += problems
@@ -224,8 +272,9 @@ def cpu_check(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
         pair = reference_pair(plan)
         tok = AutoTokenizer.from_pretrained(str(converted / "fp16"))
         ids = [tok(p)["input_ids"] for p in PROMPTS]
-        res.tokens_identical_bf16_ref = all(greedy(pair.fp32, i, args.max_new_tokens)[0] == greedy(pair.bf16, i, args.max_new_tokens)[0]
-                                            for i in ids)
+        res.tokens_identical_bf16_ref = all(
+            greedy(pair.fp32, i, args.max_new_tokens)[0] == greedy(pair.bf16, i, args.max_new_tokens)[0] for i in ids
+        )
         res.checks["reference_bf16_equals_fp32"] = res.tokens_identical_bf16_ref
         res.plan_bytes = plan_rank_bytes(plan)
     except Exception as e:
@@ -237,8 +286,9 @@ def cpu_check(arch: str, mix: str, converted: Path, args, out: Path) -> Result:
 
 def query_endpoints(base: str, res: Result, args) -> list[dict]:
     """Greedy /generate on token ids (with log-probs), plus the two OpenAI endpoints."""
-    from sglang_mixed_precision.serving import client
     from transformers import AutoTokenizer
+
+    from sglang_mixed_precision.serving import client
 
     tok = AutoTokenizer.from_pretrained(str(Path(args.workdir) / res.arch / "converted" / "fp16"))
     outputs = []
@@ -248,27 +298,51 @@ def query_endpoints(base: str, res: Result, args) -> list[dict]:
         meta = r["meta_info"]
         output = [(float(lp), int(t)) for lp, t, *_ in meta["output_token_logprobs"]]
         prompt_lps = [(None if lp is None else float(lp), int(t)) for lp, t, *_ in meta["input_token_logprobs"]]
-        outputs.append({"prompt": prompt, "prompt_ids": ids, "output_ids": [t for _, t in output],
-                        "output_logprobs": [lp for lp, _ in output], "input_logprobs": prompt_lps, "text": r["text"]})
+        outputs.append(
+            {
+                "prompt": prompt,
+                "prompt_ids": ids,
+                "output_ids": [t for _, t in output],
+                "output_logprobs": [lp for lp, _ in output],
+                "input_logprobs": prompt_lps,
+                "text": r["text"],
+            }
+        )
     res.endpoints["/generate"] = "ok"
     model_id = client.get_json(f"{base}/v1/models")["data"][0]["id"]
-    comp = client.post_json(f"{base}/v1/completions", {"model": model_id, "prompt": PROMPTS[0], "max_tokens": args.max_new_tokens,
-                                                       "temperature": 0}, timeout=args.step_timeout)
+    comp = client.post_json(
+        f"{base}/v1/completions",
+        {"model": model_id, "prompt": PROMPTS[0], "max_tokens": args.max_new_tokens, "temperature": 0},
+        timeout=args.step_timeout,
+    )
     res.endpoints["/v1/completions"] = "ok" if comp["choices"] and comp["choices"][0]["text"] is not None else "empty"
     res.checks["completions_equals_generate"] = comp["choices"][0]["text"] == outputs[0]["text"]
-    chat = client.post_json(f"{base}/v1/chat/completions", {"model": model_id, "temperature": 0, "max_tokens": args.max_new_tokens,
-                                                            "messages": [{"role": "user", "content": "Say hello."}]},
-                            timeout=args.step_timeout)
+    chat = client.post_json(
+        f"{base}/v1/chat/completions",
+        {
+            "model": model_id,
+            "temperature": 0,
+            "max_tokens": args.max_new_tokens,
+            "messages": [{"role": "user", "content": "Say hello."}],
+        },
+        timeout=args.step_timeout,
+    )
     content = chat["choices"][0]["message"]["content"] if chat.get("choices") else None
     res.endpoints["/v1/chat/completions"] = "ok" if content is not None else "empty"
-    res.samples = [{"prompt": o["prompt"], "text": o["text"], "output_ids": o["output_ids"]} for o in outputs] + [{"chat": content}]
+    res.samples = [{"prompt": o["prompt"], "text": o["text"], "output_ids": o["output_ids"]} for o in outputs] + [
+        {"chat": content}
+    ]
     return outputs
 
 
 def greedy_request(args) -> dict:
     """The fields of a greedy request with log-probs, for /generate and Engine.generate alike."""
-    return {"sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True},
-            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 1}
+    return {
+        "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "top_logprobs_num": 1,
+    }
 
 
 def output_ids(reply: dict) -> list[int]:
@@ -297,18 +371,33 @@ def check_entrypoints(res: Result, plan_dir: Path, outputs: list[dict], args, ou
     expected = [o["output_ids"] for o in outputs]
     res.checks["launch_server_plan_dir_same_tokens"] = serve_plan_dir(res, plan_dir, prompts, args, out, []) == expected
     dummy = serve_plan_dir(res, plan_dir, prompts, args, out, ["--load-format", "dummy"])
-    res.checks["load_format_dummy_answers"] = dummy is not None and all(len(ids) == args.max_new_tokens for ids in dummy)
+    res.checks["load_format_dummy_answers"] = dummy is not None and all(
+        len(ids) == args.max_new_tokens for ids in dummy
+    )
     log(f"{res.name}: sglang.Engine on the plan directory")
     settings = {**SERVER_SETTINGS, "nccl_port": fresh_port()}
-    p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(plan_dir), json.dumps(prompts), json.dumps(greedy_request(args)),
-                        json.dumps(settings)],
-                       capture_output=True, text=True, timeout=args.step_timeout)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ENGINE_SCRIPT,
+            str(plan_dir),
+            json.dumps(prompts),
+            json.dumps(greedy_request(args)),
+            json.dumps(settings),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.step_timeout,
+    )
     (out / "logs" / f"{res.arch}__{res.mix}__engine.log").write_text(p.stdout + p.stderr)
-    line = [l for l in p.stdout.splitlines() if l.startswith("ENGINE_OUTPUT ")]
+    line = [s for s in p.stdout.splitlines() if s.startswith("ENGINE_OUTPUT ")]
     res.checks["engine_plan_dir_same_tokens"] = bool(line) and json.loads(line[-1].split(" ", 1)[1]) == expected
 
 
-def serve_plan_dir(res: Result, plan_dir: Path, prompts: list[list[int]], args, out: Path, extra: list[str]) -> list[list[int]] | None:
+def serve_plan_dir(
+    res: Result, plan_dir: Path, prompts: list[list[int]], args, out: Path, extra: list[str]
+) -> list[list[int]] | None:
     """Greedy output ids of `prompts` from stock ``sglang.launch_server`` on the plan directory; None if it fails."""
     from sglang_mixed_precision.serving import client
 
@@ -316,14 +405,33 @@ def serve_plan_dir(res: Result, plan_dir: Path, prompts: list[list[int]], args, 
     base = f"http://127.0.0.1:{port}"
     tag = "dummy" if extra else "plain"
     log_path = out / "logs" / f"{res.arch}__{res.mix}__launch_server_{tag}.log"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(plan_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--nccl-port", str(fresh_port()), *SERVER_FLAGS, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(plan_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--nccl-port",
+        str(fresh_port()),
+        *SERVER_FLAGS,
+        *extra,
+    ]
     log(f"{res.name}: {' '.join(cmd[1:])}")
     proc = client.start_server(cmd, log_path)
     try:
         client.wait_until_ready(base, proc, args.step_timeout, log_path, progress=log)
-        return [output_ids(client.post_json(f"{base}/generate", {"input_ids": ids, **greedy_request(args)},
-                                            timeout=args.step_timeout)) for ids in prompts]
+        return [
+            output_ids(
+                client.post_json(
+                    f"{base}/generate", {"input_ids": ids, **greedy_request(args)}, timeout=args.step_timeout
+                )
+            )
+            for ids in prompts
+        ]
     except Exception as e:
         res.notes.append(f"launch_server ({tag}): {type(e).__name__}: {e}")
         return None
@@ -334,7 +442,13 @@ def serve_plan_dir(res: Result, plan_dir: Path, prompts: list[list[int]], args, 
 def compare_with_reference(config: Path, outputs: list[dict], res: Result, args) -> None:
     import torch
 
-    from sglang_mixed_precision.reference import greedy, logprob_deviation, logprob_tolerance, plan_from_config, reference_pair
+    from sglang_mixed_precision.reference import (
+        greedy,
+        logprob_deviation,
+        logprob_tolerance,
+        plan_from_config,
+        reference_pair,
+    )
 
     plan = plan_from_config(config, tp_size=args.tp_size)
     with REFERENCE_LOCK:
@@ -392,7 +506,9 @@ def decide(res: Result) -> None:
     res.checks["logprobs_within_tolerance"] = res.max_abs_dlogprob is not None and res.max_abs_dlogprob <= res.tolerance
     if res.mix == "all-bf16":
         res.checks["tokens_identical"] = bool(res.tokens_identical_bf16_ref or res.tokens_identical_fp32_ref)
-    res.checks["weight_memory_within_2pct"] = res.weight_vs_plan is not None and abs(res.weight_vs_plan) <= MEMORY_TOLERANCE
+    res.checks["weight_memory_within_2pct"] = (
+        res.weight_vs_plan is not None and abs(res.weight_vs_plan) <= MEMORY_TOLERANCE
+    )
     required = [k for k in res.checks if k != "completions_equals_generate"]
     res.ok = all(res.checks[k] for k in required)
 
@@ -400,33 +516,54 @@ def decide(res: Result) -> None:
 # ---- report -----------------------------------------------------------------------------------
 def markdown(env: dict, results: list[Result], seconds: float) -> str:
     lines = [
-        "# GPU serve proof", "",
+        "# GPU serve proof",
+        "",
         f"Card: **{env['card']}** ({env['capability']}) x {env['gpus']}, torch {env['torch']}, CUDA {env['cuda']}, "
-        f"sglang {env['sglang']}; tp_size {env['tp_size']}, dp_size {env['dp_size']}; total {seconds:.0f}s.", "",
-        "Tolerance per mix: 3 x (max |log-prob| difference between the reference in bf16 and in fp32 on this GPU) + 0.02 nats.", "",
+        f"sglang {env['sglang']}; tp_size {env['tp_size']}, dp_size {env['dp_size']}; total {seconds:.0f}s.",
+        "",
+        "Tolerance per mix: 3 x (max |log-prob| difference between the reference in bf16 and in fp32 on this GPU) + 0.02 nats.",
+        "",
         "| model | mix | pass | startup s | endpoints | tokens = ref (bf16 / fp32) | max abs dlogprob | tolerance | weights vs plan | layers |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ends = "ok" if r.endpoints and all(v == "ok" for v in r.endpoints.values()) else (r.error or str(r.endpoints))[:60]
+        ends = (
+            "ok" if r.endpoints and all(v == "ok" for v in r.endpoints.values()) else (r.error or str(r.endpoints))[:60]
+        )
         ends = ends.replace("\n", " ").replace("|", "/")  # one table row
-        mem = f"{r.weight_bytes} / {r.plan_bytes} ({100 * r.weight_vs_plan:+.2f}%)" if r.weight_vs_plan is not None else "-"
-        lines.append(f"| {r.arch} | {r.mix} | {'PASS' if r.ok else 'FAIL'} | {r.startup_s} | {ends} | "
-                     f"{r.tokens_identical_bf16_ref} / {r.tokens_identical_fp32_ref} ({r.token_match_rate}) | "
-                     f"{r.max_abs_dlogprob} | {r.tolerance} | {mem} | {r.layers or '-'} |")
+        mem = (
+            f"{r.weight_bytes} / {r.plan_bytes} ({100 * r.weight_vs_plan:+.2f}%)"
+            if r.weight_vs_plan is not None
+            else "-"
+        )
+        lines.append(
+            f"| {r.arch} | {r.mix} | {'PASS' if r.ok else 'FAIL'} | {r.startup_s} | {ends} | "
+            f"{r.tokens_identical_bf16_ref} / {r.tokens_identical_fp32_ref} ({r.token_match_rate}) | "
+            f"{r.max_abs_dlogprob} | {r.tolerance} | {mem} | {r.layers or '-'} |"
+        )
     checked = [r for r in results if "engine_plan_dir_same_tokens" in r.checks]
     if checked:
-        lines += ["", "SGLang's own entry points on the plan directory the launcher wrote (same greedy tokens as "
-                  "through the launcher; --load-format dummy builds the mix and answers without reading weights):", ""]
-        lines += [f"- {r.arch}/{r.mix}: `python -m sglang.launch_server` {r.checks['launch_server_plan_dir_same_tokens']}, "
-                  f"`--load-format dummy` {r.checks['load_format_dummy_answers']}, `sglang.Engine` "
-                  f"{r.checks['engine_plan_dir_same_tokens']}" + (f" ({'; '.join(r.notes)})" if r.notes else "") for r in checked]
+        lines += [
+            "",
+            "SGLang's own entry points on the plan directory the launcher wrote (same greedy tokens as "
+            "through the launcher; --load-format dummy builds the mix and answers without reading weights):",
+            "",
+        ]
+        lines += [
+            f"- {r.arch}/{r.mix}: `python -m sglang.launch_server` {r.checks['launch_server_plan_dir_same_tokens']}, "
+            f"`--load-format dummy` {r.checks['load_format_dummy_answers']}, `sglang.Engine` "
+            f"{r.checks['engine_plan_dir_same_tokens']}" + (f" ({'; '.join(r.notes)})" if r.notes else "")
+            for r in checked
+        ]
     return "\n".join(lines) + "\n"
 
 
 def write_results(out: Path, env: dict, results: list[Result], seconds: float) -> None:
-    (out / "results.json").write_text(json.dumps({"environment": env, "seconds": round(seconds, 1),
-                                                  "results": [asdict(r) for r in results]}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {"environment": env, "seconds": round(seconds, 1), "results": [asdict(r) for r in results]}, indent=2
+        )
+    )
     (out / "results.md").write_text(markdown(env, results, seconds))
 
 
@@ -439,11 +576,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-timeout", type=float, default=900.0, help="seconds per server start / request")
     ap.add_argument("--tp-size", type=int, default=1, help="tensor parallelism (GPUs per replica)")
     ap.add_argument("--dp-size", type=int, default=1, help="data-parallel replicas")
-    ap.add_argument("--entrypoints", default="", help="comma list of mixes also served from their plan directory by plain "
-                    "`python -m sglang.launch_server` (also with --load-format dummy) and by sglang.Engine")
+    ap.add_argument(
+        "--entrypoints",
+        default="",
+        help="comma list of mixes also served from their plan directory by plain "
+        "`python -m sglang.launch_server` (also with --load-format dummy) and by sglang.Engine",
+    )
     ap.add_argument("--cpu-check", action="store_true", help="everything up to starting SGLang, on CPU (see cpu_check)")
-    ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang flag (repeat; e.g. --sglang-arg=--skip-server-warmup)")
-    ap.add_argument("--parallel", type=int, default=1, help="mixes served side by side on the GPU (server starts are mostly CPU)")
+    ap.add_argument(
+        "--sglang-arg",
+        action="append",
+        default=[],
+        help="extra SGLang flag (repeat; e.g. --sglang-arg=--skip-server-warmup)",
+    )
+    ap.add_argument(
+        "--parallel", type=int, default=1, help="mixes served side by side on the GPU (server starts are mostly CPU)"
+    )
     args = ap.parse_args(argv)
     args.entrypoints = [m.strip() for m in args.entrypoints.split(",") if m.strip()]
     started = time.time()
@@ -464,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         for future in futures:
             results.append(future.result())
             r = results[-1]
-            log(f"{r.name}: {'PASS' if r.ok else 'FAIL'} dlogprob {r.max_abs_dlogprob} (tol {r.tolerance}), weights {r.weight_vs_plan}")
+            log(
+                f"{r.name}: {'PASS' if r.ok else 'FAIL'} dlogprob {r.max_abs_dlogprob} (tol {r.tolerance}), weights {r.weight_vs_plan}"
+            )
             seconds = time.time() - started
             write_results(out, env, results, seconds)  # after every mix: a run cut short keeps what it measured
     print("\n" + markdown(env, results, seconds))

@@ -49,7 +49,10 @@ def main() -> int:
     t0 = time.time()
     for name, code in jobs(args.dtypes.split(","), args.skip_moe):
         log = open(out / f"jit_{name.replace('[', '_').replace(']', '')}.log", "w")
-        procs[name] = (subprocess.Popen([sys.executable, "-c", f"import torch; {code}"], stdout=log, stderr=subprocess.STDOUT), log)
+        procs[name] = (
+            subprocess.Popen([sys.executable, "-c", f"import torch; {code}"], stdout=log, stderr=subprocess.STDOUT),
+            log,
+        )
     results = {}
     for name, (p, log) in procs.items():
         try:

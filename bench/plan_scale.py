@@ -26,12 +26,27 @@ from sglang_mixed_precision.testing.shapegen import write_shape_checkpoint
 
 # Qwen3-235B-A22B's config.json (the dimensions planning depends on).
 QWEN3_235B = {
-    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "torch_dtype": "bfloat16",
-    "hidden_size": 4096, "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4,
-    "head_dim": 128, "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_experts": 128,
-    "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
-    "vocab_size": 151936, "tie_word_embeddings": False, "max_position_embeddings": 40960,
-    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "torch_dtype": "bfloat16",
+    "hidden_size": 4096,
+    "num_hidden_layers": 94,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
 }
 SCHEMES = {
     "bf16": None,
@@ -96,7 +111,9 @@ def main() -> int:
         cold_cpu.append(cpu)
         _, dt, _ = timed(lambda: build_plan(load_config(cfg_path), tp_size=args.tp_size))
         warm.append(dt)
-        print(f"run {i + 1}: plan + validation cold {cold[-1]:.3f} s ({cpu:.3f} s CPU), warm {warm[-1]:.3f} s", flush=True)
+        print(
+            f"run {i + 1}: plan + validation cold {cold[-1]:.3f} s ({cpu:.3f} s CPU), warm {warm[-1]:.3f} s", flush=True
+        )
     _, report_s, _ = timed(lambda: format_tables(plan))
     load = os.getloadavg()[0]
     s = summary(plan)
@@ -104,13 +121,23 @@ def main() -> int:
     apparent = sum(f.stat().st_size for d in DIRS.values() for f in (root / d).iterdir())
     result = {
         "benchmark": "plan_scale",
-        "machine": {"name": args.machine, "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": {
+            "name": args.machine,
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
         "model": "Qwen3-235B-A22B shapes (94 layers, hidden 4096, 128 experts, moe_intermediate 1536, 64 q / 4 kv heads)",
-        "sources": {k: {"scheme": (v.label() if v else "bf16"), "tensors": len(plan.sources[{"bf16": "fp16"}.get(k, k)].tensor_names)}
-                    for k, v in SCHEMES.items()},
+        "sources": {
+            k: {
+                "scheme": (v.label() if v else "bf16"),
+                "tensors": len(plan.sources[{"bf16": "fp16"}.get(k, k)].tensor_names),
+            }
+            for k, v in SCHEMES.items()
+        },
         "tp_size": args.tp_size,
-        "modules": len(plan.modules), "groups": len(plan.groups),
+        "modules": len(plan.modules),
+        "groups": len(plan.groups),
         "plan_validate_cold_s": {"min": min(cold), "median": statistics.median(cold), "runs": cold},
         "plan_validate_cold_cpu_s": {"min": min(cold_cpu), "median": statistics.median(cold_cpu), "runs": cold_cpu},
         "load_average_1min": load,
@@ -119,7 +146,8 @@ def main() -> int:
         "target_s": 2.0,
         "bytes_by_precision": {r["precision"]: r["bytes"] for r in s["by_precision"]},
         "per_rank_bytes": s["per_rank"][0]["bytes"],
-        "checkpoint_apparent_bytes": apparent, "checkpoint_disk_bytes": disk,
+        "checkpoint_apparent_bytes": apparent,
+        "checkpoint_disk_bytes": disk,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,27 +158,29 @@ def main() -> int:
 
 
 def markdown(r: dict) -> str:
-    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    def gib(b):
+        return f"{b / 2**30:.1f} GiB"
+
     rows = "\n".join(f"| {p} | {gib(b)} |" for p, b in r["bytes_by_precision"].items())
-    return f"""# Plan + validation at Qwen3-235B-A22B scale ({r['machine']['name']})
+    return f"""# Plan + validation at Qwen3-235B-A22B scale ({r["machine"]["name"]})
 
-Machine: {r['machine']['cpus']} CPU cores ({r['machine']['processor']}), Python {r['machine']['python']}; 1-minute load average {r['load_average_1min']:.1f} at the end of the runs.
-Model: {r['model']}. Three shape-only sources ({', '.join(f"{k}: {v['tensors']} tensors" for k, v in r['sources'].items())}),
-{gib(r['checkpoint_apparent_bytes'])} apparent, {r['checkpoint_disk_bytes'] / 2**20:.1f} MiB on disk (sparse).
-Mix: layers 0-3 attention bf16, experts of layers 10-93 GPTQ-Int4, layer 5 qkv int4, everything else FP8-block128; tp_size {r['tp_size']}.
+Machine: {r["machine"]["cpus"]} CPU cores ({r["machine"]["processor"]}), Python {r["machine"]["python"]}; 1-minute load average {r["load_average_1min"]:.1f} at the end of the runs.
+Model: {r["model"]}. Three shape-only sources ({", ".join(f"{k}: {v['tensors']} tensors" for k, v in r["sources"].items())}),
+{gib(r["checkpoint_apparent_bytes"])} apparent, {r["checkpoint_disk_bytes"] / 2**20:.1f} MiB on disk (sparse).
+Mix: layers 0-3 attention bf16, experts of layers 10-93 GPTQ-Int4, layer 5 qkv int4, everything else FP8-block128; tp_size {r["tp_size"]}.
 
-| measure ({len(r['plan_validate_cold_s']['runs'])} runs) | median s | min s |
+| measure ({len(r["plan_validate_cold_s"]["runs"])} runs) | median s | min s |
 |---|---|---|
-| load_config + build_plan, cold (headers parsed), wall | {r['plan_validate_cold_s']['median']:.3f} | {r['plan_validate_cold_s']['min']:.3f} |
-| same, CPU time of the planning process | {r['plan_validate_cold_cpu_s']['median']:.3f} | {r['plan_validate_cold_cpu_s']['min']:.3f} |
-| load_config + build_plan, warm (header cache), wall | {r['plan_validate_warm_s']['median']:.3f} | {r['plan_validate_warm_s']['min']:.3f} |
-| report tables, wall | {r['report_s']:.3f} | |
-| target | < {r['target_s']} | |
+| load_config + build_plan, cold (headers parsed), wall | {r["plan_validate_cold_s"]["median"]:.3f} | {r["plan_validate_cold_s"]["min"]:.3f} |
+| same, CPU time of the planning process | {r["plan_validate_cold_cpu_s"]["median"]:.3f} | {r["plan_validate_cold_cpu_s"]["min"]:.3f} |
+| load_config + build_plan, warm (header cache), wall | {r["plan_validate_warm_s"]["median"]:.3f} | {r["plan_validate_warm_s"]["min"]:.3f} |
+| report tables, wall | {r["report_s"]:.3f} | |
+| target | < {r["target_s"]} | |
 
 Wall time counts whatever else shares the two cores (see the load average above); the CPU time
 of the process is what planning itself costs.
 
-{r['modules']} modules in {r['groups']} SGLang layers; {gib(r['per_rank_bytes'])} of weights per TP rank.
+{r["modules"]} modules in {r["groups"]} SGLang layers; {gib(r["per_rank_bytes"])} of weights per TP rank.
 
 | precision | bytes |
 |---|---|

@@ -27,6 +27,10 @@ install() {
 cmd=${1:-test}; shift || true
 case "$cmd" in
   demo) exec "$VENV/bin/sglang-mp" demo "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest test "$@" ;;
+  test)
+    # Lint and format first (line length 120, pyproject.toml [tool.ruff]): a failing check stops the run.
+    "$VENV/bin/ruff" check python test bench ./*.py
+    "$VENV/bin/ruff" format --check python test bench ./*.py
+    exec "$VENV/bin/python" -m pytest test "$@" ;;
   *) echo "usage: bash scripts/dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -53,7 +53,10 @@ def _write(out: Path, src: Path, state: dict[str, torch.Tensor], quant_config: d
         part = {n: state[n] for n in names[i::shards]}
         save_file(part, str(out / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, fname))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+        "weight_map": weight_map,
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out
 
@@ -70,8 +73,17 @@ def write_fp8_checkpoint(src: Path, out: Path, *, block=(128, 128), shards: int 
     return _write(Path(out), src, state, qc, "bfloat16", shards)
 
 
-def write_gptq_checkpoint(src: Path, out: Path, *, group_size: int = 128, sym: bool = True,
-                          desc_act: bool = False, shards: int = 1, only=None, config_overrides: dict | None = None) -> Path:
+def write_gptq_checkpoint(
+    src: Path,
+    out: Path,
+    *,
+    group_size: int = 128,
+    sym: bool = True,
+    desc_act: bool = False,
+    shards: int = 1,
+    only=None,
+    config_overrides: dict | None = None,
+) -> Path:
     """GPTQ v1 copy of ``src``; non-quantized tensors become fp16 as in the official GPTQ releases.
     ``config_overrides`` writes a different quantization_config than the data (unsupported-scheme tests)."""
     src, state = Path(src), {}
@@ -81,8 +93,16 @@ def write_gptq_checkpoint(src: Path, out: Path, *, group_size: int = 128, sym: b
             state.update(rtn_quantize(t, group_size).as_dict(module))
         else:
             state[name] = t.to(torch.float16).contiguous()
-    qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": sym, "desc_act": desc_act,
-          "damp_percent": 0.01, "checkpoint_format": "gptq", **(config_overrides or {})}
+    qc = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": group_size,
+        "sym": sym,
+        "desc_act": desc_act,
+        "damp_percent": 0.01,
+        "checkpoint_format": "gptq",
+        **(config_overrides or {}),
+    }
     return _write(Path(out), src, state, qc, "float16", shards)
 
 

@@ -104,7 +104,10 @@ def print_load_lines(args, mix: Mix | None) -> None:
         kinds = sorted({METHODS[g.scheme.kind] for g in mix.plan.groups.values()})
         print(f"mixed_precision audit: 1 tensors consumed once, 1 parameters loaded; layers: {', '.join(kinds)}")
         print(f"mixed_precision: weight memory {nbytes} bytes in parameters; plan {nbytes} bytes per rank (+0.00%)")
-    print(f"Load weight end. elapsed=0.25 s, type=Fake, avail mem=70.00 GB, mem usage={nbytes / 2**30:.2f} GB.", flush=True)
+    print(
+        f"Load weight end. elapsed=0.25 s, type=Fake, avail mem=70.00 GB, mem usage={nbytes / 2**30:.2f} GB.",
+        flush=True,
+    )
 
 
 def handler(mix: Mix | None):
@@ -143,11 +146,17 @@ def handler(mix: Mix | None):
             prompts = body["input_ids"] if "input_ids" in body else [ord(c) for c in body["text"]]
             batched = isinstance(prompts[0], list)
             reference = mix is not None and os.environ.get("FAKE_SGLANG_REFERENCE") == "1"
-            results = (mix.generate if reference else pseudo_generate)(prompts if batched else [prompts],
-                                                                 body["sampling_params"]["max_new_tokens"])
-            out = [{"text": "", "output_ids": tokens,
-                    "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, tokens)]}}
-                   for tokens, lps in results]
+            results = (mix.generate if reference else pseudo_generate)(
+                prompts if batched else [prompts], body["sampling_params"]["max_new_tokens"]
+            )
+            out = [
+                {
+                    "text": "",
+                    "output_ids": tokens,
+                    "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, tokens)]},
+                }
+                for tokens, lps in results
+            ]
             return out if batched else out[0]
 
     return Handler

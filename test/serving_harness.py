@@ -24,8 +24,10 @@ MIXES = {
     "attn_bf16_mlp_fp8": ("fp16", [("model.layers.*.mlp.*", "fp8")]),
     "attn_fp8_mlp_int4": ("fp16", [("model.layers.*.mlp.*", "int4"), ("model.layers.*.self_attn.*", "fp8")]),
     "attn_fp8_mlp_bf16": ("fp16", [("model.layers.*.self_attn.*", "fp8")]),
-    "per_layer": ("fp16", [("model.layers.0.mlp.*", "int4"), ("model.layers.1.mlp.*", "fp8"),
-                           ("model.layers.1.self_attn.*", "int4")]),
+    "per_layer": (
+        "fp16",
+        [("model.layers.0.mlp.*", "int4"), ("model.layers.1.mlp.*", "fp8"), ("model.layers.1.self_attn.*", "int4")],
+    ),
 }
 
 
@@ -40,35 +42,49 @@ def init_sglang_group(world: int, rank: int, port: int) -> None:
 
     register()
     HookRegistry.apply_hooks()
-    init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    init_distributed_environment(
+        world_size=world, rank=rank, local_rank=rank, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
+    )
     initialize_model_parallel(world)
     rope_base._is_cpu = True
     marlin_utils.get_device_capability = lambda *a, **k: (9, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def init_sglang_cpu() -> None:
     """The TP=1 group of this test process."""
     init_sglang_group(1, 0, free_port())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def converted(model_dir: str, max_shard_size: str = "2GB") -> Path:
     """fp16/ fp8/ int4/ of a tiny model (RTN int4), once per test process."""
     from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
 
     out = Path(model_dir).parent / f"converted-{max_shard_size}"
-    convert(ConvertOptions(model_path=model_dir, output_dir=str(out), method="rtn", max_shard_size=max_shard_size,
-                           check=False, progress=False))
+    convert(
+        ConvertOptions(
+            model_path=model_dir,
+            output_dir=str(out),
+            method="rtn",
+            max_shard_size=max_shard_size,
+            check=False,
+            progress=False,
+        )
+    )
     return out
 
 
 def write_mix(root: Path, name: str, default: str, rules: list[tuple[str, str]]) -> Path:
     import yaml
 
-    doc = {"mixed_precision": {"sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"}, "default": default,
-                               "rules": [{"match": m, "source": s} for m, s in rules]}}
+    doc = {
+        "mixed_precision": {
+            "sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"},
+            "default": default,
+            "rules": [{"match": m, "source": s} for m, s in rules],
+        }
+    }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -144,8 +160,11 @@ def keep_default_dtype():
 
 
 def methods_by_prefix(model) -> dict[str, str]:
-    return {name: type(m.quant_method).__name__ for name, m in model.named_modules()
-            if getattr(m, "quant_method", None) is not None}
+    return {
+        name: type(m.quant_method).__name__
+        for name, m in model.named_modules()
+        if getattr(m, "quant_method", None) is not None
+    }
 
 
 def read_source_tensor(plan, name: str):
@@ -169,8 +188,12 @@ def tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
     try:
         # CPU groups: no NCCL / custom all-reduce communicators.
         parallel_state.init_model_parallel_group = functools.partial(
-            parallel_state.init_model_parallel_group, use_pynccl=False, use_custom_allreduce=False,
-            use_mscclpp_allreduce=False, use_torch_symm_mem_allreduce=False)
+            parallel_state.init_model_parallel_group,
+            use_pynccl=False,
+            use_custom_allreduce=False,
+            use_mscclpp_allreduce=False,
+            use_torch_symm_mem_allreduce=False,
+        )
         init_sglang_group(world, rank, port)
         config = published_model_config(ServerArgs(model_path=plan_dir, device="cpu", tp_size=world))
         model, loader = load_model(config, postprocess=False)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from ckpt_writers import load_state, write_fp8_checkpoint, write_gptq_checkpoint
 from sglang_mixed_precision.analyzer import analyze, choose_precisions, export_config, plot_bytes_per_layer
 from sglang_mixed_precision.cli import main as cli_main
 from sglang_mixed_precision.core.config import load_config
@@ -14,20 +15,28 @@ from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.core.naming import Role
 from sglang_mixed_precision.core.plan import build_plan
 
-from ckpt_writers import load_state, write_fp8_checkpoint, write_gptq_checkpoint
-
 
 @pytest.fixture(scope="module")
 def moe(tiny_qwen3_moe, tmp_path_factory):
     root = tmp_path_factory.mktemp("analyzer")
-    return {"model": tiny_qwen3_moe, "fp8": write_fp8_checkpoint(tiny_qwen3_moe, root / "fp8"),
-            "int4": write_gptq_checkpoint(tiny_qwen3_moe, root / "int4")}
+    return {
+        "model": tiny_qwen3_moe,
+        "fp8": write_fp8_checkpoint(tiny_qwen3_moe, root / "fp8"),
+        "int4": write_gptq_checkpoint(tiny_qwen3_moe, root / "int4"),
+    }
 
 
 def test_roles_counts_and_bytes(tiny_qwen3_moe):
     a = analyze(tiny_qwen3_moe)
     counts = {role: s.modules for role, s in a.stats.items()}
-    assert counts == {Role.ATTENTION: 8, Role.ROUTED_EXPERT: 48, Role.ROUTER: 2, Role.NORM: 9, Role.EMBEDDING: 1, Role.LM_HEAD: 1}
+    assert counts == {
+        Role.ATTENTION: 8,
+        Role.ROUTED_EXPERT: 48,
+        Role.ROUTER: 2,
+        Role.NORM: 9,
+        Role.EMBEDDING: 1,
+        Role.LM_HEAD: 1,
+    }
     state = load_state(tiny_qwen3_moe)
     assert sum(s.bytes for s in a.stats.values()) == sum(t.numel() * t.element_size() for t in state.values())
     assert sum(s.tensors for s in a.stats.values()) == len(state)
@@ -36,7 +45,10 @@ def test_roles_counts_and_bytes(tiny_qwen3_moe):
 def test_unknown_precision_is_refused(tiny_qwen3_moe):
     with pytest.raises(MixedPrecisionError) as e:
         choose_precisions(analyze(tiny_qwen3_moe), attention="fp4")
-    assert e.value.code == "bad_argument" and "precision 'fp4' for attention is not one of fp16, bf16, 16bit, fp8, int4" in str(e.value)
+    assert (
+        e.value.code == "bad_argument"
+        and "precision 'fp4' for attention is not one of fp16, bf16, 16bit, fp8, int4" in str(e.value)
+    )
 
 
 def _assignments(plan):
@@ -45,12 +57,31 @@ def _assignments(plan):
 
 def test_exported_rules_plan_cleanly_and_follow_the_choice(moe, tmp_path):
     out = tmp_path / "mix.yaml"
-    rc = cli_main(["analyze", "--model_path", str(moe["model"]), "--export_config", str(out), "--attention_precision", "fp8",
-                   "--mlp_precision", "fp8", "--expert_precision", "int4", "--fp8_path", str(moe["fp8"]), "--int4_path", str(moe["int4"])])
+    rc = cli_main(
+        [
+            "analyze",
+            "--model_path",
+            str(moe["model"]),
+            "--export_config",
+            str(out),
+            "--attention_precision",
+            "fp8",
+            "--mlp_precision",
+            "fp8",
+            "--expert_precision",
+            "int4",
+            "--fp8_path",
+            str(moe["fp8"]),
+            "--int4_path",
+            str(moe["int4"]),
+        ]
+    )
     assert rc == 0
     section = yaml.safe_load(out.read_text())["mixed_precision"]
-    assert section["rules"] == [{"match": "model.layers.*.mlp.experts.*", "source": "int4"},
-                                {"match": "model.layers.*.self_attn.*", "source": "fp8"}]
+    assert section["rules"] == [
+        {"match": "model.layers.*.mlp.experts.*", "source": "int4"},
+        {"match": "model.layers.*.self_attn.*", "source": "fp8"},
+    ]
     plan = build_plan(load_config(out))
     for name, a in plan.modules.items():
         expected = {Role.ATTENTION: "fp8", Role.ROUTED_EXPERT: "int4"}.get(a.ref.role, "fp16")
@@ -73,9 +104,25 @@ def test_explicit_export_is_one_line_per_tensor_and_plans_the_same(moe, tmp_path
 def test_dense_model_export(tiny_qwen3, tmp_path):
     fp8 = write_fp8_checkpoint(tiny_qwen3, tmp_path / "fp8")
     out = tmp_path / "mix.yaml"
-    assert cli_main(["analyze", "--model_path", str(tiny_qwen3), "--export_config", str(out),
-                     "--mlp_precision", "fp8", "--fp8_path", str(fp8)]) == 0
-    assert yaml.safe_load(out.read_text())["mixed_precision"]["rules"] == [{"match": "model.layers.*.mlp.*", "source": "fp8"}]
+    assert (
+        cli_main(
+            [
+                "analyze",
+                "--model_path",
+                str(tiny_qwen3),
+                "--export_config",
+                str(out),
+                "--mlp_precision",
+                "fp8",
+                "--fp8_path",
+                str(fp8),
+            ]
+        )
+        == 0
+    )
+    assert yaml.safe_load(out.read_text())["mixed_precision"]["rules"] == [
+        {"match": "model.layers.*.mlp.*", "source": "fp8"}
+    ]
     plan = build_plan(load_config(out), tp_size=2)
     assert plan.group_for_prefix("model.layers.1.mlp.gate_up_proj").scheme.label() == "fp8-block128"
     assert plan.group_for_prefix("model.layers.1.self_attn.qkv_proj").scheme.label() == "bf16"

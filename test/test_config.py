@@ -26,7 +26,10 @@ def codes(exc: MixedPrecisionError) -> list[str]:
 def test_seed_format_verbatim():
     cfg = parse_config(SEED, "/cfg/mix.yaml")
     assert {k: str(v.path) for k, v in cfg.sources.items()} == {
-        "fp16": "/models/Qwen3-235B-A22B", "fp8": "/models/Qwen3-235B-A22B-FP8", "int4": "/models/Qwen3-235B-A22B-GPTQ-Int4"}
+        "fp16": "/models/Qwen3-235B-A22B",
+        "fp8": "/models/Qwen3-235B-A22B-FP8",
+        "int4": "/models/Qwen3-235B-A22B-GPTQ-Int4",
+    }
     # tensor suffixes are stripped: the unit is the module
     assert {m: e.label for m, e in cfg.weight_mapping.items()} == {
         "model.layers.0.self_attn.q_proj": "fp16",
@@ -63,20 +66,23 @@ mixed_precision:
     assert f"{path}:6" in cfg.rules[0].describe()
 
 
-@pytest.mark.parametrize("pattern,name,expected", [
-    ("model.layers.[10-93].mlp.experts.*", "model.layers.10.mlp.experts.0.gate_proj", True),
-    ("model.layers.[10-93].mlp.experts.*", "model.layers.93.mlp.experts.127.down_proj", True),
-    ("model.layers.[10-93].mlp.experts.*", "model.layers.9.mlp.experts.0.gate_proj", False),
-    ("model.layers.[10-93].mlp.experts.*", "model.layers.94.mlp.experts.0.gate_proj", False),
-    ("model.layers.[10-93].mlp.experts.*", "model.layers.100.mlp.experts.0.gate_proj", False),
-    ("model.layers.[1,4,7-8].mlp.*", "model.layers.4.mlp.down_proj", True),
-    ("model.layers.[1,4,7-8].mlp.*", "model.layers.5.mlp.down_proj", False),
-    ("model.layers.[1-3]*", "model.layers.12.mlp.down_proj", False),  # a range matches a whole number
-    ("*.q_proj.weight", "model.layers.0.self_attn.q_proj", True),  # tensor suffix of a pattern is dropped
-    ("model.layers.?.self_attn.*", "model.layers.7.self_attn.o_proj", True),
-    ("model.layers.?.self_attn.*", "model.layers.17.self_attn.o_proj", False),
-    ("model.embed_tokens", "model.embed_tokensX", False),
-])
+@pytest.mark.parametrize(
+    "pattern,name,expected",
+    [
+        ("model.layers.[10-93].mlp.experts.*", "model.layers.10.mlp.experts.0.gate_proj", True),
+        ("model.layers.[10-93].mlp.experts.*", "model.layers.93.mlp.experts.127.down_proj", True),
+        ("model.layers.[10-93].mlp.experts.*", "model.layers.9.mlp.experts.0.gate_proj", False),
+        ("model.layers.[10-93].mlp.experts.*", "model.layers.94.mlp.experts.0.gate_proj", False),
+        ("model.layers.[10-93].mlp.experts.*", "model.layers.100.mlp.experts.0.gate_proj", False),
+        ("model.layers.[1,4,7-8].mlp.*", "model.layers.4.mlp.down_proj", True),
+        ("model.layers.[1,4,7-8].mlp.*", "model.layers.5.mlp.down_proj", False),
+        ("model.layers.[1-3]*", "model.layers.12.mlp.down_proj", False),  # a range matches a whole number
+        ("*.q_proj.weight", "model.layers.0.self_attn.q_proj", True),  # tensor suffix of a pattern is dropped
+        ("model.layers.?.self_attn.*", "model.layers.7.self_attn.o_proj", True),
+        ("model.layers.?.self_attn.*", "model.layers.17.self_attn.o_proj", False),
+        ("model.embed_tokens", "model.embed_tokensX", False),
+    ],
+)
 def test_glob_patterns(pattern, name, expected):
     assert Rule(1, pattern, "x", "<t>").matches(name) is expected
 
@@ -105,7 +111,12 @@ def test_unknown_rule_key_and_top_level_key():
     with pytest.raises(ValidationErrors) as e:
         parse_config(text, "mix.yaml")
     assert set(e.value.codes) == {"config_unknown_key"}
-    assert "'sorce'" in str(e.value) and "mix.yaml:4" in str(e.value) and "'server'" in str(e.value) and "mix.yaml:5" in str(e.value)
+    assert (
+        "'sorce'" in str(e.value)
+        and "mix.yaml:4" in str(e.value)
+        and "'server'" in str(e.value)
+        and "mix.yaml:5" in str(e.value)
+    )
 
 
 def test_bad_label_everywhere_it_can_appear():
@@ -129,7 +140,9 @@ mixed_precision:
 
 
 def test_aliases_are_accepted_labels():
-    cfg = parse_config("mixed_precision:\n  sources: {base: /a, q: /b}\n  weight_mapping: {model.norm: bf16, lm_head: 16bit, model.embed_tokens: fp16}\n")
+    cfg = parse_config(
+        "mixed_precision:\n  sources: {base: /a, q: /b}\n  weight_mapping: {model.norm: bf16, lm_head: 16bit, model.embed_tokens: fp16}\n"
+    )
     assert {e.label for e in cfg.weight_mapping.values()} == {"bf16", "16bit", "fp16"}
 
 
@@ -139,24 +152,38 @@ def test_yaml_syntax_error_has_line_and_column():
     assert e.value.code == "config_syntax" and "bad.yaml:3" in str(e.value)
 
 
-@pytest.mark.parametrize("text,code,needle", [
-    ("", "config_syntax", "empty"),
-    ("just a string\n", "config_syntax", "mapping"),
-    ("other: 1\n", "config_unknown_key", "'other'"),
-    ("mixed_precision: {}\n", "config_no_sources", "no checkpoint source"),
-    ("mixed_precision:\n  fp16_path: /a\n  fp16_path: /b\n", "config_duplicate_key", "twice"),
-    ("mixed_precision:\n  fp16_path: /a\n  sources: {fp16: /b}\n", "config_duplicate_label", "defined twice"),
-    ("mixed_precision:\n  fp16_path: [1, 2]\n", "config_syntax", "non-empty string"),
-    ("mixed_precision:\n  fp16_path: /a\n  rules: {match: x}\n", "config_syntax", "must be a list"),
-    ("mixed_precision:\n  fp16_path: /a\n  rules:\n    - {match: x}\n", "config_syntax", "lacks source"),
-    ("mixed_precision:\n  sources: {'bad label': /a}\n", "config_bad_label", "'bad label'"),
-    ("mixed_precision:\n  fp16_path: /a\n  fp8_path: /b\n  weight_mapping:\n    model.x.weight: fp16\n    model.x.bias: fp8\n",
-     "config_conflict", "model.x"),
-    ("{}\n", "config_syntax", "no 'mixed_precision:' section"),
-    ("a: \x00\n", "config_syntax", "YAML syntax error: ReaderError"),
-    ("mixed_precision:\n  fp8_path: /b\n  sources: {model: /c}\n  model_path: /m\n", "config_duplicate_label", "label 'model' is taken"),
-    ("mixed_precision:\n  fp16_path: /a\n  rules:\n    - {match: 're:(', source: fp16}\n", "config_bad_pattern", "invalid regular expression"),
-])
+@pytest.mark.parametrize(
+    "text,code,needle",
+    [
+        ("", "config_syntax", "empty"),
+        ("just a string\n", "config_syntax", "mapping"),
+        ("other: 1\n", "config_unknown_key", "'other'"),
+        ("mixed_precision: {}\n", "config_no_sources", "no checkpoint source"),
+        ("mixed_precision:\n  fp16_path: /a\n  fp16_path: /b\n", "config_duplicate_key", "twice"),
+        ("mixed_precision:\n  fp16_path: /a\n  sources: {fp16: /b}\n", "config_duplicate_label", "defined twice"),
+        ("mixed_precision:\n  fp16_path: [1, 2]\n", "config_syntax", "non-empty string"),
+        ("mixed_precision:\n  fp16_path: /a\n  rules: {match: x}\n", "config_syntax", "must be a list"),
+        ("mixed_precision:\n  fp16_path: /a\n  rules:\n    - {match: x}\n", "config_syntax", "lacks source"),
+        ("mixed_precision:\n  sources: {'bad label': /a}\n", "config_bad_label", "'bad label'"),
+        (
+            "mixed_precision:\n  fp16_path: /a\n  fp8_path: /b\n  weight_mapping:\n    model.x.weight: fp16\n    model.x.bias: fp8\n",
+            "config_conflict",
+            "model.x",
+        ),
+        ("{}\n", "config_syntax", "no 'mixed_precision:' section"),
+        ("a: \x00\n", "config_syntax", "YAML syntax error: ReaderError"),
+        (
+            "mixed_precision:\n  fp8_path: /b\n  sources: {model: /c}\n  model_path: /m\n",
+            "config_duplicate_label",
+            "label 'model' is taken",
+        ),
+        (
+            "mixed_precision:\n  fp16_path: /a\n  rules:\n    - {match: 're:(', source: fp16}\n",
+            "config_bad_pattern",
+            "invalid regular expression",
+        ),
+    ],
+)
 def test_config_error_catalogue(text, code, needle):
     with pytest.raises(MixedPrecisionError) as e:
         parse_config(text, "c.yaml")
@@ -176,7 +203,11 @@ def test_config_file_that_is_not_utf8(tmp_path):
     path.write_bytes("mixed_precision:\n  fp16_path: /mod\xe8le\n".encode("latin-1"))
     with pytest.raises(MixedPrecisionError) as e:
         load_config(path)
-    assert e.value.code == "config_syntax" and f"cannot read config file {path}" in str(e.value) and "UTF-8" in str(e.value)
+    assert (
+        e.value.code == "config_syntax"
+        and f"cannot read config file {path}" in str(e.value)
+        and "UTF-8" in str(e.value)
+    )
 
 
 def test_model_path_picks_or_adds_the_skeleton():

@@ -29,7 +29,7 @@ def read_all(d: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in files:
         with safe_open(str(d / f), "pt") as h:
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 out[k] = h.get_tensor(k)
     if idx.exists():
         assert set(out) == set(index), "index and shards disagree"
@@ -68,13 +68,19 @@ def test_fp8_layout_and_config(moe_rtn):
     qc = qconfig(out / "fp8")
     assert qc["quant_method"] == "fp8" and qc["fmt"] == "e4m3" and qc["activation_scheme"] == "dynamic"
     assert qc["weight_block_size"] == [128, 128]
-    assert {"lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.norm"} <= set(qc["modules_to_not_convert"])
+    assert {"lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.norm"} <= set(
+        qc["modules_to_not_convert"]
+    )
     t = read_all(out / "fp8")
     orig = read_all(src)
-    w, s = t["model.layers.1.mlp.experts.3.down_proj.weight"], t["model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"]
+    w, s = (
+        t["model.layers.1.mlp.experts.3.down_proj.weight"],
+        t["model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"],
+    )
     assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (4, 2)
-    assert (dequant_fp8_block(w, s) - orig["model.layers.1.mlp.experts.3.down_proj.weight"].float()).norm() < 0.04 * orig[
-        "model.layers.1.mlp.experts.3.down_proj.weight"].float().norm()
+    assert (
+        dequant_fp8_block(w, s) - orig["model.layers.1.mlp.experts.3.down_proj.weight"].float()
+    ).norm() < 0.04 * orig["model.layers.1.mlp.experts.3.down_proj.weight"].float().norm()
     for name in ("model.layers.0.mlp.gate.weight", "lm_head.weight", "model.embed_tokens.weight"):
         assert torch.equal(t[name], orig[name]), name  # 16-bit, untouched
 
@@ -134,8 +140,17 @@ def test_sglang_parses_the_written_quantization_configs(moe_rtn):
 
 # -- GPTQ ---------------------------------------------------------------------------------------
 def test_gptq_conversion_beats_rtn_and_routes_experts(tiny_qwen3_moe, tmp_path):
-    report = convert(opts(tiny_qwen3_moe, tmp_path / "o", method="gptq", formats=("int4",), nsamples=8, seqlen=128,
-                          min_expert_tokens=16))
+    report = convert(
+        opts(
+            tiny_qwen3_moe,
+            tmp_path / "o",
+            method="gptq",
+            formats=("int4",),
+            nsamples=8,
+            seqlen=128,
+            min_expert_tokens=16,
+        )
+    )
     m = report.int4_method
     assert m["method"] == "gptq" and m["calibration_sequences"] == 8
     assert m["heldout_gptq_error"] < m["heldout_rtn_error"]
@@ -168,16 +183,27 @@ def test_gptq_router_matches_transformers_topk(tiny_qwen3_moe):
 
 
 def test_gptq_all_experts_fall_back_when_threshold_is_high(tiny_qwen3_moe, tmp_path):
-    report = convert(opts(tiny_qwen3_moe, tmp_path / "o", method="gptq", formats=("int4",), nsamples=2, seqlen=64,
-                          min_expert_tokens=10_000, check=False))
+    report = convert(
+        opts(
+            tiny_qwen3_moe,
+            tmp_path / "o",
+            method="gptq",
+            formats=("int4",),
+            nsamples=2,
+            seqlen=64,
+            min_expert_tokens=10_000,
+            check=False,
+        )
+    )
     expert_modules = [k for k in report.int4_method["expert_tokens"]]
     assert len(expert_modules) == 2 * 8 * 3
     assert set(report.int4_method["rtn_fallback"]) >= set(expert_modules)
 
 
 def test_gptq_desc_act_writes_a_permuted_g_idx(tiny_qwen3, tmp_path):
-    report = convert(opts(tiny_qwen3, tmp_path / "o", method="gptq", formats=("int4",), nsamples=4, seqlen=128,
-                          desc_act=True))
+    report = convert(
+        opts(tiny_qwen3, tmp_path / "o", method="gptq", formats=("int4",), nsamples=4, seqlen=128, desc_act=True)
+    )
     assert qconfig(tmp_path / "o/int4")["desc_act"] is True
     t = read_all(tmp_path / "o/int4")
     g = t["model.layers.0.mlp.down_proj.g_idx"]
@@ -199,8 +225,22 @@ def test_skip_leaves_the_whole_fused_group_16bit(tiny_qwen3, tmp_path):
 
 
 def test_cli_writes_mixed_config(tiny_qwen3_moe, tmp_path, capsys):
-    rc = cli_main(["convert", "--model_path", str(tiny_qwen3_moe), "--output_dir", str(tmp_path / "o"), "--method", "rtn",
-                   "--create_config", "--attention_precision", "fp8", "--no_progress", "--verify"])
+    rc = cli_main(
+        [
+            "convert",
+            "--model_path",
+            str(tiny_qwen3_moe),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--method",
+            "rtn",
+            "--create_config",
+            "--attention_precision",
+            "fp8",
+            "--no_progress",
+            "--verify",
+        ]
+    )
     assert rc == 0
     doc = yaml.safe_load((tmp_path / "o/mixed_precision_config.yaml").read_text())["mixed_precision"]
     assert doc["default"] == "fp16" and doc["sources"] == {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"}
@@ -272,12 +312,15 @@ def test_output_dir_not_empty_and_overwrite(moe_rtn, tiny_qwen3, tmp_path):
     assert e.value.code == "output_not_empty"
 
 
-@pytest.mark.parametrize("change,code,says", [
-    ({"formats": ("fp4",)}, "bad_format", "fp4"),
-    ({"group_size": 96}, "bad_group_size", "group_size 96"),
-    ({"method": "awq", "formats": ("int4",)}, "bad_method", "'awq'"),
-    ({"method": "gptq", "calib_file": "/no/such/calib.txt"}, "calib_file_missing", "calibration file not found"),
-])
+@pytest.mark.parametrize(
+    "change,code,says",
+    [
+        ({"formats": ("fp4",)}, "bad_format", "fp4"),
+        ({"group_size": 96}, "bad_group_size", "group_size 96"),
+        ({"method": "awq", "formats": ("int4",)}, "bad_method", "'awq'"),
+        ({"method": "gptq", "calib_file": "/no/such/calib.txt"}, "calib_file_missing", "calibration file not found"),
+    ],
+)
 def test_bad_options_are_refused(tiny_qwen3, tmp_path, change, code, says):
     with pytest.raises(MixedPrecisionError) as e:
         convert(opts(tiny_qwen3, tmp_path / "o", **change))
@@ -287,7 +330,9 @@ def test_bad_options_are_refused(tiny_qwen3, tmp_path, change, code, says):
 def test_calibration_text_too_short(tiny_qwen3, tmp_path):
     (tmp_path / "calib.txt").write_text("a few words")
     with pytest.raises(MixedPrecisionError) as e:
-        convert(opts(tiny_qwen3, tmp_path / "o", method="gptq", formats=("int4",), calib_file=str(tmp_path / "calib.txt")))
+        convert(
+            opts(tiny_qwen3, tmp_path / "o", method="gptq", formats=("int4",), calib_file=str(tmp_path / "calib.txt"))
+        )
     assert e.value.code == "calib_too_short" and "tokens" in str(e.value)
 
 
@@ -358,7 +403,9 @@ def test_resume_after_interruption_keeps_finished_shards(tiny_qwen3_moe, tmp_pat
 
     replayed = []
     real_skip = GptqInt4.skip_unit
-    monkeypatch.setattr(GptqInt4, "skip_unit", lambda self, unit, *a: (replayed.append(unit.layer), real_skip(self, unit, *a)))
+    monkeypatch.setattr(
+        GptqInt4, "skip_unit", lambda self, unit, *a: (replayed.append(unit.layer), real_skip(self, unit, *a))
+    )
     report = convert(opts(tiny_qwen3_moe, out, **kw))
     assert sum(report.resumed_shards.values()) == len(finished)
     if method == "gptq":  # finished layers are replayed from the written int4 weights, not re-quantized
@@ -394,7 +441,9 @@ def test_tensors_the_converter_cannot_quantize_are_named_before_writing(tiny_qwe
     linear = by_detail["model.layers.0.mlp.down_proj.weight is a 3-D linear weight [4, 128, 1024]"]
     assert linear.where == f"{m / 'model.safetensors'}:model.layers.0.mlp.down_proj.weight"
     assert "one 2-D weight per expert/projection" in linear.fix
-    fused = by_detail["model.layers.1.mlp.experts.gate_up_proj: fused expert tensor the converter does not know how to split"]
+    fused = by_detail[
+        "model.layers.1.mlp.experts.gate_up_proj: fused expert tensor the converter does not know how to split"
+    ]
     assert fused.where.endswith("model.safetensors:model.layers.1.mlp.experts.gate_up_proj")
     assert "per-expert gate_proj/up_proj/down_proj" in fused.fix
     assert not (tmp_path / "o").exists()
@@ -409,12 +458,16 @@ def _without_tokenizer(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("damage,says", [
-    # transformers builds an empty tokenizer for a directory without tokenizer files: that must not read as
-    # "calibration text too short"
-    ("missing", "turns the calibration text into no tokens: the model directory has no usable tokenizer files"),
-    ("corrupt", "cannot load the model's tokenizer: Expecting value"),
-], ids=["missing", "corrupt"])
+@pytest.mark.parametrize(
+    "damage,says",
+    [
+        # transformers builds an empty tokenizer for a directory without tokenizer files: that must not read as
+        # "calibration text too short"
+        ("missing", "turns the calibration text into no tokens: the model directory has no usable tokenizer files"),
+        ("corrupt", "cannot load the model's tokenizer: Expecting value"),
+    ],
+    ids=["missing", "corrupt"],
+)
 def test_gptq_without_a_usable_tokenizer(tiny_qwen3, tmp_path, damage, says):
     m = _without_tokenizer(tiny_qwen3, tmp_path / "m")
     if damage == "corrupt":
@@ -484,18 +537,27 @@ def test_calibration_model_structure_errors(tmp_path):
     g.model = SimpleNamespace(path=tmp_path / "m")
     with pytest.raises(MixedPrecisionError) as e:
         g._embed({"model.norm.weight": torch.ones(4), "lm_head.weight": torch.ones(8, 4)})
-    assert e.value.code == "unsupported_architecture" and e.value.detail == "no token embedding found outside the layers"
+    assert (
+        e.value.code == "unsupported_architecture" and e.value.detail == "no token embedding found outside the layers"
+    )
     assert e.value.where == str(tmp_path / "m") and "--method rtn" in e.value.fix
 
     with pytest.raises(MixedPrecisionError) as e:
         GptqInt4._stages(["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.c_fc"])
-    assert e.value.code == "unsupported_architecture" and e.value.detail == "no calibration order known for model.layers.0.mlp.c_fc"
+    assert (
+        e.value.code == "unsupported_architecture"
+        and e.value.detail == "no calibration order known for model.layers.0.mlp.c_fc"
+    )
     assert e.value.where == "model.layers.0.mlp.c_fc" and "--skip" in e.value.fix
 
     # a shared-expert gate is a router by name but not the experts' router
-    tensors = {"model.layers.0.mlp.shared_expert_gate.weight": torch.ones(1, 4),
-               "model.layers.0.mlp.experts.0.gate_proj.weight": torch.ones(8, 4)}
+    tensors = {
+        "model.layers.0.mlp.shared_expert_gate.weight": torch.ones(1, 4),
+        "model.layers.0.mlp.experts.0.gate_proj.weight": torch.ones(8, 4),
+    }
     with pytest.raises(MixedPrecisionError) as e:
         g._router_weight(tensors, "model.layers.0.mlp")
-    assert e.value.code == "unsupported_architecture" and e.value.detail == "no router weight found in model.layers.0.mlp"
+    assert (
+        e.value.code == "unsupported_architecture" and e.value.detail == "no router weight found in model.layers.0.mlp"
+    )
     assert e.value.where == "model.layers.0.mlp" and "--method rtn" in e.value.fix

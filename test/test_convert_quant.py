@@ -119,7 +119,9 @@ def test_gptq_beats_rtn_on_heldout_activations(act_order, group_size):
     r = rtn_quantize(w, group_size)
     gptq_err = output_error(heldout, w, deq)
     rtn_err = output_error(heldout, w, dequant_gptq(r.qweight, r.qzeros, r.scales, r.g_idx))
-    print(f"act_order={act_order} g={group_size}: gptq {gptq_err[0] / gptq_err[1]:.5f} rtn {rtn_err[0] / rtn_err[1]:.5f}")
+    print(
+        f"act_order={act_order} g={group_size}: gptq {gptq_err[0] / gptq_err[1]:.5f} rtn {rtn_err[0] / rtn_err[1]:.5f}"
+    )
     assert gptq_err[0] < 0.5 * rtn_err[0]
 
 

@@ -29,8 +29,11 @@ def _calls(name: str):
 
 
 def test_no_error_is_raised_with_a_string_literal_code():
-    literal = [f"{p.relative_to(ROOT)}:{n.lineno}" for p, n in _calls("MixedPrecisionError")
-               if n.args and isinstance(n.args[0], ast.Constant)]
+    literal = [
+        f"{p.relative_to(ROOT)}:{n.lineno}"
+        for p, n in _calls("MixedPrecisionError")
+        if n.args and isinstance(n.args[0], ast.Constant)
+    ]
     assert literal == []
 
 
@@ -45,7 +48,9 @@ def test_every_code_is_used_in_the_package():
 
 
 def test_docs_table_is_generated_from_the_enumeration():
-    assert (ROOT / "docs" / "ERRORS.md").read_text() == markdown_table(), "regenerate: sglang-mp errors --markdown > docs/ERRORS.md"
+    assert (ROOT / "docs" / "ERRORS.md").read_text() == markdown_table(), (
+        "regenerate: sglang-mp errors --markdown > docs/ERRORS.md"
+    )
 
 
 def test_unknown_code_fails_where_it_is_raised():

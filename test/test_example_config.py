@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sglang_mixed_precision.core.config import parse_config
 from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
+from sglang_mixed_precision.core.config import parse_config
 from sglang_mixed_precision.core.plan import build_plan
 from sglang_mixed_precision.testing.tinymodels import make_tiny_model
 
@@ -19,13 +19,19 @@ def five_layer_sources(tmp_path_factory):
     """Layers 0-3 stay 16-bit in the example, so the model needs a fifth layer for int4 experts."""
     root = tmp_path_factory.mktemp("example")
     src = make_tiny_model("qwen3_moe", root / "model", num_layers=5)
-    convert(ConvertOptions(model_path=str(src), output_dir=str(root / "conv"), method="rtn", check=False, progress=False))
+    convert(
+        ConvertOptions(model_path=str(src), output_dir=str(root / "conv"), method="rtn", check=False, progress=False)
+    )
     return root / "conv"
 
 
 def example_with_paths(conv: Path) -> str:
     text = EXAMPLE.read_text()
-    for label, name in (("fp16_path", "Qwen3-235B-A22B"), ("fp8_path", "Qwen3-235B-A22B-FP8"), ("int4_path", "Qwen3-235B-A22B-GPTQ-Int4")):
+    for label, name in (
+        ("fp16_path", "Qwen3-235B-A22B"),
+        ("fp8_path", "Qwen3-235B-A22B-FP8"),
+        ("int4_path", "Qwen3-235B-A22B-GPTQ-Int4"),
+    ):
         old = f"{label}: /models/{name}\n"
         assert old in text, f"the example no longer has {old!r}"
         text = text.replace(old, f"{label}: {conv / label.split('_')[0]}\n")

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from fake_sglang_server import load_script as load
 
 FAKE_SERVER = [sys.executable, str(Path(__file__).with_name("fake_sglang_server.py"))]
@@ -38,7 +39,9 @@ def test_reload_proof_cpu_check_passes_every_request_through_the_route_code(proo
     assert proof.main(["--out", str(tmp_path), "--workdir", reload_work, "--cpu-check"]) == 0
     doc = json.loads((tmp_path / "reload_proof.json").read_text())
     assert doc["passed"] and doc["steps"][-1] == "info"
-    assert {"reload_200", "fp8_trunc_refused", "fp8_nan_refused", "scheme_change_409", "config_is_b"} <= set(doc["checks"])
+    assert {"reload_200", "fp8_trunc_refused", "fp8_nan_refused", "scheme_change_409", "config_is_b"} <= set(
+        doc["checks"]
+    )
     assert doc["reload_fp8_nan"]["reply"]["stage"] == "stage"  # refused by the workers' staging, not the plan
     assert "sglang.launch_server" in doc["launch_command"]
     assert "**PASSED**" in (tmp_path / "reload_proof.md").read_text()
@@ -75,7 +78,9 @@ def test_bench_cpu_check_resolves_every_command(bench, tmp_path):
     stock_int4 = doc["runs"]["stock-int4-tp2dp1"]["sglang_command"]
     assert "--quantization" in stock_int4 and stock_int4[stock_int4.index("--quantization") + 1] == "moe_wna16"
     mixed = doc["runs"]["mix-attnfp8-expint4-tp2dp1"]
-    assert mixed["sglang_command"][mixed["sglang_command"].index("--model-path") + 1].endswith("plans/mix-attnfp8-expint4-tp2dp1")
+    assert mixed["sglang_command"][mixed["sglang_command"].index("--model-path") + 1].endswith(
+        "plans/mix-attnfp8-expint4-tp2dp1"
+    )
     assert mixed["plan_rank_bytes"] < mixed["plan_total_bytes"]  # planned for tp 2
     assert all("error" not in r for r in doc["runs"].values())
 
@@ -102,7 +107,9 @@ def test_bench_server_path_against_a_fake_server(bench, tmp_path, monkeypatch):
     assert any(m.startswith("mix-attnfp8-expint4-tp1dp1: gpu_mem_vs_plan") for m in doc["misses"])
     assert not any("bytes_read_vs_plan" in m or "param_bytes_vs_plan" in m for m in doc["misses"])
     md = (tmp_path / "bench_mix.md").read_text()
-    assert "fake card" in md and "- mix-attnfp8-expint4-tp1dp1: gpu_mem_vs_plan" in md and "Not run yet: stock-fp8" in md
+    assert (
+        "fake card" in md and "- mix-attnfp8-expint4-tp1dp1: gpu_mem_vs_plan" in md and "Not run yet: stock-fp8" in md
+    )
 
 
 def test_bench_budget_skips_runs_that_would_not_fit(bench, tmp_path, monkeypatch):
@@ -124,27 +131,55 @@ def test_bench_budget_skips_runs_that_would_not_fit(bench, tmp_path, monkeypatch
     assert json.loads((tmp_path / "bench_mix.json").read_text())["not_run"][:2] == ["mixed-bf16", "stock-fp8"]
 
 
-SGLANG_LOAD_LINE = ("[2026-01-01 10:00:00 TP{r}] Load weight end. elapsed={s:.2f} s, type=Qwen3MoeForCausalLM, quant=fp8, "
-                    "avail mem=70.12 GB, mem usage={g:.2f} GB.")
+SGLANG_LOAD_LINE = (
+    "[2026-01-01 10:00:00 TP{r}] Load weight end. elapsed={s:.2f} s, type=Qwen3MoeForCausalLM, quant=fp8, "
+    "avail mem=70.12 GB, mem usage={g:.2f} GB."
+)
 
 
 def test_bench_parses_sglang_and_loader_log_lines(bench):
-    text = "\n".join([
-        SGLANG_LOAD_LINE.format(r=0, s=3.21, g=6.01), SGLANG_LOAD_LINE.format(r=1, s=3.5, g=6.02),
-        "[TP0] mixed_precision audit: 10 tensors consumed once, 10 parameters loaded; layers: 2 Fp8LinearMethod",
-        "[TP0] mixed_precision: weight memory 6450000000 bytes in parameters; plan 6449000000 bytes per rank (+0.02%)",
-    ])
-    assert bench.parse_server_log(text) == {"weight_load_s": 3.5, "weight_mem_gib": 6.02, "param_bytes": 6450000000,
-                                            "logged_plan_bytes": 6449000000, "layers": "2 Fp8LinearMethod"}
+    text = "\n".join(
+        [
+            SGLANG_LOAD_LINE.format(r=0, s=3.21, g=6.01),
+            SGLANG_LOAD_LINE.format(r=1, s=3.5, g=6.02),
+            "[TP0] mixed_precision audit: 10 tensors consumed once, 10 parameters loaded; layers: 2 Fp8LinearMethod",
+            "[TP0] mixed_precision: weight memory 6450000000 bytes in parameters; plan 6449000000 bytes per rank (+0.02%)",
+        ]
+    )
+    assert bench.parse_server_log(text) == {
+        "weight_load_s": 3.5,
+        "weight_mem_gib": 6.02,
+        "param_bytes": 6450000000,
+        "logged_plan_bytes": 6449000000,
+        "layers": "2 Fp8LinearMethod",
+    }
     assert bench.parse_server_log("nothing") == {}
 
 
 def test_bench_misses_name_each_goal(bench):
-    stock = {"run": "stock-fp8", "kind": "stock", "tp": 1, "dp": 1, "greedy_ids": [[1]], "decode_tok_s_b1": 100.0,
-             "decode_tok_s_b32": 1000.0, "ttft_s": 0.010, "weight_load_s": 2.0}
-    mixed = {**stock, "run": "mixed-fp8", "kind": "mixed", "decode_tok_s_b1": 98.0, "ttft_s": 0.0101,
-             "weight_mem_gib": 1.0, "param_bytes": 2**30, "plan_rank_bytes": 2**30 * 1.02, "plan_total_bytes": 100,
-             "bytes_read": 110}
+    stock = {
+        "run": "stock-fp8",
+        "kind": "stock",
+        "tp": 1,
+        "dp": 1,
+        "greedy_ids": [[1]],
+        "decode_tok_s_b1": 100.0,
+        "decode_tok_s_b32": 1000.0,
+        "ttft_s": 0.010,
+        "weight_load_s": 2.0,
+    }
+    mixed = {
+        **stock,
+        "run": "mixed-fp8",
+        "kind": "mixed",
+        "decode_tok_s_b1": 98.0,
+        "ttft_s": 0.0101,
+        "weight_mem_gib": 1.0,
+        "param_bytes": 2**30,
+        "plan_rank_bytes": 2**30 * 1.02,
+        "plan_total_bytes": 100,
+        "bytes_read": 110,
+    }
     runs = {"stock-fp8-tp1dp1": stock, "mixed-fp8-tp1dp1": mixed}
     rows = bench.comparisons(runs)
     text = "\n".join(bench.misses(runs, rows))
@@ -189,21 +224,49 @@ def test_serve_proof_entrypoint_checks_compare_with_the_launchers_tokens(tmp_pat
     engine_settings = json.loads(engine_argv[0][6])  # the servers' settings, and a port of its own
     assert engine_settings.pop("nccl_port") not in {int(c[c.index("--nccl-port") + 1]) for c in launched}
     assert engine_settings == serve.SERVER_SETTINGS
-    assert res.checks == {"launch_server_plan_dir_same_tokens": True, "load_format_dummy_answers": True,
-                          "engine_plan_dir_same_tokens": False}  # the Engine's third token differs
+    assert res.checks == {
+        "launch_server_plan_dir_same_tokens": True,
+        "load_format_dummy_answers": True,
+        "engine_plan_dir_same_tokens": False,
+    }  # the Engine's third token differs
     assert "`sglang.Engine` False" in serve.markdown(
-        {"card": "c", "capability": "sm90", "gpus": 1, "torch": "t", "cuda": "c", "sglang": "s", "tp_size": 1, "dp_size": 1}, [res], 1.0)
+        {
+            "card": "c",
+            "capability": "sm90",
+            "gpus": 1,
+            "torch": "t",
+            "cuda": "c",
+            "sglang": "s",
+            "tp_size": 1,
+            "dp_size": 1,
+        },
+        [res],
+        1.0,
+    )
 
 
 def test_serve_proof_cpu_check_plans_validates_and_compares_reference_tokens(tmp_path):
     serve = load("gpu_serve_proof")
-    argv = ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--cpu-check",
-            "--only", "qwen3_moe/attn-fp8+experts-int4", "--entrypoints", "attn-fp8+experts-int4", "--max-new-tokens", "4"]
+    argv = [
+        "--out",
+        str(tmp_path / "out"),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--cpu-check",
+        "--only",
+        "qwen3_moe/attn-fp8+experts-int4",
+        "--entrypoints",
+        "attn-fp8+experts-int4",
+        "--max-new-tokens",
+        "4",
+    ]
     assert serve.main(argv) == 0
     (res,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert res["checks"] == {"sglang_accepts_commands": True, "reference_bf16_equals_fp32": True}
     plan_dir = tmp_path / "out" / "plans" / "qwen3_moe" / "attn-fp8+experts-int4"
-    assert json.loads((plan_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "mixed_precision"
+    assert (
+        json.loads((plan_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "mixed_precision"
+    )
 
 
 def test_gpu_scripts_stop_on_a_machine_without_a_gpu(monkeypatch):
@@ -213,6 +276,7 @@ def test_gpu_scripts_stop_on_a_machine_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as e:
         common.environment(cpu_check=False)
-    assert str(e.value) == ("no CUDA device: run this on the GPU machine (source bench/gpu_setup.sh first), "
-                            "or pass --cpu-check")
+    assert str(e.value) == (
+        "no CUDA device: run this on the GPU machine (source bench/gpu_setup.sh first), or pass --cpu-check"
+    )
     assert common.environment(cpu_check=True)["gpus"] == 0

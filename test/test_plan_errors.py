@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
+from ckpt_writers import rewrite_checkpoint, write_fp8_checkpoint, write_gptq_checkpoint
 from sglang_mixed_precision.core.config import parse_config
 from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
 from sglang_mixed_precision.core.plan import build_plan
 from sglang_mixed_precision.testing.tinymodels import make_tiny_model
-
-from ckpt_writers import rewrite_checkpoint, write_fp8_checkpoint, write_gptq_checkpoint
 
 
 def yaml_for(sources: dict, extra: str = "") -> str:
@@ -71,8 +70,12 @@ def test_truncated_safetensors(moe_sources, tmp_path):
 
 
 def test_tensor_missing_from_assigned_source(moe_sources, tmp_path):
-    fp8 = rewrite_checkpoint(moe_sources["fp8"], tmp_path / "fp8", lambda s: [s.pop(n) for n in list(s) if ".layers.1.mlp.experts." in n])
-    err = plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": fp8}, "  rules:\n    - {match: '*.mlp.experts.*', source: fp8}\n"))
+    fp8 = rewrite_checkpoint(
+        moe_sources["fp8"], tmp_path / "fp8", lambda s: [s.pop(n) for n in list(s) if ".layers.1.mlp.experts." in n]
+    )
+    err = plan_errors(
+        yaml_for({"fp16": moe_sources["fp16"], "fp8": fp8}, "  rules:\n    - {match: '*.mlp.experts.*', source: fp8}\n")
+    )
     e = only(err, "missing_tensor")
     msg = str(e)
     assert "24 module(s) assigned to source 'fp8'" in msg and "model.layers.1.mlp.experts.0.gate_proj" in msg
@@ -80,7 +83,9 @@ def test_tensor_missing_from_assigned_source(moe_sources, tmp_path):
 
 
 def test_quantized_part_missing(moe_sources, tmp_path):
-    fp8 = rewrite_checkpoint(moe_sources["fp8"], tmp_path / "fp8", lambda s: s.pop("model.layers.0.self_attn.o_proj.weight_scale_inv"))
+    fp8 = rewrite_checkpoint(
+        moe_sources["fp8"], tmp_path / "fp8", lambda s: s.pop("model.layers.0.self_attn.o_proj.weight_scale_inv")
+    )
     e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": fp8}, "  default: fp8\n")), "missing_tensor")
     assert "'weight_scale_inv'" in str(e) and "model.layers.0.self_attn.o_proj" in str(e)
 
@@ -93,7 +98,12 @@ def test_shape_disagrees_with_model_config(tiny_qwen3, tmp_path):
     err = plan_errors(yaml_for({"fp16": tiny_qwen3, "fp8": fp8}, "  rules:\n    - {match: '*.mlp.*', source: fp8}\n"))
     only(err, "shape_mismatch")
     msg = "\n".join(str(e) for e in err.errors if e.code == "shape_mismatch")
-    assert "F8_E4M3[768, 512]" in msg and "F8_E4M3[512, 768]" in msg and "[1024, 512]" in msg and "model.layers.0.mlp.gate_proj.weight" in msg
+    assert (
+        "F8_E4M3[768, 512]" in msg
+        and "F8_E4M3[512, 768]" in msg
+        and "[1024, 512]" in msg
+        and "model.layers.0.mlp.gate_proj.weight" in msg
+    )
     assert "model.safetensors" in msg and "rule #1" in msg
 
 
@@ -105,13 +115,22 @@ def test_wrong_scale_shape(moe_sources, tmp_path):
 
 
 def test_mixed_precision_inside_fused_groups(moe_sources):
-    err = plan_errors(yaml_for(moe_sources, "  default: fp8\n  weight_mapping:\n"
-                               "    model.layers.0.self_attn.q_proj.weight: fp16\n"
-                               "    model.layers.1.mlp.experts.5.up_proj: int4\n"))
+    err = plan_errors(
+        yaml_for(
+            moe_sources,
+            "  default: fp8\n  weight_mapping:\n"
+            "    model.layers.0.self_attn.q_proj.weight: fp16\n"
+            "    model.layers.1.mlp.experts.5.up_proj: int4\n",
+        )
+    )
     groups = {e.where.split(" ")[0]: str(e) for e in err.errors if e.code == "mixed_group"}
     assert set(groups) == {"model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.experts"}
     qkv = groups["model.layers.0.self_attn.qkv_proj"]
-    assert "bf16 from 'fp16': q_proj" in qkv and "fp8-block128 from 'fp8': k_proj, v_proj" in qkv and "/cfg/mix.yaml:7" in qkv
+    assert (
+        "bf16 from 'fp16': q_proj" in qkv
+        and "fp8-block128 from 'fp8': k_proj, v_proj" in qkv
+        and "/cfg/mix.yaml:7" in qkv
+    )
     experts = groups["model.layers.1.mlp.experts"]
     assert "gptq-int4-g128 from 'int4': experts.5.up_proj" in experts and "and 18 more" in experts
 
@@ -129,8 +148,14 @@ def test_unsupported_scheme(tiny_qwen3, tmp_path, override, needle):
 
 
 def test_tp_indivisible_for_block_fp8_and_marlin(moe_sources):
-    err = plan_errors(yaml_for(moe_sources, "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
-                               "    - {match: 'model.layers.1.mlp.experts.*', source: int4}\n"), tp=4)
+    err = plan_errors(
+        yaml_for(
+            moe_sources,
+            "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
+            "    - {match: 'model.layers.1.mlp.experts.*', source: int4}\n",
+        ),
+        tp=4,
+    )
     msgs = [str(e) for e in err.errors if e.code == "tp_indivisible"]
     fp8 = next(m for m in msgs if "fp8-block128" in m)
     assert "per-rank MoE intermediate 64" in fp8 and "block_n 128" in fp8 and "model.layers.0.mlp.experts" in fp8
@@ -147,7 +172,9 @@ def test_tp_indivisible_heads(tiny_qwen3):
 
 def test_fp8_qkv_per_rank_block(tmp_path):
     # 4 kv heads of 64 at tp 2: k/v per rank 128 is fine, q per rank 64*8/2=256; at tp 4 k/v 64 is not
-    base = make_tiny_model("qwen3", tmp_path / "bf16", num_layers=1, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+    base = make_tiny_model(
+        "qwen3", tmp_path / "bf16", num_layers=1, num_attention_heads=8, num_key_value_heads=4, head_dim=64
+    )
     fp8 = write_fp8_checkpoint(base, tmp_path / "fp8")
     text = yaml_for({"fp16": base, "fp8": fp8}, "  default: fp8\n")
     build_plan(parse_config(text), tp_size=2)
@@ -163,7 +190,10 @@ def test_no_unquantized_source_and_quantized_skeleton(moe_sources):
 
 
 def test_unknown_module_in_weight_mapping(moe_sources):
-    e = only(plan_errors(yaml_for(moe_sources, "  weight_mapping:\n    model.layers.7.self_attn.q_proj.weight: fp8\n")), "unknown_module")
+    e = only(
+        plan_errors(yaml_for(moe_sources, "  weight_mapping:\n    model.layers.7.self_attn.q_proj.weight: fp8\n")),
+        "unknown_module",
+    )
     assert "'model.layers.7.self_attn.q_proj.weight' (/cfg/mix.yaml:6)" in str(e)
 
 
@@ -171,8 +201,14 @@ def test_independent_errors_are_reported_together(moe_sources, tmp_path):
     int4 = write_gptq_checkpoint(moe_sources["fp16"], tmp_path / "asym", config_overrides={"sym": False})
     err = plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": tmp_path / "none", "int4": int4}))
     assert sorted(err.codes) == ["missing_source", "unsupported_scheme"]
-    err = plan_errors(yaml_for(moe_sources, "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
-                               "  weight_mapping:\n    model.layers.1.self_attn.k_proj: int4\n"), tp=4)
+    err = plan_errors(
+        yaml_for(
+            moe_sources,
+            "  rules:\n    - {match: 'model.layers.0.mlp.experts.*', source: fp8}\n"
+            "  weight_mapping:\n    model.layers.1.self_attn.k_proj: int4\n",
+        ),
+        tp=4,
+    )
     assert {"mixed_group", "tp_indivisible"} <= set(err.codes)
     assert str(err).startswith(f"{len(err.errors)} problem(s) found:")
 
@@ -215,7 +251,7 @@ def test_header_entry_that_does_not_fit_its_bytes(tiny_qwen3, tmp_path):
     shard = next(base.glob("*.safetensors"))
     raw = shard.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8: 8 + n])
+    header = json.loads(raw[8 : 8 + n])
     name = "model.layers.0.input_layernorm.weight"
     start, stop = header[name]["data_offsets"]
     header[name]["data_offsets"] = [start, stop + 2]  # claims 2 bytes more than BF16[512] holds

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from sglang_mixed_precision.tensors import TensorReader, read_tensor
 import pytest
 import torch
 
 from serving_harness import converted, mix_config, write_mix
-
 from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.reference import (
     build_reference_model,
@@ -23,6 +21,7 @@ from sglang_mixed_precision.reference import (
     simulate_fp8_activations,
     teacher_forced_logprobs,
 )
+from sglang_mixed_precision.tensors import read_tensor
 from sglang_mixed_precision.testing.tinymodels import tiny_config
 
 
@@ -56,7 +55,9 @@ def test_quantized_modules_are_dequantized_from_their_source(tiny_qwen3):
 
     fp8_module = "model.layers.1.mlp.up_proj"  # fp8 in this mix
     src = plan.sources["fp8"]
-    expected = dequant_fp8_block(read_tensor(src, fp8_module + ".weight"), read_tensor(src, fp8_module + ".weight_scale_inv"))
+    expected = dequant_fp8_block(
+        read_tensor(src, fp8_module + ".weight"), read_tensor(src, fp8_module + ".weight_scale_inv")
+    )
     assert torch.equal(params[fp8_module + ".weight"], expected)
     assert _relative_error(expected, module_weights(fp16, fp8_module)["weight"]) < 0.05
 
@@ -93,7 +94,7 @@ def test_fp8_activation_model_matches_e4m3_rounding():
     # e4m3 keeps 3 mantissa bits: relative error at most 2^-4 for normal numbers, absolute error
     # at most half of the smallest subnormal step (2^-10 in scaled units) below that.
     err = (qg - groups).abs()
-    bound = torch.maximum(groups.abs() / 16, amax / 448 * 2.0 ** -10)
+    bound = torch.maximum(groups.abs() / 16, amax / 448 * 2.0**-10)
     assert bool((err <= bound * (1 + 1e-6)).all())
     assert float(err.max()) > 0
 
@@ -102,15 +103,18 @@ def test_w8a8_simulation_applies_to_fp8_modules_only(tiny_qwen3, tiny_qwen3_moe)
     dense = plan_from_config(mix_config(str(tiny_qwen3), "per_layer"))
     model = build_reference_model(dense)
     assert simulate_fp8_activations(model, dense) == 3  # layer 1 gate_proj, up_proj, down_proj
-    moe_fp8 = plan_from_config(write_mix(converted(str(tiny_qwen3_moe)), "experts_fp8", "fp16",
-                                         [("model.layers.*.mlp.experts.*", "fp8")]))
+    moe_fp8 = plan_from_config(
+        write_mix(converted(str(tiny_qwen3_moe)), "experts_fp8", "fp16", [("model.layers.*.mlp.experts.*", "fp8")])
+    )
     model = build_reference_model(moe_fp8)
     ids = list(range(3, 30))
     a = teacher_forced_logprobs(model, ids)
     assert simulate_fp8_activations(model, moe_fp8) == 2  # one fused experts module per layer
     b = teacher_forced_logprobs(model, ids)
     assert not torch.equal(a, b) and float((a - b).abs().max()) < 1.0
-    int4_only = plan_from_config(write_mix(converted(str(tiny_qwen3)), "mlp_int4", "fp16", [("model.layers.*.mlp.*", "int4")]))
+    int4_only = plan_from_config(
+        write_mix(converted(str(tiny_qwen3)), "mlp_int4", "fp16", [("model.layers.*.mlp.*", "int4")])
+    )
     assert simulate_fp8_activations(build_reference_model(int4_only), int4_only) == 0
 
 
@@ -122,8 +126,8 @@ def test_greedy_generation_is_consistent_with_a_full_forward(tiny_qwen3_moe):
     full = teacher_forced_logprobs(model, out.prompt_ids + out.output_ids)
     n = len(out.prompt_ids)
     # Each token is the argmax of the full forward at its position; the cached logits agree with it.
-    assert full[n - 1: n - 1 + 8].argmax(-1).tolist() == out.output_ids
-    assert torch.allclose(full[n - 1: n - 1 + 8], out.logprobs, atol=1e-3)
+    assert full[n - 1 : n - 1 + 8].argmax(-1).tolist() == out.output_ids
+    assert torch.allclose(full[n - 1 : n - 1 + 8], out.logprobs, atol=1e-3)
 
 
 def test_logprob_deviation_measures_against_fp32_and_bf16_noise(tiny_qwen3):
@@ -139,9 +143,14 @@ def test_logprob_deviation_measures_against_fp32_and_bf16_noise(tiny_qwen3):
     assert logprob_tolerance(0.1) == pytest.approx(0.32)
 
 
-@pytest.mark.parametrize("change, code", [({"num_layers": 1}, "reference_no_parameter"),
-                                          ({"num_layers": 3}, "reference_unfilled"),
-                                          ({"hidden": 256}, "reference_shape")])
+@pytest.mark.parametrize(
+    "change, code",
+    [
+        ({"num_layers": 1}, "reference_no_parameter"),
+        ({"num_layers": 3}, "reference_unfilled"),
+        ({"hidden": 256}, "reference_shape"),
+    ],
+)
 def test_a_model_unlike_the_plan_is_refused(tiny_qwen3, change, code):
     from transformers import AutoModelForCausalLM
 
@@ -149,9 +158,11 @@ def test_a_model_unlike_the_plan_is_refused(tiny_qwen3, change, code):
     model = AutoModelForCausalLM.from_config(tiny_config("qwen3", **change))
     with pytest.raises(MixedPrecisionError, match=code) as e:
         fill_model(model, plan)
-    message = {"reference_no_parameter": "has no parameter model.layers.1.",
-               "reference_unfilled": "have no planned source: model.layers.2.",
-               "reference_shape": "the model has ("}[code]
+    message = {
+        "reference_no_parameter": "has no parameter model.layers.1.",
+        "reference_unfilled": "have no planned source: model.layers.2.",
+        "reference_shape": "the model has (",
+    }[code]
     assert message in str(e.value)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_reload_helpers import mix  # noqa: F401  (session fixture)
 
 from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
 from sglang_mixed_precision.core.reload_plan import (
@@ -21,6 +20,7 @@ from sglang_mixed_precision.core.reload_plan import (
     rebuild_refusal,
     replan_in_worker,
 )
+from test_reload_helpers import mix  # noqa: F401  (session fixture)
 
 MLP_LAYERS = {f"model.layers.{i}.mlp.{leaf}" for i in (0, 1) for leaf in ("gate_up_proj", "down_proj")}
 
@@ -102,16 +102,19 @@ def test_other_tp_size_is_refused(mix):
 
 
 # ---- request validation ----------------------------------------------------------------------------
-@pytest.mark.parametrize("body, needle", [
-    ([], "JSON object"),
-    ({}, "exactly one"),
-    ({"config": "x", "config_path": "y"}, "exactly one"),
-    ({"config": "  "}, "YAML text"),
-    ({"config": 3}, "YAML text"),
-    ({"config_path": ""}, "must be a path string"),
-    ({"config": "a: 1", "restart": "yes"}, "'restart' must be true or false"),
-    ({"config": "a: 1", "force": True}, "unknown field(s) 'force'"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ([], "JSON object"),
+        ({}, "exactly one"),
+        ({"config": "x", "config_path": "y"}, "exactly one"),
+        ({"config": "  "}, "YAML text"),
+        ({"config": 3}, "YAML text"),
+        ({"config_path": ""}, "must be a path string"),
+        ({"config": "a: 1", "restart": "yes"}, "'restart' must be true or false"),
+        ({"config": "a: 1", "force": True}, "unknown field(s) 'force'"),
+    ],
+)
 def test_bad_request_bodies(tmp_path, body, needle):
     with pytest.raises(MixedPrecisionError) as e:
         parse_reload_request(body, base_dir=tmp_path)
@@ -155,14 +158,21 @@ def test_missing_source_directory_is_a_plan_error(mix):
 def test_reload_plan_lists_every_tensor_of_the_changed_layers(mix):
     reload_plan = plan_reload(mix.plan(mix.yaml()), request_for(mix, mix.yaml(fp8=mix.fp8_b)))
     names = {t.name for t in reload_plan.loads}
-    expected = {f"model.layers.{i}.mlp.{p}.{s}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")
-                for s in ("weight", "weight_scale_inv")}
+    expected = {
+        f"model.layers.{i}.mlp.{p}.{s}"
+        for i in (0, 1)
+        for p in ("gate_proj", "up_proj", "down_proj")
+        for s in ("weight", "weight_scale_inv")
+    }
     assert names == expected
     assert all(str(mix.fp8_b) in t.file for t in reload_plan.loads)
     weight = next(t for t in reload_plan.loads if t.name == "model.layers.0.mlp.gate_proj.weight")
-    assert weight.dtype == "F8_E4M3" and weight.shape == (1024, 512) and weight.layer == "model.layers.0.mlp.gate_up_proj"
+    assert (
+        weight.dtype == "F8_E4M3" and weight.shape == (1024, 512) and weight.layer == "model.layers.0.mlp.gate_up_proj"
+    )
     assert reload_plan.bytes == sum(
-        (1 if t.dtype == "F8_E4M3" else 4) * t.shape[0] * t.shape[1] for t in reload_plan.loads)
+        (1 if t.dtype == "F8_E4M3" else 4) * t.shape[0] * t.shape[1] for t in reload_plan.loads
+    )
 
 
 def test_worker_request_round_trips_and_replans_identically(mix):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_writers import rewrite_checkpoint, write_fp8_checkpoint, write_gptq_checkpoint
 
+from ckpt_writers import rewrite_checkpoint, write_fp8_checkpoint, write_gptq_checkpoint
 from sglang_mixed_precision.core.config import parse_config
 from sglang_mixed_precision.core.plan import build_plan
 

@@ -3,20 +3,20 @@ real safetensors sources, and the HTTP routes driven through FastAPI's test clie
 
 from __future__ import annotations
 
-from sglang_mixed_precision.tensors import TensorReader, read_tensor
 import json
 import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-from ckpt_writers import rewrite_checkpoint
-from test_reload_helpers import mix  # noqa: F401  (session fixture)
 
+from ckpt_writers import rewrite_checkpoint
 from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.core.naming import classify, split_tensor_name
 from sglang_mixed_precision.core.reload_plan import ReloadRequest, plan_reload
 from sglang_mixed_precision.serving import runtime as rt
+from sglang_mixed_precision.tensors import read_tensor
+from test_reload_helpers import mix  # noqa: F401  (session fixture)
 
 SHARD_ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
 
@@ -32,12 +32,17 @@ class FakeModel(torch.nn.Module):
             members = sorted(group.members, key=lambda m: SHARD_ORDER.get(plan.modules[m].ref.shard, 0))
             module = self._make(prefix)
             for suffix in plan.modules[members[0]].tensors:
-                parts = [read_tensor(plan.sources[plan.modules[m].label], plan.modules[m].tensors[suffix].name) for m in members]
+                parts = [
+                    read_tensor(plan.sources[plan.modules[m].label], plan.modules[m].tensors[suffix].name)
+                    for m in members
+                ]
                 row = 0
                 for m, part in zip(members, parts):
                     self.offsets[plan.modules[m].tensors[suffix].name] = row
                     row += part.shape[0]
-                param = torch.nn.Parameter(torch.cat(parts) if len(parts) > 1 else parts[0].clone(), requires_grad=False)
+                param = torch.nn.Parameter(
+                    torch.cat(parts) if len(parts) > 1 else parts[0].clone(), requires_grad=False
+                )
                 param.weight_loader = _row_loader
                 module.register_parameter(suffix, param)
 
@@ -56,20 +61,26 @@ class FakeModel(torch.nn.Module):
             param.weight_loader(param, tensor, self.offsets[name])
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().view(torch.uint8).clone() if p.element_size() == 1 else p.detach().clone()
-                for n, p in self.named_parameters()}
+        return {
+            n: p.detach().view(torch.uint8).clone() if p.element_size() == 1 else p.detach().clone()
+            for n, p in self.named_parameters()
+        }
 
 
 def _row_loader(param, loaded, row):
-    param.data[row: row + loaded.shape[0]].copy_(loaded)
+    param.data[row : row + loaded.shape[0]].copy_(loaded)
 
 
 def changed(before: dict, after: dict) -> set[str]:
     return {n for n in before if not torch.equal(before[n], after[n])}
 
 
-MLP_PARAMS = {f"model.layers.{i}.mlp.{leaf}.{s}" for i in (0, 1) for leaf in ("gate_up_proj", "down_proj")
-              for s in ("weight", "weight_scale_inv")}
+MLP_PARAMS = {
+    f"model.layers.{i}.mlp.{leaf}.{s}"
+    for i in (0, 1)
+    for leaf in ("gate_up_proj", "down_proj")
+    for s in ("weight", "weight_scale_inv")
+}
 
 
 def fp8_mlp_request(mix, fp8_dir):
@@ -101,11 +112,14 @@ def truncate(path):
     path.write_bytes(data[: len(data) - 4096])
 
 
-@pytest.mark.parametrize("damage, code", [
-    ("truncate", "corrupt_safetensors"),
-    ("delete", "missing_file"),
-    ("nan", "reload_bad_tensor"),
-])
+@pytest.mark.parametrize(
+    "damage, code",
+    [
+        ("truncate", "corrupt_safetensors"),
+        ("delete", "missing_file"),
+        ("nan", "reload_bad_tensor"),
+    ],
+)
 def test_damaged_source_is_refused_before_anything_is_applied(mix, damage, code):
     def edit(state):
         if damage == "nan":
@@ -237,8 +251,9 @@ def test_hook_runs_the_executor_for_reload_requests(mix, tmp_path, monkeypatch):
     (tmp_path / rt.RELOAD_MARKER).write_text(json.dumps(reload_plan.worker_request()))
     worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
     sglang_called = []
-    ok, message = rt.around_update_weights_from_disk(lambda *a: sglang_called.append(a), worker,
-                                                     SimpleNamespace(model_path=str(tmp_path)))
+    ok, message = rt.around_update_weights_from_disk(
+        lambda *a: sglang_called.append(a), worker, SimpleNamespace(model_path=str(tmp_path))
+    )
     assert ok and not sglang_called
     assert "|" not in message
     assert rt.decode_worker_reply(ok, message)["layers"] == 4
@@ -266,13 +281,23 @@ class InProcessBackend(rt.Backend):
 
     async def send_reload(self, request_dir):
         self.sent += 1
-        return rt.around_update_weights_from_disk(None, SimpleNamespace(model_runner=SimpleNamespace(model=self.model)),
-                                                  SimpleNamespace(model_path=request_dir))
+        return rt.around_update_weights_from_disk(
+            None,
+            SimpleNamespace(model_runner=SimpleNamespace(model=self.model)),
+            SimpleNamespace(model_path=request_dir),
+        )
 
     async def worker_info(self):
-        return [{"tp_rank": 0, "tp_size": 1, "config_path": None, "config_sha256": None,
-                 "layers": {"model.layers.0.mlp.gate_up_proj": {"method": "Fp8LinearMethod", "params": {}, "bytes": 1}},
-                 "load": {"bytes_read": {"fp8": 123}, "seconds": {"fp8": 0.5}, "files": {"fp8": 1}}}]
+        return [
+            {
+                "tp_rank": 0,
+                "tp_size": 1,
+                "config_path": None,
+                "config_sha256": None,
+                "layers": {"model.layers.0.mlp.gate_up_proj": {"method": "Fp8LinearMethod", "params": {}, "bytes": 1}},
+                "load": {"bytes_read": {"fp8": 123}, "seconds": {"fp8": 0.5}, "files": {"fp8": 1}},
+            }
+        ]
 
 
 @pytest.fixture
@@ -429,8 +454,9 @@ def test_a_malformed_restart_request_is_refused(tmp_path):
 
 def test_active_mix_comes_from_the_plan_directory(tmp_path, mix):
     cfg = mix.write("plandir.yaml", mix.yaml())
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mixed_precision",
-                                                                             "config_path": str(cfg)}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "mixed_precision", "config_path": str(cfg)}})
+    )
     active = rt.active_mix_from_model_path(tmp_path, 1)
     assert active.config_text == mix.yaml() and active.config_path == cfg
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
@@ -441,8 +467,9 @@ def test_active_mix_comes_from_the_plan_directory(tmp_path, mix):
 
 def test_active_mix_whose_yaml_is_gone_is_a_missing_file(tmp_path):
     gone = tmp_path / "gone.yaml"
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mixed_precision",
-                                                                             "config_path": str(gone)}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "mixed_precision", "config_path": str(gone)}})
+    )
     with pytest.raises(MixedPrecisionError) as e:
         rt.active_mix_from_model_path(tmp_path, 1)
     assert e.value.code == "missing_file" and f"config file {gone} does not exist" in str(e.value)
@@ -466,15 +493,28 @@ def test_worker_hooks_register_once():
 SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"  # F32 [4, 8]: one per 128x128 block of [512, 1024]
 
 
-@pytest.mark.parametrize("change, says, fix", [
-    ("drop", "cannot be read (SafetensorError: ", "the file is damaged; download or convert it again"),
-    ("dtype", "is torch.float64, the plan read F32 from its header", "the file changed after planning; send the reload again"),
-    ("shape", "has shape [4, 4], the plan expects [4, 8]", "the file changed after planning; send the reload again"),
-], ids=["drop", "dtype", "shape"])
+@pytest.mark.parametrize(
+    "change, says, fix",
+    [
+        ("drop", "cannot be read (SafetensorError: ", "the file is damaged; download or convert it again"),
+        (
+            "dtype",
+            "is torch.float64, the plan read F32 from its header",
+            "the file changed after planning; send the reload again",
+        ),
+        (
+            "shape",
+            "has shape [4, 4], the plan expects [4, 8]",
+            "the file changed after planning; send the reload again",
+        ),
+    ],
+    ids=["drop", "dtype", "shape"],
+)
 def test_stage_refuses_a_tensor_rewritten_after_planning(mix, change, says, fix):
     """The file is whole (its header parses) but the tensor is gone / another dtype / another shape."""
-    from ckpt_writers import load_state
     from safetensors.torch import save_file
+
+    from ckpt_writers import load_state
 
     source = corrupt_copy(mix, f"fp8_rewritten_{change}", lambda s: None)
     _, reload_plan = fp8_mlp_request(mix, source)  # planned from the original header

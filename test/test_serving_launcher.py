@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from serving_harness import mix_config
-
 from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
 from sglang_mixed_precision.serving import launcher
 
@@ -36,28 +35,87 @@ def test_enabled_launch_validates_prints_and_serves_the_plan_dir(tiny_qwen3_moe,
     cfg = mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4")
     bf16 = cfg.parent / "fp16"
     out = io.StringIO()
-    cmd = launcher.sglang_command([
-        "--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--model-path", str(bf16),
-        "--host", "127.0.0.1", "--port", "30007", "--tp-size", "2", "--dp-size", "2", "--max-running-requests", "8",
-        "--max-total-tokens", "4096", "--dtype", "bfloat16", "--plan-dir", str(tmp_path / "plan"),
-        "--attention-backend", "triton", "--disable-cuda-graph", "--mem-fraction-static", "0.5"], out=out)
+    cmd = launcher.sglang_command(
+        [
+            "--enable-mixed-precision",
+            "--mixed-precision-config",
+            str(cfg),
+            "--model-path",
+            str(bf16),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "30007",
+            "--tp-size",
+            "2",
+            "--dp-size",
+            "2",
+            "--max-running-requests",
+            "8",
+            "--max-total-tokens",
+            "4096",
+            "--dtype",
+            "bfloat16",
+            "--plan-dir",
+            str(tmp_path / "plan"),
+            "--attention-backend",
+            "triton",
+            "--disable-cuda-graph",
+            "--mem-fraction-static",
+            "0.5",
+        ],
+        out=out,
+    )
     plan_dir = str((tmp_path / "plan").resolve())
     assert cmd == SERVER + [
-        "--model-path", plan_dir, "--host", "127.0.0.1", "--port", "30007", "--tp-size", "2", "--dp-size", "2",
-        "--max-running-requests", "8", "--max-total-tokens", "4096", "--dtype", "bfloat16",
-        "--attention-backend", "triton", "--disable-cuda-graph", "--mem-fraction-static", "0.5"]
+        "--model-path",
+        plan_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "30007",
+        "--tp-size",
+        "2",
+        "--dp-size",
+        "2",
+        "--max-running-requests",
+        "8",
+        "--max-total-tokens",
+        "4096",
+        "--dtype",
+        "bfloat16",
+        "--attention-backend",
+        "triton",
+        "--disable-cuda-graph",
+        "--mem-fraction-static",
+        "0.5",
+    ]
     printed = out.getvalue()
     assert "Per TP rank (tp_size 2" in printed and "gptq-int4-g128" in printed and "fp8-block128" in printed
     qc = json.loads((tmp_path / "plan" / "config.json").read_text())["quantization_config"]
-    assert qc == {"quant_method": "mixed_precision", "config_path": str(cfg.resolve()), "tp_size": 2,
-                  "int4_moe_kernel": "wna16", "skeleton": "fp16"}
+    assert qc == {
+        "quant_method": "mixed_precision",
+        "config_path": str(cfg.resolve()),
+        "tp_size": 2,
+        "int4_moe_kernel": "wna16",
+        "skeleton": "fp16",
+    }
 
 
 def test_plan_errors_fail_before_sglang_starts(tiny_qwen3_moe, tmp_path, capsys):
     cfg = mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4")
     with pytest.raises(ValidationErrors) as e:
-        launcher.sglang_command(["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--tp-size", "3",
-                                 "--plan-dir", str(tmp_path / "plan")])
+        launcher.sglang_command(
+            [
+                "--enable-mixed-precision",
+                "--mixed-precision-config",
+                str(cfg),
+                "--tp-size",
+                "3",
+                "--plan-dir",
+                str(tmp_path / "plan"),
+            ]
+        )
     assert "tp_indivisible" in e.value.codes
     assert not (tmp_path / "plan").exists()
     rc = launcher.main(["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--tp-size", "3"])
@@ -68,7 +126,13 @@ def test_launch_argument_errors(tiny_qwen3, tmp_path):
     cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
     cases = {
         "launch_no_config": ["--enable-mixed-precision", "--model-path", str(tmp_path)],
-        "launch_model_not_a_source": ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--model-path", str(tiny_qwen3)],
+        "launch_model_not_a_source": [
+            "--enable-mixed-precision",
+            "--mixed-precision-config",
+            str(cfg),
+            "--model-path",
+            str(tiny_qwen3),
+        ],
         "launch_pp_unsupported": ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--pp-size", "2"],
     }
     for code, argv in cases.items():
@@ -81,8 +145,10 @@ def test_plan_dir_as_model_path_needs_no_config_flag(tiny_qwen3, tmp_path):
     from sglang_mixed_precision.serving.plandir import make_plan_dir
 
     _, path = make_plan_dir(mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8"), tmp_path / "first")
-    cmd = launcher.sglang_command(["--enable-mixed-precision", "--model-path", str(path), "--plan-dir", str(tmp_path / "again")],
-                                  out=io.StringIO())
+    cmd = launcher.sglang_command(
+        ["--enable-mixed-precision", "--model-path", str(path), "--plan-dir", str(tmp_path / "again")],
+        out=io.StringIO(),
+    )
     assert cmd[cmd.index("--model-path") + 1] == str((tmp_path / "again").resolve())
 
 
@@ -91,17 +157,49 @@ def test_relaunch_from_a_plan_dir_keeps_its_skeleton_and_kernel(tiny_qwen3_moe, 
 
     root = mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4").parent
     cfg = root / "two_16bit_sources.yaml"  # "orig" gives the model only when --model-path names it
-    cfg.write_text(yaml.safe_dump({"mixed_precision": {
-        "sources": {"fp16": "./fp16", "orig": str(tiny_qwen3_moe), "int4": "./int4"}, "default": "fp16",
-        "rules": [{"match": "model.layers.*.mlp.experts.*", "source": "int4"}]}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "mixed_precision": {
+                    "sources": {"fp16": "./fp16", "orig": str(tiny_qwen3_moe), "int4": "./int4"},
+                    "default": "fp16",
+                    "rules": [{"match": "model.layers.*.mlp.experts.*", "source": "int4"}],
+                }
+            }
+        )
+    )
     first, again, other = tmp_path / "first", tmp_path / "again", tmp_path / "other"
-    launcher.sglang_command(["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--model-path", str(tiny_qwen3_moe),
-                             "--int4-moe-kernel", "marlin", "--plan-dir", str(first)], out=io.StringIO())
-    launcher.sglang_command(["--enable-mixed-precision", "--model-path", str(first), "--plan-dir", str(again)], out=io.StringIO())
+    launcher.sglang_command(
+        [
+            "--enable-mixed-precision",
+            "--mixed-precision-config",
+            str(cfg),
+            "--model-path",
+            str(tiny_qwen3_moe),
+            "--int4-moe-kernel",
+            "marlin",
+            "--plan-dir",
+            str(first),
+        ],
+        out=io.StringIO(),
+    )
+    launcher.sglang_command(
+        ["--enable-mixed-precision", "--model-path", str(first), "--plan-dir", str(again)], out=io.StringIO()
+    )
     qc = json.loads((again / "config.json").read_text())["quantization_config"]
     assert (qc["skeleton"], qc["int4_moe_kernel"], qc["config_path"]) == ("orig", "marlin", str(cfg.resolve()))
-    launcher.sglang_command(["--enable-mixed-precision", "--model-path", str(first), "--int4-moe-kernel", "wna16",
-                             "--plan-dir", str(other)], out=io.StringIO())
+    launcher.sglang_command(
+        [
+            "--enable-mixed-precision",
+            "--model-path",
+            str(first),
+            "--int4-moe-kernel",
+            "wna16",
+            "--plan-dir",
+            str(other),
+        ],
+        out=io.StringIO(),
+    )
     assert json.loads((other / "config.json").read_text())["quantization_config"]["int4_moe_kernel"] == "wna16"
 
 
@@ -114,11 +212,16 @@ def test_plan_dir_refuses_to_overwrite_a_model(tiny_qwen3):
     assert e.value.code == "plan_dir_target"
 
 
-@pytest.mark.parametrize("qc, needle", [
-    ({"quant_method": "mixed_precision"}, "needs 'config_path' (the mixed YAML)"),
-    ({"quant_method": "mixed_precision", "config_path": "m.yaml", "int4_moe_kernel": "exllama"},
-     "int4_moe_kernel 'exllama' is not one of ('marlin', 'wna16')"),
-])
+@pytest.mark.parametrize(
+    "qc, needle",
+    [
+        ({"quant_method": "mixed_precision"}, "needs 'config_path' (the mixed YAML)"),
+        (
+            {"quant_method": "mixed_precision", "config_path": "m.yaml", "int4_moe_kernel": "exllama"},
+            "int4_moe_kernel 'exllama' is not one of ('marlin', 'wna16')",
+        ),
+    ],
+)
 def test_plan_dir_settings_errors(qc, needle):
     from sglang_mixed_precision.serving.settings import PlanSettings
 
@@ -156,16 +259,30 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def test_scripts_take_the_same_flags_and_do_not_import_sglang(tiny_qwen3, tmp_path):
     cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
-    flags = ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--port", "30009",
-             "--plan-dir", str(tmp_path / "plan"), "--print-command"]
+    flags = [
+        "--enable-mixed-precision",
+        "--mixed-precision-config",
+        str(cfg),
+        "--port",
+        "30009",
+        "--plan-dir",
+        str(tmp_path / "plan"),
+        "--print-command",
+    ]
     py = _run([sys.executable, "launch_mixed_precision_server.py", *flags])
     sh = _run(["bash", "start_mixed_precision_server.sh", *flags])
     assert py.returncode == 0 and sh.returncode == 0, py.stderr + sh.stderr
     # Same command, whichever python3 the shell script found.
     assert py.stdout.splitlines()[-1].split()[1:] == sh.stdout.splitlines()[-1].split()[1:]
     assert py.stdout.splitlines()[-1].endswith(f"--model-path {(tmp_path / 'plan').resolve()} --port 30009")
-    probe = _run([sys.executable, "-c", "import sys; from sglang_mixed_precision.serving import launcher; "
-                  f"launcher.sglang_command({flags[:-1]!r}); print('sglang' in sys.modules)"])
+    probe = _run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from sglang_mixed_precision.serving import launcher; "
+            f"launcher.sglang_command({flags[:-1]!r}); print('sglang' in sys.modules)",
+        ]
+    )
     assert probe.stdout.strip().splitlines()[-1] == "False", probe.stderr
 
 
@@ -176,8 +293,20 @@ def test_cli_launch_and_plandir_commands(tiny_qwen3, tmp_path, capsys):
     assert main(["plandir", "--config", str(cfg), "--output", str(tmp_path / "pd"), "--tp-size", "2"]) == 0
     assert "python -m sglang.launch_server --model-path" in capsys.readouterr().out
     assert json.loads((tmp_path / "pd" / "config.json").read_text())["quantization_config"]["tp_size"] == 2
-    assert main(["launch", "--enable-mixed-precision", "--mixed-precision-config", str(cfg),
-                 "--plan-dir", str(tmp_path / "pd2"), "--print-command"]) == 0
+    assert (
+        main(
+            [
+                "launch",
+                "--enable-mixed-precision",
+                "--mixed-precision-config",
+                str(cfg),
+                "--plan-dir",
+                str(tmp_path / "pd2"),
+                "--print-command",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(sys.executable)
 
 
@@ -214,7 +343,9 @@ def _request_restart_when_running(sup, config: Path):
 
 
 def test_supervisor_restarts_the_server_on_a_valid_request(tmp_path):
-    sup, calls = _supervisor(tmp_path, {"a.yaml": "import time; time.sleep(60)", "b.yaml": "raise SystemExit(3)"}, set())
+    sup, calls = _supervisor(
+        tmp_path, {"a.yaml": "import time; time.sleep(60)", "b.yaml": "raise SystemExit(3)"}, set()
+    )
     _request_restart_when_running(sup, tmp_path / "b.yaml")
     assert sup.run() == 3  # the restarted server's exit code
     assert calls == ["a.yaml", "b.yaml"]

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from serving_harness import init_sglang_cpu, load_on_cpu, methods_by_prefix, mix_config, read_source_tensor
-
 from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.serving.plandir import make_plan_dir
 
@@ -67,7 +66,9 @@ def test_stream_reads_only_planned_tensors_from_their_sources(tiny_qwen3, tmp_pa
     for label, by_name in planned.items():
         for name, info in by_name.items():
             expected = read_source_tensor(plan, name)
-            assert got[name].dtype == expected.dtype and torch.equal(got[name].view(torch.uint8), expected.view(torch.uint8)), name
+            assert got[name].dtype == expected.dtype and torch.equal(
+                got[name].view(torch.uint8), expected.view(torch.uint8)
+            ), name
             assert tuple(got[name].shape) == info.shape
         assert stream.bytes_read[label] == sum(i.nbytes for i in by_name.values())
     # Only files holding planned tensors were opened; the fp8 source is sharded and most shards are skipped.
@@ -86,35 +87,50 @@ def test_dense_mix_loads_every_parameter_from_its_source(tiny_qwen3, tmp_path, s
     bits = lambda t: t.view(torch.uint8) if t.element_size() == 1 else t  # noqa: E731
 
     a0 = "model.layers.0.self_attn."
-    assert torch.equal(params[a0 + "qkv_proj.weight"], cat(a0 + "q_proj.weight", a0 + "k_proj.weight", a0 + "v_proj.weight"))
+    assert torch.equal(
+        params[a0 + "qkv_proj.weight"], cat(a0 + "q_proj.weight", a0 + "k_proj.weight", a0 + "v_proj.weight")
+    )
     m1 = "model.layers.1.mlp."
     assert params[m1 + "gate_up_proj.weight"].dtype == torch.float8_e4m3fn
-    assert torch.equal(bits(params[m1 + "gate_up_proj.weight"]), bits(cat(m1 + "gate_proj.weight", m1 + "up_proj.weight")))
-    assert torch.equal(params[m1 + "gate_up_proj.weight_scale_inv"],
-                       cat(m1 + "gate_proj.weight_scale_inv", m1 + "up_proj.weight_scale_inv"))
+    assert torch.equal(
+        bits(params[m1 + "gate_up_proj.weight"]), bits(cat(m1 + "gate_proj.weight", m1 + "up_proj.weight"))
+    )
+    assert torch.equal(
+        params[m1 + "gate_up_proj.weight_scale_inv"],
+        cat(m1 + "gate_proj.weight_scale_inv", m1 + "up_proj.weight_scale_inv"),
+    )
     m0 = "model.layers.0.mlp."
     for suffix in ("qweight", "qzeros", "g_idx"):
         assert torch.equal(params[m0 + f"down_proj.{suffix}"], src(m0 + f"down_proj.{suffix}")), suffix
-    assert torch.equal(params[m0 + "down_proj.scales"], src(m0 + "down_proj.scales").to(params[m0 + "down_proj.scales"].dtype))
-    assert torch.equal(params[m0 + "gate_up_proj.qweight"], cat(m0 + "gate_proj.qweight", m0 + "up_proj.qweight", dim=1))
+    assert torch.equal(
+        params[m0 + "down_proj.scales"], src(m0 + "down_proj.scales").to(params[m0 + "down_proj.scales"].dtype)
+    )
+    assert torch.equal(
+        params[m0 + "gate_up_proj.qweight"], cat(m0 + "gate_proj.qweight", m0 + "up_proj.qweight", dim=1)
+    )
     assert torch.equal(params["model.norm.weight"], src("model.norm.weight"))
     assert torch.equal(params["lm_head.weight"], src("lm_head.weight"))
 
     report = loader.report
     assert report.ok and report.tensors == sum(len(v) for v in plan.tensors_by_source().values())
     assert report.layers["GPTQMarlinLinearMethod"] == 4 and report.layers["Fp8LinearMethod"] == 2
-    assert dict(loader.stream.bytes_read) == {label: sum(i.nbytes for i in infos)
-                                              for label, infos in plan.tensors_by_source().items()}
+    assert dict(loader.stream.bytes_read) == {
+        label: sum(i.nbytes for i in infos) for label, infos in plan.tensors_by_source().items()
+    }
 
 
 def test_moe_int4_experts_land_in_fused_expert_parameters(tiny_qwen3_moe, tmp_path, sglang_cpu):
-    plan, path = make_plan_dir(mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", int4_moe_kernel="marlin")
+    plan, path = make_plan_dir(
+        mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", int4_moe_kernel="marlin"
+    )
     model, loader = load_on_cpu(path, postprocess=False)
     experts = model.model.layers[1].mlp.experts
     inter = experts.intermediate_size_per_partition
     for e in (0, 5):
         base = f"model.layers.1.mlp.experts.{e}."
-        gate, up, down = (read_source_tensor(plan, base + f"{p}.qweight") for p in ("gate_proj", "up_proj", "down_proj"))
+        gate, up, down = (
+            read_source_tensor(plan, base + f"{p}.qweight") for p in ("gate_proj", "up_proj", "down_proj")
+        )
         assert torch.equal(experts.w13_qweight[e][:, :inter], gate)
         assert torch.equal(experts.w13_qweight[e][:, inter:], up)
         assert torch.equal(experts.w2_qweight[e], down)
@@ -212,7 +228,9 @@ def test_audit_fails_on_a_dropped_tensor(tiny_qwen3, tmp_path, sglang_cpu, monke
 def test_audit_fails_when_sglang_skips_a_name(tiny_qwen3, tmp_path, sglang_cpu, monkeypatch):
     """SGLang's load_weights ignores names it does not know: the audit must not."""
     _, path = make_plan_dir(mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8"), tmp_path / "plan")
-    _stream_renaming(monkeypatch, "model.layers.0.mlp.down_proj.weight_scale_inv", "model.layers.0.mlp.down_proj.scale_inv")
+    _stream_renaming(
+        monkeypatch, "model.layers.0.mlp.down_proj.weight_scale_inv", "model.layers.0.mlp.down_proj.scale_inv"
+    )
     message = _load_expecting_audit_failure(path)
     assert "parameter model.layers.0.mlp.down_proj.weight_scale_inv (4, 8) torch.float32 was never loaded" in message
     assert "tensor model.layers.0.mlp.down_proj.scale_inv was read but is not in the plan" in message
@@ -226,10 +244,16 @@ def test_audit_fails_on_a_layer_built_with_the_wrong_method(tiny_qwen3, tmp_path
     _, path = make_plan_dir(mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8"), tmp_path / "plan")
     real = MixedPrecisionConfig.get_quant_method
     wrong = "model.layers.1.mlp.down_proj"
-    monkeypatch.setattr(MixedPrecisionConfig, "get_quant_method",
-                        lambda self, layer, prefix: UnquantizedLinearMethod() if prefix == wrong else real(self, layer, prefix))
+    monkeypatch.setattr(
+        MixedPrecisionConfig,
+        "get_quant_method",
+        lambda self, layer, prefix: UnquantizedLinearMethod() if prefix == wrong else real(self, layer, prefix),
+    )
     message = _load_expecting_audit_failure(path)
-    assert f"layer {wrong} runs UnquantizedLinearMethod but the plan (fp8-block128 from 'fp8') needs Fp8LinearMethod" in message
+    assert (
+        f"layer {wrong} runs UnquantizedLinearMethod but the plan (fp8-block128 from 'fp8') needs Fp8LinearMethod"
+        in message
+    )
     assert f"tensor {wrong}.weight_scale_inv of source 'fp8' was read but the model consumed it nowhere" in message
 
 
@@ -259,7 +283,10 @@ def test_loader_refuses_a_model_or_stream_without_the_plan(tiny_qwen3, tmp_path,
 
     with pytest.raises(MixedPrecisionError) as e:
         mixed_config_of(torch.nn.Linear(2, 2))
-    assert e.value.code == "loader_without_plan" and "Linear was not built with the mixed_precision config" in e.value.detail
+    assert (
+        e.value.code == "loader_without_plan"
+        and "Linear was not built with the mixed_precision config" in e.value.detail
+    )
     loader = MixedPrecisionModelLoader(LoadConfig(load_format="auto"))
     with pytest.raises(MixedPrecisionError) as e:
         loader.load_weights_and_postprocess(torch.nn.Linear(2, 2), iter([]), torch.device("cpu"))

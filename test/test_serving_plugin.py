@@ -14,7 +14,6 @@ from serving_harness import (
     mix_config,
     model_config,
 )
-
 from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.serving.plandir import make_plan_dir
 
@@ -178,22 +177,26 @@ def test_plan_summary_counts_groups_drawn_from_two_sources_of_one_scheme(tiny_qw
     from sglang_mixed_precision.serving.quant_config import plan_summary
 
     (tmp_path / "alt").symlink_to(tiny_qwen3, target_is_directory=True)  # a second 16-bit source
-    plan = build_plan(parse_config(f"mixed_precision:\n  sources: {{fp16: {tiny_qwen3}, alt: {tmp_path / 'alt'}}}\n"
-                                   "  default: fp16\n  weight_mapping:\n    model.layers.0.self_attn.q_proj: alt\n"))
+    plan = build_plan(
+        parse_config(
+            f"mixed_precision:\n  sources: {{fp16: {tiny_qwen3}, alt: {tmp_path / 'alt'}}}\n"
+            "  default: fp16\n  weight_mapping:\n    model.layers.0.self_attn.q_proj: alt\n"
+        )
+    )
     qkv = plan.groups["model.layers.0.self_attn.qkv_proj"]
     assert qkv.label == "alt+fp16"
     line = plan_summary(plan)
     mib = sum(plan.modules[m].nbytes for m in qkv.members) / 2**20
     assert f"alt+fp16=bf16: 1 layers, {mib:.1f} MiB" in line
     assert sum(float(part.split(", ")[1].split()[0]) for part in line.split(": ", 1)[1].split("; ")) == pytest.approx(
-        sum(m.nbytes for m in plan.modules.values()) / 2**20, abs=0.05 * len(plan.groups))
+        sum(m.nbytes for m in plan.modules.values()) / 2**20, abs=0.05 * len(plan.groups)
+    )
 
 
 def test_quantized_lm_head_is_refused_before_launch_and_by_the_serving_config(tiny_qwen3, tmp_path, sglang_cpu):
     """SGLang has no quantized embedding method: the plan refuses a GPTQ lm_head before launch; the
     serving config's own guard names the layer and its source."""
     from ckpt_writers import rewrite_checkpoint, write_gptq_checkpoint
-
     from sglang_mixed_precision.convert.gptq_pack import rtn_quantize
     from sglang_mixed_precision.core.errors import ValidationErrors
     from sglang_mixed_precision.reference import plan_from_config
@@ -205,11 +208,16 @@ def test_quantized_lm_head_is_refused_before_launch_and_by_the_serving_config(ti
     plain_int4 = write_gptq_checkpoint(tiny_qwen3, tmp_path / "int4_plain", only=lambda m: False)
     int4 = rewrite_checkpoint(plain_int4, tmp_path / "int4", quantize_lm_head)
     cfg = tmp_path / "mix.yaml"
-    cfg.write_text(f"mixed_precision:\n  fp16_path: {tiny_qwen3}\n  int4_path: {int4}\n  weight_mapping:\n    lm_head: int4\n")
+    cfg.write_text(
+        f"mixed_precision:\n  fp16_path: {tiny_qwen3}\n  int4_path: {int4}\n  weight_mapping:\n    lm_head: int4\n"
+    )
     with pytest.raises(ValidationErrors) as e:
         plan_from_config(cfg)
     (err,) = [x for x in e.value.errors if x.code == "quantized_vocab"]
-    assert err.detail == "lm_head is gptq-int4-g128 in source 'int4', but SGLang serves embeddings and lm_head only in 16 bits"
+    assert (
+        err.detail
+        == "lm_head is gptq-int4-g128 in source 'int4', but SGLang serves embeddings and lm_head only in 16 bits"
+    )
     assert err.where.startswith("lm_head (decided by: weight_mapping")
     assert err.fix == "map lm_head to a 16-bit source (official FP8 and GPTQ releases keep it 16-bit)"
 

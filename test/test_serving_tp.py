@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from serving_harness import free_port, mix_config, read_source_tensor, tp_worker
-
 from sglang_mixed_precision.serving.plandir import make_plan_dir
 
 
 def test_two_ranks_load_their_shards_of_an_fp8_attention_int4_experts_mix(tiny_qwen3_moe, tmp_path):
     import torch.multiprocessing as mp
 
-    plan, path = make_plan_dir(mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", tp_size=2, int4_moe_kernel="marlin")
+    plan, path = make_plan_dir(
+        mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", tp_size=2, int4_moe_kernel="marlin"
+    )
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -38,7 +39,13 @@ def test_two_ranks_load_their_shards_of_an_fp8_attention_int4_experts_mix(tiny_q
         half = slice(rank * 256, (rank + 1) * 256)  # o_proj K 512 / 2; q rows 512 / 2
         kv = slice(rank * 128, (rank + 1) * 128)  # one of two kv heads of 128 per rank
         assert torch.equal(bits(shards[a + "o_proj.weight"]), bits(src(a + "o_proj.weight"))[:, half])
-        qkv = torch.cat([bits(src(a + "q_proj.weight"))[half], bits(src(a + "k_proj.weight"))[kv], bits(src(a + "v_proj.weight"))[kv]])
+        qkv = torch.cat(
+            [
+                bits(src(a + "q_proj.weight"))[half],
+                bits(src(a + "k_proj.weight"))[kv],
+                bits(src(a + "v_proj.weight"))[kv],
+            ]
+        )
         assert torch.equal(bits(shards[a + "qkv_proj.weight"]), qkv)
         inter = slice(rank * 128, (rank + 1) * 128)  # moe_intermediate 256 / 2
         packed = slice(rank * 16, (rank + 1) * 16)  # the same 128 rows of K, 8 per int32

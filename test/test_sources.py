@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from sglang_mixed_precision.tensors import TensorReader, read_tensor
 import json
 import pathlib
 import sys
@@ -12,14 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ckpt_writers import load_state, write_fp8_checkpoint, write_gptq_checkpoint
 from sglang_mixed_precision.core.errors import MixedPrecisionError
 from sglang_mixed_precision.core.formats import detect_scheme, expected_tensors
 from sglang_mixed_precision.core.sources import _HEADER_CACHE, CheckpointSource
 from sglang_mixed_precision.core.sources.torch_bin import read_bin_tensors
+from sglang_mixed_precision.tensors import TensorReader, read_tensor
 
-from ckpt_writers import load_state, write_fp8_checkpoint, write_gptq_checkpoint
-
-TORCH_TO_ST = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32", torch.float8_e4m3fn: "F8_E4M3"}
+TORCH_TO_ST = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.float8_e4m3fn: "F8_E4M3",
+}
 
 
 def clone(src, dst, skip=()):
@@ -139,12 +144,17 @@ def test_torch_bin_problems_name_the_file(tmp_path):
         z.writestr("archive/data/0", b"")
     torch.save({"p": pathlib.PurePosixPath("a")}, tmp_path / "object.bin")
     torch.save([torch.ones(2)], tmp_path / "list.bin")
-    for path, needle in ((short, "storage 0 of w has 8 bytes, needs 16"), (no_pickle, "no data.pkl in the archive"),
-                         (tmp_path / "object.bin", "unexpected global pathlib.PurePosixPath"),
-                         (tmp_path / "list.bin", "top-level object is a list, not a state dict")):
+    for path, needle in (
+        (short, "storage 0 of w has 8 bytes, needs 16"),
+        (no_pickle, "no data.pkl in the archive"),
+        (tmp_path / "object.bin", "unexpected global pathlib.PurePosixPath"),
+        (tmp_path / "list.bin", "top-level object is a list, not a state dict"),
+    ):
         with pytest.raises(MixedPrecisionError) as e:
             read_bin_tensors(path)
-        assert e.value.code == "corrupt_checkpoint" and f"{path.name} is not a readable PyTorch state dict" in str(e.value)
+        assert e.value.code == "corrupt_checkpoint" and f"{path.name} is not a readable PyTorch state dict" in str(
+            e.value
+        )
         assert needle in str(e.value), path.name
 
 
@@ -163,16 +173,19 @@ def _file(header: dict, data_bytes: int) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + b"x" * data_bytes
 
 
-@pytest.mark.parametrize("payload,needle", [
-    (b"\x01\x02", "less than the 8-byte"),
-    ((10**12).to_bytes(8, "little") + b"{}", "exceeds the file size"),
-    ((6).to_bytes(8, "little") + b"{nope}", "not valid JSON"),
-    ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
-    (_file({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 8), "does not fit"),
-    (_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12), "trailing bytes"),
-    (_file({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, 8), "malformed header entry"),
-    (_file({"a": {"dtype": "F32", "shape": [2]}}, 0), "malformed header entry (KeyError: 'data_offsets')"),
-])
+@pytest.mark.parametrize(
+    "payload,needle",
+    [
+        (b"\x01\x02", "less than the 8-byte"),
+        ((10**12).to_bytes(8, "little") + b"{}", "exceeds the file size"),
+        ((6).to_bytes(8, "little") + b"{nope}", "not valid JSON"),
+        ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
+        (_file({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 8), "does not fit"),
+        (_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12), "trailing bytes"),
+        (_file({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, 8), "malformed header entry"),
+        (_file({"a": {"dtype": "F32", "shape": [2]}}, 0), "malformed header entry (KeyError: 'data_offsets')"),
+    ],
+)
 def test_corrupt_safetensors_headers(tmp_path, payload, needle):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(payload)
@@ -206,22 +219,31 @@ def test_unknown_tensor_name(tiny_qwen3):
     assert e.value.code == "missing_tensor" and "source 'a' has no tensor model.ghost.weight" in str(e.value)
 
 
-@pytest.mark.parametrize("file,text,needle", [
-    ("config.json", "[]", "config.json is not a JSON object"),
-    ("quantize_config.json", "{bits: 4", "quantize_config.json is not valid JSON"),
-    ("quantize_config.json", "4", "quantize_config.json is not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "file,text,needle",
+    [
+        ("config.json", "[]", "config.json is not a JSON object"),
+        ("quantize_config.json", "{bits: 4", "quantize_config.json is not valid JSON"),
+        ("quantize_config.json", "4", "quantize_config.json is not a JSON object"),
+    ],
+)
 def test_corrupt_config_files(tiny_qwen3, tmp_path, file, text, needle):
     out = clone(tiny_qwen3, tmp_path / "m", skip=(file,))
     (out / file).write_text(text)
     with pytest.raises(MixedPrecisionError) as e:
         CheckpointSource("q", out).scheme
-    assert e.value.code == "corrupt_config" and needle in str(e.value) and f"restore the model's original {file}" in str(e.value)
+    assert (
+        e.value.code == "corrupt_config"
+        and needle in str(e.value)
+        and f"restore the model's original {file}" in str(e.value)
+    )
 
 
 def test_index_and_files_disagree(tiny_qwen3, tmp_path):
     bad = clone(tiny_qwen3, tmp_path / "bad")
-    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.ghost.weight": "model.safetensors"}}))
+    (bad / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.ghost.weight": "model.safetensors"}})
+    )
     problems = CheckpointSource("x", bad).scan()
     assert [p.code for p in problems] == ["missing_tensor"] and "model.ghost.weight" in str(problems[0])
 
@@ -252,40 +274,74 @@ def test_fp8_and_gptq_writers_match_the_format_specs(tiny_qwen3, tmp_path):
     assert gptq.module_tensors("model.norm")["weight"].dtype == "F16"
 
 
-@pytest.mark.parametrize("qc,needle", [
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False, "desc_act": False}, "asymmetric"),
-    ({"quant_method": "gptq", "bits": 4, "group_size": 256, "sym": True}, "group_size=256"),
-    ({"quant_method": "gptq", "bits": 3, "group_size": 128, "sym": True}, "bits=3"),
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "checkpoint_format": "marlin"}, "checkpoint_format"),
-    ({"quant_method": "gptq", "group_size": 128}, "lacks bits"),
-    ({"quant_method": "awq", "bits": 4}, "'awq'"),
-    ({"quant_method": "fp8", "fmt": "e5m2"}, "e5m2"),
-    ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size"),
-    (["fp8"], "quantization_config is a list, not a mapping"),
-    ({"quant_method": "compressed-tensors", "config_groups": {}}, "compressed-tensors config with 0 weight groups"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
-     "num_bits=4 type=int are not 8-bit float"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "group"}}}},
-     "strategy 'group'"),
-    ({"quant_method": "compressed-tensors",
-      "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128]}}}},
-     "block_structure [128] is not two positive integers"),
-])
+@pytest.mark.parametrize(
+    "qc,needle",
+    [
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False, "desc_act": False}, "asymmetric"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 256, "sym": True}, "group_size=256"),
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128, "sym": True}, "bits=3"),
+        (
+            {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "checkpoint_format": "marlin"},
+            "checkpoint_format",
+        ),
+        ({"quant_method": "gptq", "group_size": 128}, "lacks bits"),
+        ({"quant_method": "awq", "bits": 4}, "'awq'"),
+        ({"quant_method": "fp8", "fmt": "e5m2"}, "e5m2"),
+        ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size"),
+        (["fp8"], "quantization_config is a list, not a mapping"),
+        ({"quant_method": "compressed-tensors", "config_groups": {}}, "compressed-tensors config with 0 weight groups"),
+        (
+            {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
+            "num_bits=4 type=int are not 8-bit float",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "group"}}},
+            },
+            "strategy 'group'",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {
+                    "g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128]}}
+                },
+            },
+            "block_structure [128] is not two positive integers",
+        ),
+    ],
+)
 def test_unsupported_schemes_say_why(qc, needle):
     with pytest.raises(MixedPrecisionError) as e:
         detect_scheme({"quantization_config": qc}, where="m/config.json")
     assert e.value.code == "unsupported_scheme" and needle in str(e.value) and "m/config.json" in str(e.value)
 
 
-@pytest.mark.parametrize("qc,label", [
-    (None, "bf16"),
-    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8-block128"),
-    ({"quant_method": "fp8"}, "fp8-tensor"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}, "fp8-channel"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block"}}}}, "fp8-block128"),
-    ({"quant_method": "gptq", "bits": 4, "group_size": -1, "sym": True}, "gptq-int4-gall"),
-    ({"quant_method": "gptq", "bits": 8, "group_size": 64, "sym": True, "desc_act": True}, "gptq-int8-g64-act"),
-])
+@pytest.mark.parametrize(
+    "qc,label",
+    [
+        (None, "bf16"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8-block128"),
+        ({"quant_method": "fp8"}, "fp8-tensor"),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}},
+            },
+            "fp8-channel",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block"}}},
+            },
+            "fp8-block128",
+        ),
+        ({"quant_method": "gptq", "bits": 4, "group_size": -1, "sym": True}, "gptq-int4-gall"),
+        ({"quant_method": "gptq", "bits": 8, "group_size": 64, "sym": True, "desc_act": True}, "gptq-int8-g64-act"),
+    ],
+)
 def test_detected_schemes(qc, label):
     cfg = {"dtype": "bfloat16"} if qc is None else {"quantization_config": qc}
     assert detect_scheme(cfg).label() == label
@@ -295,7 +351,9 @@ def test_old_quantize_config_json(tiny_qwen3, tmp_path):
     out = clone(tiny_qwen3, tmp_path / "m", skip=("config.json",))
     cfg = json.loads((tiny_qwen3 / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(cfg))
-    (out / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "sym": True, "desc_act": False}))
+    (out / "quantize_config.json").write_text(
+        json.dumps({"bits": 4, "group_size": 128, "sym": True, "desc_act": False})
+    )
     assert CheckpointSource("q", out).scheme.label() == "gptq-int4-g128"
 
 
@@ -319,10 +377,13 @@ def _bin_with_pid(path, pid):
     return path
 
 
-@pytest.mark.parametrize("pid,needle", [
-    ("tensor0", "UnpicklingError: unexpected persistent id 'tensor0'"),
-    (("storage", "BFloat16Storage", "0", "cpu", 8), "UnpicklingError: unsupported storage type 'BFloat16Storage'"),
-])
+@pytest.mark.parametrize(
+    "pid,needle",
+    [
+        ("tensor0", "UnpicklingError: unexpected persistent id 'tensor0'"),
+        (("storage", "BFloat16Storage", "0", "cpu", 8), "UnpicklingError: unsupported storage type 'BFloat16Storage'"),
+    ],
+)
 def test_torch_bin_bad_persistent_ids_name_the_file(tmp_path, pid, needle):
     """A storage reference that is not torch's ('storage', torch.<X>Storage, key, location, numel)."""
     path = _bin_with_pid(tmp_path / "pytorch_model.bin", pid)

@@ -53,5 +53,7 @@ def test_an_unknown_architecture_is_named():
 
     from sglang_mixed_precision.testing.tinymodels import tiny_config
 
-    with pytest.raises(ValueError, match=r"unknown tiny architecture 'mistral'; choose one of \('qwen3', 'qwen3_moe', 'llama'\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown tiny architecture 'mistral'; choose one of \('qwen3', 'qwen3_moe', 'llama'\)"
+    ):
         tiny_config("mistral")

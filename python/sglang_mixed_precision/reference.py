@@ -30,9 +30,14 @@ from .tensors import read_tensor
 FP8_MAX = 448.0  # largest float8_e4m3fn
 ACT_GROUP = 128  # SGLang's per-token-group activation quantization width for block FP8
 # checkpoint expert projection -> (transformers fused parameter, position inside it)
-_EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0),
-                 "up_proj": ("gate_up_proj", 1), "w3": ("gate_up_proj", 1),
-                 "down_proj": ("down_proj", 0), "w2": ("down_proj", 0)}
+_EXPERT_PARTS = {
+    "gate_proj": ("gate_up_proj", 0),
+    "w1": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "w3": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+    "w2": ("down_proj", 0),
+}
 
 
 @dataclass
@@ -71,8 +76,13 @@ def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
             out["weight"] = raw["weight"].float() * scale.float().reshape(-1, 1)
         return out
     if scheme.kind == "gptq":
-        out["weight"] = dequant_gptq(raw["qweight"], raw["qzeros"], raw["scales"], raw.get("g_idx") if scheme.desc_act else None,
-                                     bits=scheme.bits)
+        out["weight"] = dequant_gptq(
+            raw["qweight"],
+            raw["qzeros"],
+            raw["scales"],
+            raw.get("g_idx") if scheme.desc_act else None,
+            bits=scheme.bits,
+        )
         return out
     raise MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"no dequantizer for {scheme.label()}", where=module)
 
@@ -95,17 +105,23 @@ def fill_model(model: torch.nn.Module, plan) -> None:
             if name not in params:
                 if name in tied:
                     continue
-                raise MixedPrecisionError(ErrorCode.REFERENCE_NO_PARAMETER, f"the transformers model has no parameter {name}",
-                                          where=str(plan.skeleton_path / "config.json"),
-                                          fix="the reference supports the architectures transformers builds from config.json")
+                raise MixedPrecisionError(
+                    ErrorCode.REFERENCE_NO_PARAMETER,
+                    f"the transformers model has no parameter {name}",
+                    where=str(plan.skeleton_path / "config.json"),
+                    fix="the reference supports the architectures transformers builds from config.json",
+                )
             _copy(params[name], tensor, name)
             done.add(name)
     for base, per_expert in experts.items():
         done |= _fill_experts(params, base, per_expert)
     missing = sorted(set(params) - done - tied)
     if missing:
-        raise MixedPrecisionError(ErrorCode.REFERENCE_UNFILLED, f"{len(missing)} parameter(s) have no planned source: {', '.join(missing[:5])}",
-                                  fix="the plan must cover every tensor of the model")
+        raise MixedPrecisionError(
+            ErrorCode.REFERENCE_UNFILLED,
+            f"{len(missing)} parameter(s) have no planned source: {', '.join(missing[:5])}",
+            fix="the plan must cover every tensor of the model",
+        )
 
 
 def _fill_experts(params: dict, base: str, per_expert: dict) -> set[str]:
@@ -114,11 +130,16 @@ def _fill_experts(params: dict, base: str, per_expert: dict) -> set[str]:
     for fused in ("gate_up_proj", "down_proj"):
         name = f"{base}.{fused}"
         if name not in params:
-            raise MixedPrecisionError(ErrorCode.REFERENCE_NO_PARAMETER, f"the transformers model has no fused expert parameter {name}",
-                                      fix="the reference stacks experts for models with fused experts (transformers 5)")
+            raise MixedPrecisionError(
+                ErrorCode.REFERENCE_NO_PARAMETER,
+                f"the transformers model has no fused expert parameter {name}",
+                fix="the reference stacks experts for models with fused experts (transformers 5)",
+            )
         parts = []
         for e in sorted(per_expert):
-            pieces = sorted((_EXPERT_PARTS[leaf][1], w) for leaf, w in per_expert[e].items() if _EXPERT_PARTS[leaf][0] == fused)
+            pieces = sorted(
+                (_EXPERT_PARTS[leaf][1], w) for leaf, w in per_expert[e].items() if _EXPERT_PARTS[leaf][0] == fused
+            )
             parts.append(torch.cat([w for _, w in pieces], dim=0))
         _copy(params[name], torch.stack(parts), name)
         filled.add(name)
@@ -127,8 +148,11 @@ def _fill_experts(params: dict, base: str, per_expert: dict) -> set[str]:
 
 def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
     if tuple(param.shape) != tuple(tensor.shape):
-        raise MixedPrecisionError(ErrorCode.REFERENCE_SHAPE, f"{name}: source gives {tuple(tensor.shape)}, the model has {tuple(param.shape)}",
-                                  fix="the sources must be of the skeleton's model size")
+        raise MixedPrecisionError(
+            ErrorCode.REFERENCE_SHAPE,
+            f"{name}: source gives {tuple(tensor.shape)}, the model has {tuple(param.shape)}",
+            fix="the sources must be of the skeleton's model size",
+        )
     with torch.no_grad():
         param.copy_(tensor.to(param.dtype))
 
@@ -143,7 +167,9 @@ def fake_quant_fp8_activation(x: torch.Tensor, group: int = ACT_GROUP) -> torch.
     """Per token and group of ``group`` channels: scale = amax / 448, round to e4m3, scale back."""
     shape = x.shape
     if shape[-1] % group:
-        raise MixedPrecisionError(ErrorCode.REFERENCE_ACT_GROUP, f"activation width {shape[-1]} is not a multiple of {group}")
+        raise MixedPrecisionError(
+            ErrorCode.REFERENCE_ACT_GROUP, f"activation width {shape[-1]} is not a multiple of {group}"
+        )
     g = x.float().reshape(-1, shape[-1] // group, group)
     scale = g.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / FP8_MAX
     q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
@@ -181,8 +207,9 @@ def _quantized_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 # ---- model, tokenizer, generation -------------------------------------------------------------
-def build_reference_model(plan, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                          simulate_w8a8: bool = False) -> torch.nn.Module:
+def build_reference_model(
+    plan, *, dtype: torch.dtype = torch.float32, device: str = "cpu", simulate_w8a8: bool = False
+) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(plan.skeleton_path))
@@ -213,7 +240,9 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int]
         tokens.append(token)
         logits.append(step.cpu())
         if len(tokens) < max_new_tokens:  # no forward for the last token: nothing follows it
-            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+            out = model(
+                input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True
+            )
     return tokens, torch.stack(logits) if logits else torch.empty(0)
 
 
@@ -225,8 +254,9 @@ def teacher_forced_logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
-def generate_reference(plan, prompts: list[str] | list[list[int]], max_new_tokens: int, *, simulate_w8a8: bool = False,
-                       model=None) -> list[ReferenceOutput]:
+def generate_reference(
+    plan, prompts: list[str] | list[list[int]], max_new_tokens: int, *, simulate_w8a8: bool = False, model=None
+) -> list[ReferenceOutput]:
     """Greedy continuations of ``prompts`` (text, or token ids) with their logits, on CPU in fp32
     unless ``model`` is given."""
     model = model or build_reference_model(plan, simulate_w8a8=simulate_w8a8)
@@ -235,7 +265,9 @@ def generate_reference(plan, prompts: list[str] | list[list[int]], max_new_token
     for prompt in prompts:
         ids = list(prompt) if not isinstance(prompt, str) else tokenizer(prompt)["input_ids"]
         tokens, logits = greedy(model, ids, max_new_tokens)
-        outputs.append(ReferenceOutput(ids, tokens, tokenizer.decode(tokens), logits, prompt if isinstance(prompt, str) else None))
+        outputs.append(
+            ReferenceOutput(ids, tokens, tokenizer.decode(tokens), logits, prompt if isinstance(prompt, str) else None)
+        )
     return outputs
 
 
@@ -249,14 +281,19 @@ def plan_from_config(config_path: str | Path, tp_size: int = 1):
 # ---- how close a bf16 implementation must come ----------------------------------------------------
 class ReferencePair(NamedTuple):
     """One mix's reference in fp32 (the oracle) and in bf16 (how far bf16 arithmetic alone moves it)."""
+
     fp32: torch.nn.Module
     bf16: torch.nn.Module
 
 
 def reference_pair(plan, device: str = "cpu") -> ReferencePair:
     """Both with fp8 activations quantized as SGLang's W8A8 kernels do."""
-    return ReferencePair(*(build_reference_model(plan, dtype=dtype, device=device, simulate_w8a8=True)
-                           for dtype in (torch.float32, torch.bfloat16)))
+    return ReferencePair(
+        *(
+            build_reference_model(plan, dtype=dtype, device=device, simulate_w8a8=True)
+            for dtype in (torch.float32, torch.bfloat16)
+        )
+    )
 
 
 def logprob_deviation(pair: ReferencePair, sequences) -> tuple[float, float]:

@@ -39,7 +39,7 @@ class TensorReader:
     def close(self) -> None:
         self._handles.clear()
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -56,7 +56,7 @@ def _open(path: Path):
     return safe_open(str(path), framework="pt", device="cpu")
 
 
-_READERS: "weakref.WeakKeyDictionary[CheckpointSource, TensorReader]" = weakref.WeakKeyDictionary()
+_READERS: weakref.WeakKeyDictionary[CheckpointSource, TensorReader] = weakref.WeakKeyDictionary()
 
 
 def reader(source: CheckpointSource) -> TensorReader:

@@ -24,12 +24,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib_file", help="calibration text (default: the corpus shipped in the package)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--min_expert_tokens", type=int, default=32,
-                   help="experts routed fewer calibration tokens fall back to round-to-nearest (reported)")
-    p.add_argument("--skip", action="append", default=[], metavar="GLOB",
-                   help="leave matching modules 16-bit in fp8/ and int4/ (whole fused group); repeatable")
+    p.add_argument(
+        "--min_expert_tokens",
+        type=int,
+        default=32,
+        help="experts routed fewer calibration tokens fall back to round-to-nearest (reported)",
+    )
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave matching modules 16-bit in fp8/ and int4/ (whole fused group); repeatable",
+    )
     p.add_argument("--max_shard_size", default="2GB")
-    p.add_argument("--overwrite", action="store_true", help="replace the converter's outputs in a non-empty --output_dir")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the converter's outputs in a non-empty --output_dir"
+    )
     p.add_argument("--verify", action="store_true", help="fail unless every module reloads within the error bounds")
     p.add_argument("--no_check", action="store_true", help="skip reloading and measuring the outputs")
     p.add_argument("--max_error_fp8", type=float, default=DEFAULT_MAX_ERROR["fp8"])
@@ -71,8 +82,11 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
 
     for what, prec in (("attention", attention), ("mlp", mlp), ("expert", experts)):
         if prec not in sources:
-            raise MixedPrecisionError(ErrorCode.BAD_PRECISION, f"--{what}_precision {prec} but {prec}/ is not being written",
-                                      fix=f"add {prec} to --formats")
+            raise MixedPrecisionError(
+                ErrorCode.BAD_PRECISION,
+                f"--{what}_precision {prec} but {prec}/ is not being written",
+                fix=f"add {prec} to --formats",
+            )
     rules = [
         {"match": "model.layers.*.mlp.experts.*", "source": experts},
         {"match": "model.layers.*.mlp.shared_expert.*", "source": mlp},
@@ -80,11 +94,13 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
         {"match": "model.layers.*.self_attn.*", "source": attention},
     ]
     used = {"fp16"} | {r["source"] for r in rules}
-    doc = {"mixed_precision": {
-        "sources": {s: f"./{s}" for s in PRECISIONS if s in used},
-        "default": "fp16",
-        "rules": rules,
-    }}
+    doc = {
+        "mixed_precision": {
+            "sources": {s: f"./{s}" for s in PRECISIONS if s in used},
+            "default": "fp16",
+            "rules": rules,
+        }
+    }
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -105,8 +121,10 @@ def summary(report) -> str:
     lines = [f"converted {report.input_bytes / 2**20:.1f} MiB in {report.seconds:.1f}s -> {report.output_dir}"]
     m = report.int4_method
     if m.get("method") == "gptq":
-        lines.append(f"int4 gptq: layer output error on held-out tokens, gptq {m.get('heldout_gptq_error', float('nan')):.4f}"
-                     f" vs rtn {m.get('heldout_rtn_error', float('nan')):.4f}")
+        lines.append(
+            f"int4 gptq: layer output error on held-out tokens, gptq {m.get('heldout_gptq_error', float('nan')):.4f}"
+            f" vs rtn {m.get('heldout_rtn_error', float('nan')):.4f}"
+        )
         if m.get("rtn_fallback"):
             lines.append(f"int4 gptq: {len(m['rtn_fallback'])} expert module(s) fell back to RTN (too few tokens)")
     for f, c in report.checks.items():

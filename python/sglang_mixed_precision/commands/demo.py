@@ -27,8 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--cpu", action="store_true", help="use the reference path even if a GPU is present")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    p.add_argument("--server-timeout", type=float, default=1200.0,
-                   help="seconds to wait for SGLang (the first start builds the GPTQ-Marlin kernels: minutes)")
+    p.add_argument(
+        "--server-timeout",
+        type=float,
+        default=1200.0,
+        help="seconds to wait for SGLang (the first start builds the GPTQ-Marlin kernels: minutes)",
+    )
 
 
 def say(msg: str) -> None:
@@ -51,8 +55,15 @@ def prepare(workdir: Path, arch: str) -> Path:
         make_tiny_model(arch, workdir / "bf16")
     say(f"      done in {time.time() - t:.1f}s")
     t = step(2, "converting to fp16/ fp8/ int4/ (int4: round-to-nearest GPTQ format)")
-    convert(ConvertOptions(model_path=str(workdir / "bf16"), output_dir=str(workdir / "converted"), method="rtn",
-                           overwrite=True, progress=False))
+    convert(
+        ConvertOptions(
+            model_path=str(workdir / "bf16"),
+            output_dir=str(workdir / "converted"),
+            method="rtn",
+            overwrite=True,
+            progress=False,
+        )
+    )
     say(f"      done in {time.time() - t:.1f}s")
     config = workdir / "converted" / "mix.yaml"
     # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router) 16-bit.
@@ -80,9 +91,22 @@ def serve(config: Path, workdir: Path, args) -> int:
 
     port = args.port or client.free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = launcher.sglang_command(["--enable-mixed-precision", "--mixed-precision-config", str(config),
-                                   "--plan-dir", str(workdir / "plan"), "--host", "127.0.0.1", "--port", str(port),
-                                   "--mem-fraction-static", "0.5", "--disable-cuda-graph"])
+    cmd = launcher.sglang_command(
+        [
+            "--enable-mixed-precision",
+            "--mixed-precision-config",
+            str(config),
+            "--plan-dir",
+            str(workdir / "plan"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--mem-fraction-static",
+            "0.5",
+            "--disable-cuda-graph",
+        ]
+    )
     log = workdir / "server.log"
     say(f"      starting SGLang (log: {log}); the first start builds the GPTQ-Marlin kernels, which takes minutes")
     proc = client.start_server(cmd, log)
@@ -90,8 +114,10 @@ def serve(config: Path, workdir: Path, args) -> int:
         waited = client.wait_until_ready(base, proc, args.server_timeout, log, progress=say)
         say(f"      ready after {waited:.0f}s")
         for prompt in PROMPTS:
-            out = client.post_json(f"{base}/generate", {"text": prompt, "sampling_params": {
-                "temperature": 0, "max_new_tokens": args.max_new_tokens}})
+            out = client.post_json(
+                f"{base}/generate",
+                {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens}},
+            )
             say(f"      {prompt!r} -> {out['text']!r}")
     finally:
         client.stop_server(proc)
@@ -102,19 +128,23 @@ def run_reference(config: Path, plan, args, why: str) -> int:
     from ..reference import generate_reference
 
     say(f"      serving with SGLang is not possible here: {why}")
-    say("      generating through the reference path instead (transformers; every layer's weights from its source,"
-        " fp8/int4 dequantized, fp8 activations quantized as the W8A8 kernels do)")
+    say(
+        "      generating through the reference path instead (transformers; every layer's weights from its source,"
+        " fp8/int4 dequantized, fp8 activations quantized as the W8A8 kernels do)"
+    )
     for out in generate_reference(plan, PROMPTS, args.max_new_tokens, simulate_w8a8=True):
         say(f"      {out.prompt!r} -> {out.text!r}")
-    say("\nTo serve this mix with SGLang's kernels you need an NVIDIA GPU (SM80+, e.g. A100/H100) and sglang==0.5.17:\n"
+    say(
+        "\nTo serve this mix with SGLang's kernels you need an NVIDIA GPU (SM80+, e.g. A100/H100) and sglang==0.5.17:\n"
         f"  python launch_mixed_precision_server.py --enable-mixed-precision --mixed-precision-config {config} "
-        f"--model-path {config.parent / 'fp16'} --port 30000")
+        f"--model-path {config.parent / 'fp16'} --port 30000"
+    )
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..reference import plan_from_config
     from ..core.report import format_tables
+    from ..reference import plan_from_config
 
     started = time.time()
     workdir = Path(args.workdir).expanduser().resolve()
@@ -129,4 +159,3 @@ def run(args: argparse.Namespace) -> int:
     rc = run_reference(config, plan, args, why) if why else serve(config, workdir, args)
     say(f"\ndemo finished in {time.time() - started:.0f}s")
     return rc
-

@@ -6,8 +6,12 @@ import json
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="mixed-precision YAML (mixed_precision: sources, rules, weight_mapping)")
-    parser.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1, help="tensor-parallel size to validate for")
+    parser.add_argument(
+        "--config", required=True, help="mixed-precision YAML (mixed_precision: sources, rules, weight_mapping)"
+    )
+    parser.add_argument(
+        "--tp-size", "--tp", dest="tp_size", type=int, default=1, help="tensor-parallel size to validate for"
+    )
     parser.add_argument("--json", action="store_true", help="print the plan (assignments, tables) as JSON")
 
 

@@ -23,13 +23,23 @@ import torch
 
 from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.naming import Role, classify
+from .dequant import dequant_gptq
 from .gptq import HessianAccumulator, gptq_quantize
 from .gptq_pack import GptqTensors, rtn_quantize
-from .dequant import dequant_gptq
 
 # Data-flow order of a decoder layer's linears: a stage's inputs depend on all earlier stages.
-STAGE_OF_LEAF = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "w1": 2, "w3": 2,
-                 "down_proj": 3, "w2": 3}
+STAGE_OF_LEAF = {
+    "q_proj": 0,
+    "k_proj": 0,
+    "v_proj": 0,
+    "o_proj": 1,
+    "gate_proj": 2,
+    "up_proj": 2,
+    "w1": 2,
+    "w3": 2,
+    "down_proj": 3,
+    "w2": 3,
+}
 FORWARD_BATCH = 8  # sequences per forward call (bounds attention memory)
 
 
@@ -49,8 +59,12 @@ def calibration_text(calib_file: str | None) -> str:
         return corpus_text()
     p = Path(calib_file)
     if not p.is_file():
-        raise MixedPrecisionError(ErrorCode.CALIB_FILE_MISSING, "calibration file not found", where=str(p),
-                                  fix="pass a UTF-8 text file to --calib_file, or omit it to use the bundled corpus")
+        raise MixedPrecisionError(
+            ErrorCode.CALIB_FILE_MISSING,
+            "calibration file not found",
+            where=str(p),
+            fix="pass a UTF-8 text file to --calib_file, or omit it to use the bundled corpus",
+        )
     return p.read_text(encoding="utf-8", errors="replace")
 
 
@@ -65,7 +79,9 @@ def split_windows(ids: torch.Tensor, nsamples: int, seqlen: int) -> CalibrationS
     n_held = max(1, windows.shape[0] // 8)
     calib = windows[:-n_held][:nsamples]
     if calib.shape[0] < nsamples:
-        note = (note + "; " if note else "") + f"text gives {calib.shape[0]} of the {nsamples} requested sequences of {seqlen} tokens"
+        note = (
+            note + "; " if note else ""
+        ) + f"text gives {calib.shape[0]} of the {nsamples} requested sequences of {seqlen} tokens"
     return CalibrationSet(calib, windows[-n_held:], total, note)
 
 
@@ -75,17 +91,31 @@ def calibration_set(model_path: Path, calib_file: str | None, nsamples: int, seq
     try:
         tok = AutoTokenizer.from_pretrained(str(model_path))
     except Exception as e:  # transformers raises many types for a missing / broken tokenizer
-        raise MixedPrecisionError(ErrorCode.NO_TOKENIZER, f"cannot load the model's tokenizer: {e}", where=str(model_path),
-                                  fix="add the tokenizer files to the model directory, or use --method rtn") from e
+        raise MixedPrecisionError(
+            ErrorCode.NO_TOKENIZER,
+            f"cannot load the model's tokenizer: {e}",
+            where=str(model_path),
+            fix="add the tokenizer files to the model directory, or use --method rtn",
+        ) from e
     text = calibration_text(calib_file)
     ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
-    if ids.numel() == 0 and text.strip():  # transformers builds an empty tokenizer when the directory has no tokenizer files
-        raise MixedPrecisionError(ErrorCode.NO_TOKENIZER, f"the model's tokenizer ({type(tok).__name__}, {len(tok)} token(s)) turns "
-                                  "the calibration text into no tokens: the model directory has no usable tokenizer files",
-                                  where=str(model_path), fix="add the tokenizer files to the model directory, or use --method rtn")
+    if (
+        ids.numel() == 0 and text.strip()
+    ):  # transformers builds an empty tokenizer when the directory has no tokenizer files
+        raise MixedPrecisionError(
+            ErrorCode.NO_TOKENIZER,
+            f"the model's tokenizer ({type(tok).__name__}, {len(tok)} token(s)) turns "
+            "the calibration text into no tokens: the model directory has no usable tokenizer files",
+            where=str(model_path),
+            fix="add the tokenizer files to the model directory, or use --method rtn",
+        )
     if ids.numel() < 64:
-        raise MixedPrecisionError(ErrorCode.CALIB_TOO_SHORT, f"calibration text has only {ids.numel()} tokens",
-                                  where=calib_file or "bundled corpus", fix="pass a longer --calib_file")
+        raise MixedPrecisionError(
+            ErrorCode.CALIB_TOO_SHORT,
+            f"calibration text has only {ids.numel()} tokens",
+            where=calib_file or "bundled corpus",
+            fix="pass a longer --calib_file",
+        )
     return split_windows(ids, nsamples, seqlen)
 
 
@@ -123,17 +153,22 @@ class LayerFactory:
 
     @staticmethod
     def _find(module, suffix: str):
-        hits = [v for k, v in vars(module).items() if k.endswith(suffix) and isinstance(v, type) and not k.startswith("_")]
+        hits = [
+            v for k, v in vars(module).items() if k.endswith(suffix) and isinstance(v, type) and not k.startswith("_")
+        ]
         if not hits:
-            raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"{module.__name__} has no *{suffix} class",
-                                      fix="use --method rtn for this architecture")
+            raise MixedPrecisionError(
+                ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                f"{module.__name__} has no *{suffix} class",
+                fix="use --method rtn for this architecture",
+            )
         return hits[0]
 
     def position_embeddings(self, x: torch.Tensor):
         pos = torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)
         return self.rotary(x, pos)
 
-    def build(self, layer_idx: int, tensors: dict[str, torch.Tensor], prefix: str) -> "LayerWeights":
+    def build(self, layer_idx: int, tensors: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
         with torch.device("meta"):
             layer = self.layer_cls(self.config, layer_idx=layer_idx)
         lw = LayerWeights(layer, prefix)
@@ -151,7 +186,7 @@ class LayerWeights:
         self.prefix = prefix  # "model.layers.3."
 
     def _rel(self, name: str) -> str:
-        return name[len(self.prefix):]
+        return name[len(self.prefix) :]
 
     def _fused_expert_target(self, rel_module: str):
         """(param, index) where an expert projection lives inside a fused 3-D parameter, or None."""
@@ -182,8 +217,12 @@ class LayerWeights:
             module = rel.rsplit(".", 1)[0]
             target = self._fused_expert_target(module) if ".experts." in rel else None
             if target is None:
-                raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"tensor {name} has no place in {type(self.layer).__name__}",
-                                          where=name, fix="use --method rtn for this model")
+                raise MixedPrecisionError(
+                    ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                    f"tensor {name} has no place in {type(self.layer).__name__}",
+                    where=name,
+                    fix="use --method rtn for this model",
+                )
             param, idx = target
             key = next(k for k, v in expected.items() if v is param)
             buf = fused.setdefault(key, torch.zeros(param.shape, dtype=torch.float32))
@@ -191,8 +230,12 @@ class LayerWeights:
         sd.update(fused)
         missing = set(expected) - set(sd)
         if missing:
-            raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"layer tensors missing from the checkpoint: {sorted(missing)[:5]}",
-                                      where=self.prefix, fix="use --method rtn for this model")
+            raise MixedPrecisionError(
+                ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                f"layer tensors missing from the checkpoint: {sorted(missing)[:5]}",
+                where=self.prefix,
+                fix="use --method rtn for this model",
+            )
         self.layer.load_state_dict(sd, assign=True, strict=True)
 
     def set_weight(self, module: str, w: torch.Tensor) -> None:
@@ -226,7 +269,7 @@ class ErrorTally:
         self.rtn += q(w_rtn - w)
         self.ref += q(w)
 
-    def merge(self, other: "ErrorTally") -> None:
+    def merge(self, other: ErrorTally) -> None:
         self.gptq += other.gptq
         self.rtn += other.rtn
         self.ref += other.ref
@@ -261,9 +304,11 @@ class GptqInt4:
         self.stats = GptqStats()
         self.hidden: torch.Tensor | None = None  # calibration activations entering the next layer
         self.hidden_ho: torch.Tensor | None = None
-        log(f"gptq: {self.data.calib.shape[0]} calibration x {self.data.calib.shape[1]} tokens, "
+        log(
+            f"gptq: {self.data.calib.shape[0]} calibration x {self.data.calib.shape[1]} tokens, "
             f"{self.data.heldout.shape[0]} held out ({self.data.total_tokens} tokens of text)"
-            + (f"; {self.data.note}" if self.data.note else ""))
+            + (f"; {self.data.note}" if self.data.note else "")
+        )
 
     # pipeline interface ------------------------------------------------------------------------
     def quantize_unit(self, unit, tensors: dict[str, torch.Tensor]) -> dict[str, GptqTensors]:
@@ -298,8 +343,12 @@ class GptqInt4:
     def _embed(self, tensors: dict[str, torch.Tensor]) -> None:
         emb = [t for n, t in tensors.items() if classify(n.rsplit(".", 1)[0]).role is Role.EMBEDDING]
         if not emb:
-            raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, "no token embedding found outside the layers",
-                                      where=str(self.model.path), fix="use --method rtn for this model")
+            raise MixedPrecisionError(
+                ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                "no token embedding found outside the layers",
+                where=str(self.model.path),
+                fix="use --method rtn for this model",
+            )
         table = emb[0].float()
         self.hidden = table[self.data.calib]
         self.hidden_ho = table[self.data.heldout]
@@ -324,10 +373,17 @@ class GptqInt4:
             k = lw.submodule(group[0]).in_features
             pair = (HessianAccumulator(k), HessianAccumulator(k))
             hess.append(pair)
-            hooks.append(lw.submodule(group[0]).register_forward_pre_hook(lambda mod, args, pair=pair: pair[phase[0]].add(args[0])))
+            hooks.append(
+                lw.submodule(group[0]).register_forward_pre_hook(
+                    lambda mod, args, pair=pair: pair[phase[0]].add(args[0])
+                )
+            )
         if moe_block is not None:
-            hooks.append(lw.submodule(moe_block).register_forward_pre_hook(
-                lambda mod, args: moe_in[phase[0]].append(args[0].reshape(-1, args[0].shape[-1]))))
+            hooks.append(
+                lw.submodule(moe_block).register_forward_pre_hook(
+                    lambda mod, args: moe_in[phase[0]].append(args[0].reshape(-1, args[0].shape[-1]))
+                )
+            )
         try:
             self._forward(lw, self.hidden)
             phase[0] = 1
@@ -338,8 +394,15 @@ class GptqInt4:
         moe = (torch.cat(moe_in[0]), torch.cat(moe_in[1])) if moe_block is not None else None
         return hess, moe
 
-    def _quantize(self, modules: list[str], tensors: dict[str, torch.Tensor], h: HessianAccumulator,
-                  h_ho: HessianAccumulator, tally: ErrorTally, lw: LayerWeights) -> dict[str, GptqTensors]:
+    def _quantize(
+        self,
+        modules: list[str],
+        tensors: dict[str, torch.Tensor],
+        h: HessianAccumulator,
+        h_ho: HessianAccumulator,
+        tally: ErrorTally,
+        lw: LayerWeights,
+    ) -> dict[str, GptqTensors]:
         """GPTQ for modules that read the same input: GPTQ treats output rows independently, so
         they are quantized as one matrix with one Hessian, then split back. Writes the
         dequantized weights into the layer so later stages see the quantized model."""
@@ -347,12 +410,17 @@ class GptqInt4:
         rtn = [rtn_quantize(w, self.opts.group_size) for w in ws]
         w_rtn = [dequant_gptq(*r.parts()) for r in rtn]
         if h.n < self.opts.min_expert_tokens:
-            for m, r, d in zip(modules, rtn, w_rtn):
+            for m, d in zip(modules, w_rtn):
                 self.stats.rtn_fallback[m] = h.n
                 lw.set_weight(m, d)
             return dict(zip(modules, rtn))
-        res = gptq_quantize(torch.cat(ws), h.hessian, group_size=self.opts.group_size,
-                            damp_percent=self.opts.damp_percent, act_order=self.opts.desc_act)
+        res = gptq_quantize(
+            torch.cat(ws),
+            h.hessian,
+            group_size=self.opts.group_size,
+            damp_percent=self.opts.damp_percent,
+            act_order=self.opts.desc_act,
+        )
         rows = [w.shape[0] for w in ws]
         parts = split_rows(res.tensors, rows)
         deqs = res.dequantized.split(rows)
@@ -371,7 +439,7 @@ class GptqInt4:
             for m, w in written.items():
                 lw.set_weight(m, w)
         else:
-            for stage, modules in self._stages(unit.quantized_modules):
+            for _stage, modules in self._stages(unit.quantized_modules):
                 plain = [m for m in modules if classify(m).role is not Role.ROUTED_EXPERT]
                 experts = [m for m in modules if classify(m).role is Role.ROUTED_EXPERT]
                 moe_block = self._moe_block(experts) if experts else None
@@ -394,8 +462,12 @@ class GptqInt4:
         for m in modules:
             leaf = m.rsplit(".", 1)[-1]
             if leaf not in STAGE_OF_LEAF:
-                raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"no calibration order known for {m}",
-                                          where=m, fix="use --method rtn, or --skip this module")
+                raise MixedPrecisionError(
+                    ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                    f"no calibration order known for {m}",
+                    where=m,
+                    fix="use --method rtn, or --skip this module",
+                )
             stages.setdefault(STAGE_OF_LEAF[leaf], []).append(m)
         # experts' down projections are handled with their gate/up from the same routed tokens
         if 2 in stages and 3 in stages:
@@ -412,10 +484,19 @@ class GptqInt4:
     def _router_weight(self, tensors, moe_block: str) -> torch.Tensor:
         for n, t in tensors.items():
             ref = classify(n.rsplit(".", 1)[0])
-            if ref.role is Role.ROUTER and n.startswith(moe_block + ".") and n.endswith(".weight") and "shared" not in n:
+            if (
+                ref.role is Role.ROUTER
+                and n.startswith(moe_block + ".")
+                and n.endswith(".weight")
+                and "shared" not in n
+            ):
                 return t.float()
-        raise MixedPrecisionError(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"no router weight found in {moe_block}", where=moe_block,
-                                  fix="use --method rtn for this model")
+        raise MixedPrecisionError(
+            ErrorCode.UNSUPPORTED_ARCHITECTURE,
+            f"no router weight found in {moe_block}",
+            where=moe_block,
+            fix="use --method rtn for this model",
+        )
 
     def route(self, x: torch.Tensor, router_w: torch.Tensor) -> torch.Tensor:
         """Top-k expert indices per token [T, k] (softmax is monotonic, so top-k of the logits)."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+def dequant_fp8_block(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
     """weight fp8 [N, K] * weight_scale_inv [ceil(N/bn), ceil(K/bk)] broadcast per tile -> float32."""
     n, k = weight.shape
     bn, bk = block
@@ -39,7 +41,9 @@ def unpack_gptq_zeros(qzeros: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return f.permute(0, 2, 1).reshape(qzeros.shape[0], -1) + 1
 
 
-def dequant_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, bits: int = 4) -> torch.Tensor:
+def dequant_gptq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, bits: int = 4
+) -> torch.Tensor:
     """GPTQ v1 tensors -> float32 weight [N, K] (nn.Linear layout)."""
     q = unpack_gptq_int(qweight, bits)  # [K, N]
     zeros = unpack_gptq_zeros(qzeros, bits)  # [G, N]

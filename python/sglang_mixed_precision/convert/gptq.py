@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gptq_pack import GptqTensors, effective_group, pack_gptq, quantize_to_grid, sym_scale, SYM_ZERO
+from .gptq_pack import SYM_ZERO, GptqTensors, effective_group, pack_gptq, quantize_to_grid, sym_scale
 
 
 class HessianAccumulator:
@@ -124,4 +124,3 @@ def gptq_quantize(
     tensors = pack_gptq(q, scales_t, g_idx)
     deq = (q - SYM_ZERO) * scales_t.to(torch.float16).float()[g_idx.long()].t()
     return GptqResult(tensors, deq)
-

@@ -52,11 +52,19 @@ class InputModel:
     def _check_is_model_dir(self) -> None:
         p = self.path
         if not p.is_dir():
-            raise MixedPrecisionError(ErrorCode.NOT_A_MODEL_DIR, "the model path is not a directory", where=str(p),
-                                      fix="pass --model_path pointing at a Hugging Face model directory")
+            raise MixedPrecisionError(
+                ErrorCode.NOT_A_MODEL_DIR,
+                "the model path is not a directory",
+                where=str(p),
+                fix="pass --model_path pointing at a Hugging Face model directory",
+            )
         if not (p / "config.json").exists():
-            raise MixedPrecisionError(ErrorCode.NOT_A_MODEL_DIR, "no config.json in the model directory", where=str(p),
-                                      fix="pass the directory that holds config.json and the *.safetensors weights")
+            raise MixedPrecisionError(
+                ErrorCode.NOT_A_MODEL_DIR,
+                "no config.json in the model directory",
+                where=str(p),
+                fix="pass the directory that holds config.json and the *.safetensors weights",
+            )
         if not list(p.glob("*.safetensors")):
             has_bin = bool(list(p.glob("*.bin")))
             raise MixedPrecisionError(

@@ -81,6 +81,8 @@ def write_fp16(src: InputModel, dst: Path, progress=print) -> None:
         shutil.copy2(index, dst / index.name)
     else:
         weight_map = dict(sorted(src.weight_map.items()))
-        (dst / index.name).write_text(json.dumps({"metadata": {"total_size": src.total_bytes}, "weight_map": weight_map}, indent=2))
+        (dst / index.name).write_text(
+            json.dumps({"metadata": {"total_size": src.total_bytes}, "weight_map": weight_map}, indent=2)
+        )
     write_config(src, dst, None)
     progress(f"fp16: {len(src.files)} shard(s) {'/'.join(sorted(how))} into {dst}")

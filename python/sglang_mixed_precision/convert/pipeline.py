@@ -105,8 +105,12 @@ def prepare_output_dir(opts: ConvertOptions, fingerprint: dict) -> Path:
     (resume) or --overwrite is given (then only what the converter writes is removed)."""
     out = Path(opts.output_dir)
     if out.exists() and not out.is_dir():
-        raise MixedPrecisionError(ErrorCode.OUTPUT_NOT_DIR, "the output path exists and is not a directory", where=str(out),
-                                  fix="pick a new --output_dir")
+        raise MixedPrecisionError(
+            ErrorCode.OUTPUT_NOT_DIR,
+            "the output path exists and is not a directory",
+            where=str(out),
+            fix="pick a new --output_dir",
+        )
     if not out.exists() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
         return out
@@ -122,8 +126,12 @@ def prepare_output_dir(opts: ConvertOptions, fingerprint: dict) -> Path:
     if states and all(json.loads(s.read_text()).get("fingerprint") == fingerprint for s in states):
         return out
     reason = "holds another conversion (different input or settings)" if states else "is not empty"
-    raise MixedPrecisionError(ErrorCode.OUTPUT_NOT_EMPTY, f"the output directory {reason}", where=str(out),
-                              fix="pass --overwrite to replace the converter's outputs there, or pick a new --output_dir")
+    raise MixedPrecisionError(
+        ErrorCode.OUTPUT_NOT_EMPTY,
+        f"the output directory {reason}",
+        where=str(out),
+        fix="pass --overwrite to replace the converter's outputs there, or pick a new --output_dir",
+    )
 
 
 # -- int4 methods -------------------------------------------------------------------------------
@@ -152,7 +160,9 @@ def make_int4_method(opts: ConvertOptions, model: InputModel):
         from .calibration import GptqInt4
 
         return GptqInt4(model, opts, log=_log)
-    raise MixedPrecisionError(ErrorCode.BAD_METHOD, f"unknown int4 method {opts.method!r}", fix="use --method gptq or --method rtn")
+    raise MixedPrecisionError(
+        ErrorCode.BAD_METHOD, f"unknown int4 method {opts.method!r}", fix="use --method gptq or --method rtn"
+    )
 
 
 # -- the pass over units ------------------------------------------------------------------------
@@ -193,15 +203,25 @@ def _read_written_int4(reader: OutputReader, unit: Unit) -> dict[str, torch.Tens
 def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="convert",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def _unit_bytes(model: InputModel, unit: Unit) -> int:
     return sum(model.tensors[n].nbytes for n in unit.tensors)
 
 
-def run_units(model: InputModel, plan: ConversionPlan, opts: ConvertOptions, writers: dict[str, ShardedWriter], int4) -> None:
+def run_units(
+    model: InputModel, plan: ConversionPlan, opts: ConvertOptions, writers: dict[str, ShardedWriter], int4
+) -> None:
     bar = _progress_bar(model.total_bytes, opts.progress)
     written: OutputReader | None = None  # int4 shards of an earlier run, indexed once on the first gptq resume
     try:
@@ -244,22 +264,32 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     t0 = time.time()
     bad = [f for f in opts.formats if f not in FORMATS]
     if bad or not opts.formats:
-        raise MixedPrecisionError(ErrorCode.BAD_FORMAT, f"unknown output format(s) {bad}", fix=f"choose from {', '.join(FORMATS)}")
+        raise MixedPrecisionError(
+            ErrorCode.BAD_FORMAT, f"unknown output format(s) {bad}", fix=f"choose from {', '.join(FORMATS)}"
+        )
     if opts.group_size not in (32, 64, 128, -1):
-        raise MixedPrecisionError(ErrorCode.BAD_GROUP_SIZE, f"group_size {opts.group_size} is not supported",
-                                  fix="use --group_size 32, 64, 128 or -1")
+        raise MixedPrecisionError(
+            ErrorCode.BAD_GROUP_SIZE,
+            f"group_size {opts.group_size} is not supported",
+            fix="use --group_size 32, 64, 128 or -1",
+        )
     model = InputModel(opts.model_path)
     model.check_supported()
     model.check_not_quantized()
-    plan = build_plan(model, skip=opts.skip, group_size=opts.group_size if "int4" in opts.formats else None,
-                      fp8_block=DEFAULT_BLOCK)
+    plan = build_plan(
+        model, skip=opts.skip, group_size=opts.group_size if "int4" in opts.formats else None, fp8_block=DEFAULT_BLOCK
+    )
     fingerprint = opts.fingerprint(model)
     out = prepare_output_dir(opts, fingerprint)
     if not pin_mmap_threshold():
-        _log("convert: note: this C library's malloc cannot be told to return freed tensors to the OS "
-             "(no glibc mallopt); peak memory can exceed the stated bound by what it keeps")
-    _log(f"convert: {model.architecture} {model.total_bytes / 2**20:.1f} MiB in {len(model.files)} shard(s), "
-         f"{len(plan.quantized)} linear modules to quantize, {len(plan.units)} units -> {out}")
+        _log(
+            "convert: note: this C library's malloc cannot be told to return freed tensors to the OS "
+            "(no glibc mallopt); peak memory can exceed the stated bound by what it keeps"
+        )
+    _log(
+        f"convert: {model.architecture} {model.total_bytes / 2**20:.1f} MiB in {len(model.files)} shard(s), "
+        f"{len(plan.quantized)} linear modules to quantize, {len(plan.units)} units -> {out}"
+    )
     if plan.skipped_groups:
         _log(f"convert: left 16-bit by --skip: {', '.join(plan.skipped_groups)}")
 
@@ -285,8 +315,11 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     if "int4" in writers:
         # The model's own dtype, as served in the GPU proof. Stock SGLang 0.5.17 runs a bf16 GPTQ MoE
         # only with `--quantization moe_wna16` (its GPTQ-Marlin MoE keeps fp16 scales) or `--dtype float16`.
-        write_config(model, out / "int4", gptq_quantization_config(plan, desc_act=opts.desc_act,
-                                                                   damp_percent=opts.damp_percent, method=opts.method))
+        write_config(
+            model,
+            out / "int4",
+            gptq_quantization_config(plan, desc_act=opts.desc_act, damp_percent=opts.damp_percent, method=opts.method),
+        )
         report.int4_method = int4.report()
 
     if opts.check or opts.verify:
@@ -307,7 +340,10 @@ def gate_verification(report: ConversionReport, opts: ConvertOptions) -> None:
         failures += c.problems
         failures += [f"{f}: {m} relative error {e:.4f} > {limits[f]}" for m, e in c.errors.items() if e > limits[f]]
     if failures:
-        raise MixedPrecisionError(ErrorCode.VERIFY_FAILED, f"{len(failures)} check(s) failed:\n  " + "\n  ".join(failures[:30]),
-                                  where=report.output_dir,
-                                  fix="inspect the listed modules; raise --max_error_fp8/--max_error_int4 if expected, "
-                                      "or leave them 16-bit with --skip")
+        raise MixedPrecisionError(
+            ErrorCode.VERIFY_FAILED,
+            f"{len(failures)} check(s) failed:\n  " + "\n  ".join(failures[:30]),
+            where=report.output_dir,
+            fix="inspect the listed modules; raise --max_error_fp8/--max_error_int4 if expected, "
+            "or leave them 16-bit with --skip",
+        )

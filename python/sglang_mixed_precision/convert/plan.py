@@ -58,7 +58,9 @@ def _skipped_groups(modules: list[str], patterns: list[str]) -> set[str]:
     return groups
 
 
-def build_plan(model: InputModel, *, skip: list[str], group_size: int | None, fp8_block: tuple[int, int] | None) -> ConversionPlan:
+def build_plan(
+    model: InputModel, *, skip: list[str], group_size: int | None, fp8_block: tuple[int, int] | None
+) -> ConversionPlan:
     """Classify every tensor and validate every quantized weight's shape for the chosen formats."""
     errors: list[MixedPrecisionError] = []
     candidates: dict[str, TensorInfo] = {}
@@ -67,17 +69,25 @@ def build_plan(model: InputModel, *, skip: list[str], group_size: int | None, fp
         ref = classify(module)
         if ref.role.quantizable and suffix == "weight":
             if len(meta.shape) != 2:
-                errors.append(MixedPrecisionError(
-                    ErrorCode.UNSUPPORTED_TENSOR, f"{name} is a {len(meta.shape)}-D linear weight {list(meta.shape)}",
-                    where=f"{meta.file}:{name}",
-                    fix="save the model with one 2-D weight per expert/projection (transformers' per-expert layout)"))
+                errors.append(
+                    MixedPrecisionError(
+                        ErrorCode.UNSUPPORTED_TENSOR,
+                        f"{name} is a {len(meta.shape)}-D linear weight {list(meta.shape)}",
+                        where=f"{meta.file}:{name}",
+                        fix="save the model with one 2-D weight per expert/projection (transformers' per-expert layout)",
+                    )
+                )
                 continue
             candidates[module] = meta
         elif ref.role is Role.OTHER and len(meta.shape) >= 2 and ".experts." in name:
-            errors.append(MixedPrecisionError(
-                ErrorCode.UNSUPPORTED_TENSOR, f"{name}: fused expert tensor the converter does not know how to split",
-                where=f"{meta.file}:{name}",
-                fix="save the model with per-expert gate_proj/up_proj/down_proj weights"))
+            errors.append(
+                MixedPrecisionError(
+                    ErrorCode.UNSUPPORTED_TENSOR,
+                    f"{name}: fused expert tensor the converter does not know how to split",
+                    where=f"{meta.file}:{name}",
+                    fix="save the model with per-expert gate_proj/up_proj/down_proj weights",
+                )
+            )
 
     skipped = _skipped_groups(list(candidates), skip)
     quantized = {m: t for m, t in candidates.items() if classify(m).group not in skipped}
@@ -87,10 +97,15 @@ def build_plan(model: InputModel, *, skip: list[str], group_size: int | None, fp
             n, k = meta.shape
             why = check_gptq_shape(f"{module}.weight", n, k, group_size)
             if why:
-                errors.append(MixedPrecisionError(
-                    ErrorCode.SHAPE_NOT_DIVISIBLE, why, where=f"{meta.file}:{module}.weight",
-                    fix=f"pick --group_size that divides {k} (32, 64, 128 or -1 for one group per row), "
-                        f"or leave it 16-bit with --skip '{module}'"))
+                errors.append(
+                    MixedPrecisionError(
+                        ErrorCode.SHAPE_NOT_DIVISIBLE,
+                        why,
+                        where=f"{meta.file}:{module}.weight",
+                        fix=f"pick --group_size that divides {k} (32, 64, 128 or -1 for one group per row), "
+                        f"or leave it 16-bit with --skip '{module}'",
+                    )
+                )
     if errors:
         raise_all(errors)
 

@@ -33,7 +33,7 @@ class OutputReader:
         self._handles: dict[str, object] = {}
 
     @classmethod
-    def from_index(cls, path: Path) -> "OutputReader":
+    def from_index(cls, path: Path) -> OutputReader:
         return cls(path, json.loads((path / INDEX_FILE).read_text())["weight_map"])
 
     def has(self, name: str) -> bool:

@@ -37,7 +37,15 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     t = text.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    for unit, mult in (
+        ("GIB", 2**30),
+        ("MIB", 2**20),
+        ("KIB", 2**10),
+        ("GB", 10**9),
+        ("MB", 10**6),
+        ("KB", 10**3),
+        ("B", 1),
+    ):
         if t.endswith(unit):
             return int(float(t[: -len(unit)]) * mult)
     return int(t)
@@ -64,7 +72,11 @@ class _OpenShard:
         data = tensor_bytes(t)
         self.body.write(data)
         n = data.nbytes
-        self.entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.size, self.size + n]}
+        self.entries[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.size, self.size + n],
+        }
         self.size += n
 
     def close(self) -> None:
@@ -172,7 +184,10 @@ class ShardedWriter:
                 os.replace(self.out_dir / s["file"], self.out_dir / final)
                 s["file"] = final
         weight_map = self.weight_map()
-        index = {"metadata": {"total_size": sum(s["bytes"] for s in shards)}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": sum(s["bytes"] for s in shards)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
         self.state["complete"] = True
         self._save_state()

@@ -143,9 +143,11 @@ def compile_pattern(pattern: str, origin: str = "<config>") -> tuple[re.Pattern,
             out.append(".")
         elif c == "[":
             end = glob.find("]", i)
-            body = glob[i + 1: end] if end > 0 else ""
+            body = glob[i + 1 : end] if end > 0 else ""
             if end < 0 or not _RANGE_RE.fullmatch(body):
-                raise _bad_pattern(pattern, origin, f"brackets must hold decimal layer ranges like [0-3] or [1,4,10-20], not [{body}")
+                raise _bad_pattern(
+                    pattern, origin, f"brackets must hold decimal layer ranges like [0-3] or [1,4,10-20], not [{body}"
+                )
             ranges.append(_parse_ranges(body, pattern, origin))
             out.append(r"(?<!\d)(\d+)(?!\d)")
             i = end
@@ -167,14 +169,21 @@ def _parse_ranges(body: str, pattern: str, origin: str) -> tuple[tuple[int, int]
 
 
 def _bad_pattern(pattern: str, origin: str, why: str) -> MixedPrecisionError:
-    return MixedPrecisionError(ErrorCode.CONFIG_BAD_PATTERN, f"rule pattern {pattern!r}: {why}", where=origin,
-                               fix="use a glob like 'model.layers.[0-3].self_attn.*' or 're:<python regex>'")
+    return MixedPrecisionError(
+        ErrorCode.CONFIG_BAD_PATTERN,
+        f"rule pattern {pattern!r}: {why}",
+        where=origin,
+        fix="use a glob like 'model.layers.[0-3].self_attn.*' or 're:<python regex>'",
+    )
 
 
 # ---- YAML -> MixedConfig ------------------------------------------------------------------------
 def load_config(path: str | Path) -> MixedConfig:
     path = Path(path)
-    text = read_config_text(path, missing_fix="pass the path of your mixed-precision YAML (`--config`, or the launcher's `--mixed-precision-config`)")
+    text = read_config_text(
+        path,
+        missing_fix="pass the path of your mixed-precision YAML (`--config`, or the launcher's `--mixed-precision-config`)",
+    )
     return parse_config(text, path)
 
 
@@ -183,11 +192,16 @@ def read_config_text(path: Path, *, missing_fix: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MixedPrecisionError(ErrorCode.MISSING_FILE, f"config file {path} does not exist", where=str(path),
-                                  fix=missing_fix) from None
+        raise MixedPrecisionError(
+            ErrorCode.MISSING_FILE, f"config file {path} does not exist", where=str(path), fix=missing_fix
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise MixedPrecisionError(ErrorCode.CONFIG_SYNTAX, f"cannot read config file {path}: {e}", where=str(path),
-                                  fix="pass a UTF-8 YAML file") from None
+        raise MixedPrecisionError(
+            ErrorCode.CONFIG_SYNTAX,
+            f"cannot read config file {path}: {e}",
+            where=str(path),
+            fix="pass a UTF-8 YAML file",
+        ) from None
 
 
 def parse_config(text: str, path: str | Path | None = None) -> MixedConfig:
@@ -222,8 +236,12 @@ class _Parser:
     def mapping(self, node, what: str, known: tuple[str, ...]) -> dict[str, tuple]:
         """{key: (key node, value node)} of a YAML mapping, reporting unknown / duplicate keys."""
         if not isinstance(node, yaml.MappingNode):
-            self.fail(ErrorCode.CONFIG_SYNTAX, f"{what} must be a mapping, found {_kind(node)}", node,
-                      f"write {what} as 'key: value' lines")
+            self.fail(
+                ErrorCode.CONFIG_SYNTAX,
+                f"{what} must be a mapping, found {_kind(node)}",
+                node,
+                f"write {what} as 'key: value' lines",
+            )
             return {}
         out = {}
         for key_node, value_node in node.value:
@@ -233,28 +251,46 @@ class _Parser:
             if known and key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                self.fail(ErrorCode.CONFIG_UNKNOWN_KEY, f"unknown key {key!r} in {what}", key_node,
-                          f"{hint}known keys: {', '.join(known)}", key)
+                self.fail(
+                    ErrorCode.CONFIG_UNKNOWN_KEY,
+                    f"unknown key {key!r} in {what}",
+                    key_node,
+                    f"{hint}known keys: {', '.join(known)}",
+                    key,
+                )
                 continue
             if key in out:
-                self.fail(ErrorCode.CONFIG_DUPLICATE_KEY, f"key {key!r} appears twice in {what}", key_node,
-                          "keep one entry per key", key)
+                self.fail(
+                    ErrorCode.CONFIG_DUPLICATE_KEY,
+                    f"key {key!r} appears twice in {what}",
+                    key_node,
+                    "keep one entry per key",
+                    key,
+                )
                 continue
             out[key] = (key_node, value_node)
         return out
 
     def string(self, node, what: str) -> str | None:
         if not isinstance(node, yaml.ScalarNode) or node.tag == _NULL_TAG or node.value == "":
-            self.fail(ErrorCode.CONFIG_SYNTAX, f"{what} must be a non-empty string, found {_kind(node)}", node,
-                      f"write {what} as plain text")
+            self.fail(
+                ErrorCode.CONFIG_SYNTAX,
+                f"{what} must be a non-empty string, found {_kind(node)}",
+                node,
+                f"write {what} as plain text",
+            )
             return None
         return node.value
 
     def label(self, node, what: str) -> str | None:
         value = self.string(node, what)
         if value is not None and not _LABEL_RE.fullmatch(value):
-            self.fail(ErrorCode.CONFIG_BAD_LABEL, f"{what} {value!r} is not a valid source label", node,
-                      "labels are letters, digits, '_', '-', '.', '+' (e.g. fp8, int4, bf16)")
+            self.fail(
+                ErrorCode.CONFIG_BAD_LABEL,
+                f"{what} {value!r} is not a valid source label",
+                node,
+                "labels are letters, digits, '_', '-', '.', '+' (e.g. fp8, int4, bf16)",
+            )
             return None
         return value
 
@@ -266,22 +302,44 @@ class _Parser:
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             where = f"{self.file}:{mark.line + 1}:{mark.column + 1}" if mark else self.file
-            self.errors.append(MixedPrecisionError(ErrorCode.CONFIG_SYNTAX, f"YAML syntax error: {e.problem or e}", where=where,
-                                                   fix="fix the YAML at that line (indentation, quotes, colons)"))
+            self.errors.append(
+                MixedPrecisionError(
+                    ErrorCode.CONFIG_SYNTAX,
+                    f"YAML syntax error: {e.problem or e}",
+                    where=where,
+                    fix="fix the YAML at that line (indentation, quotes, colons)",
+                )
+            )
             return empty
         except (yaml.YAMLError, RecursionError, ValueError) as e:
-            self.errors.append(MixedPrecisionError(ErrorCode.CONFIG_SYNTAX, f"YAML syntax error: {type(e).__name__}: {e}",
-                                                   where=self.file, fix="fix the YAML syntax"))
+            self.errors.append(
+                MixedPrecisionError(
+                    ErrorCode.CONFIG_SYNTAX,
+                    f"YAML syntax error: {type(e).__name__}: {e}",
+                    where=self.file,
+                    fix="fix the YAML syntax",
+                )
+            )
             return empty
         if root is None:
-            self.errors.append(MixedPrecisionError(ErrorCode.CONFIG_SYNTAX, "the config is empty", where=self.file,
-                                                   fix="start the file with 'mixed_precision:' and its sources"))
+            self.errors.append(
+                MixedPrecisionError(
+                    ErrorCode.CONFIG_SYNTAX,
+                    "the config is empty",
+                    where=self.file,
+                    fix="start the file with 'mixed_precision:' and its sources",
+                )
+            )
             return empty
         top = self.mapping(root, "the config's top level", TOP_KEYS)
         if "mixed_precision" not in top:
             if not self.errors:
-                self.fail(ErrorCode.CONFIG_SYNTAX, "the config has no 'mixed_precision:' section", root,
-                          "put the sources, rules and weight_mapping under a top-level 'mixed_precision:' key")
+                self.fail(
+                    ErrorCode.CONFIG_SYNTAX,
+                    "the config has no 'mixed_precision:' section",
+                    root,
+                    "put the sources, rules and weight_mapping under a top-level 'mixed_precision:' key",
+                )
             return empty
         section = self.mapping(top["mixed_precision"][1], "mixed_precision", SECTION_KEYS)
         config = MixedConfig(self.path, self.sources(section))
@@ -299,8 +357,12 @@ class _Parser:
         if "weight_mapping" in section and not _is_null(section["weight_mapping"][1]):
             config.weight_mapping = self.weight_mapping(section["weight_mapping"][1], known)
         if not config.sources and not self.errors:
-            self.fail(ErrorCode.CONFIG_NO_SOURCES, "mixed_precision names no checkpoint source", top["mixed_precision"][0],
-                      "add fp16_path / fp8_path / int4_path or a 'sources: {label: path}' mapping")
+            self.fail(
+                ErrorCode.CONFIG_NO_SOURCES,
+                "mixed_precision names no checkpoint source",
+                top["mixed_precision"][0],
+                "add fp16_path / fp8_path / int4_path or a 'sources: {label: path}' mapping",
+            )
         return config
 
     def sources(self, section: dict) -> dict[str, SourceSpec]:
@@ -311,8 +373,13 @@ class _Parser:
             if raw is None:
                 return
             if label in out:
-                self.fail(ErrorCode.CONFIG_DUPLICATE_LABEL, f"source label {label!r} is defined twice ({out[label].origin} and here)",
-                          key_node, "give each checkpoint its own label", key)
+                self.fail(
+                    ErrorCode.CONFIG_DUPLICATE_LABEL,
+                    f"source label {label!r} is defined twice ({out[label].origin} and here)",
+                    key_node,
+                    "give each checkpoint its own label",
+                    key,
+                )
                 return
             out[label] = SourceSpec(label, self.resolve(raw), self.at(key_node, key))
 
@@ -322,8 +389,13 @@ class _Parser:
         if "sources" in section and not _is_null(section["sources"][1]):
             for key, (key_node, value_node) in self.mapping(section["sources"][1], "sources", ()).items():
                 if not _LABEL_RE.fullmatch(key):
-                    self.fail(ErrorCode.CONFIG_BAD_LABEL, f"source label {key!r} is not a valid label", key_node,
-                              "labels are letters, digits, '_', '-', '.', '+' (e.g. fp8, int4, bf16)", key)
+                    self.fail(
+                        ErrorCode.CONFIG_BAD_LABEL,
+                        f"source label {key!r} is not a valid label",
+                        key_node,
+                        "labels are letters, digits, '_', '-', '.', '+' (e.g. fp8, int4, bf16)",
+                        key,
+                    )
                     continue
                 add(key, value_node, key_node, f"sources.{key}")
         return out
@@ -334,8 +406,13 @@ class _Parser:
             return value
         close = difflib.get_close_matches(value, sorted(known), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        self.fail(ErrorCode.CONFIG_BAD_LABEL, f"{what} uses label {value!r}, which is no source of this config", node,
-                  f"{hint}use one of: {', '.join(sorted(known))} (or add '{value}' under sources)", what)
+        self.fail(
+            ErrorCode.CONFIG_BAD_LABEL,
+            f"{what} uses label {value!r}, which is no source of this config",
+            node,
+            f"{hint}use one of: {', '.join(sorted(known))} (or add '{value}' under sources)",
+            what,
+        )
         return None
 
     def model_path(self, entry: tuple, config: MixedConfig) -> str | None:
@@ -348,16 +425,25 @@ class _Parser:
             if spec.path == path:
                 return spec.label
         if "model" in config.sources:
-            self.fail(ErrorCode.CONFIG_DUPLICATE_LABEL, "model_path names a directory no source uses, and label 'model' is taken",
-                      key_node, "set model_path to one of the source paths, or use 'skeleton: <label>'", "model_path")
+            self.fail(
+                ErrorCode.CONFIG_DUPLICATE_LABEL,
+                "model_path names a directory no source uses, and label 'model' is taken",
+                key_node,
+                "set model_path to one of the source paths, or use 'skeleton: <label>'",
+                "model_path",
+            )
             return None
         config.sources["model"] = SourceSpec("model", path, self.at(key_node, "model_path"))
         return "model"
 
     def rules(self, node, known: set[str]) -> list[Rule]:
         if not isinstance(node, yaml.SequenceNode):
-            self.fail(ErrorCode.CONFIG_SYNTAX, f"rules must be a list, found {_kind(node)}", node,
-                      "write rules as '- {match: \"model.layers.*.mlp.experts.*\", source: int4}' items")
+            self.fail(
+                ErrorCode.CONFIG_SYNTAX,
+                f"rules must be a list, found {_kind(node)}",
+                node,
+                "write rules as '- {match: \"model.layers.*.mlp.experts.*\", source: int4}' items",
+            )
             return []
         rules = []
         for i, item in enumerate(node.value, start=1):
@@ -366,8 +452,12 @@ class _Parser:
             missing = [k for k in RULE_KEYS if k not in fields]
             if missing:
                 if len(self.errors) == reported:  # a misspelled key was reported already
-                    self.fail(ErrorCode.CONFIG_SYNTAX, f"rule #{i} lacks {' and '.join(missing)}", item,
-                              "each rule needs 'match: <glob or re:regex>' and 'source: <label>'")
+                    self.fail(
+                        ErrorCode.CONFIG_SYNTAX,
+                        f"rule #{i} lacks {' and '.join(missing)}",
+                        item,
+                        "each rule needs 'match: <glob or re:regex>' and 'source: <label>'",
+                    )
                 continue
             pattern = self.string(fields["match"][1], f"rule #{i} match")
             label = self.known_label(fields["source"][1], f"rule #{i} source", known)
@@ -388,9 +478,14 @@ class _Parser:
             entry = MappingEntry(key, module_name(key), label, self.at(key_node))
             previous = out.get(entry.module)
             if previous is not None and previous.label != label:
-                self.fail(ErrorCode.CONFIG_CONFLICT, f"module {entry.module} is mapped to {previous.label!r} by {previous.key!r} "
-                          f"({previous.origin}) and to {label!r} by {key!r}", key_node,
-                          "a module (all its tensors) comes from one source: keep one of the two entries", key)
+                self.fail(
+                    ErrorCode.CONFIG_CONFLICT,
+                    f"module {entry.module} is mapped to {previous.label!r} by {previous.key!r} "
+                    f"({previous.origin}) and to {label!r} by {key!r}",
+                    key_node,
+                    "a module (all its tensors) comes from one source: keep one of the two entries",
+                    key,
+                )
                 continue
             out[entry.module] = entry
         return out

@@ -8,8 +8,8 @@ generated from :class:`ErrorCode` (``sglang-mp errors --markdown``); a test keep
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from enum import Enum
-from typing import Iterable, Sequence
 
 EXAMPLES = 5  # items a message lists before "and N more"
 
@@ -77,7 +77,11 @@ class ErrorCode(str, Enum):
     LAUNCH_NO_CONFIG = ("launch_no_config", 400, "--enable-mixed-precision without a config")
     LAUNCH_MODEL_NOT_A_SOURCE = ("launch_model_not_a_source", 400, "--model-path is not one of the config's sources")
     LAUNCH_PP_UNSUPPORTED = ("launch_pp_unsupported", 400, "pipeline parallelism is not supported for mixes")
-    LAUNCH_FLAG_WITHOUT_ENABLE = ("launch_flag_without_enable", 400, "a mixed-precision flag without --enable-mixed-precision")
+    LAUNCH_FLAG_WITHOUT_ENABLE = (
+        "launch_flag_without_enable",
+        400,
+        "a mixed-precision flag without --enable-mixed-precision",
+    )
     PLUGIN_NOT_INSTALLED = ("plugin_not_installed", 400, "SGLang cannot see the plugin's entry point")
     PLUGIN_DISABLED = ("plugin_disabled", 400, "SGLANG_PLUGINS excludes the mixed_precision plugin")
     PLAN_DIR_INVALID = ("plan_dir_invalid", 400, "a plan directory's quantization_config is malformed")
@@ -86,7 +90,11 @@ class ErrorCode(str, Enum):
     # ---- inside SGLang (model construction and load)
     LAYER_NOT_PLANNED = ("layer_not_planned", 500, "SGLang builds a layer the plan assigns no source")
     METHOD_MISMATCH = ("method_mismatch", 500, "a source's quantization_config picks another method than its tensors")
-    UNSUPPORTED_LAYER_SCHEME = ("unsupported_layer_scheme", 500, "SGLang has no method for this layer in this precision")
+    UNSUPPORTED_LAYER_SCHEME = (
+        "unsupported_layer_scheme",
+        500,
+        "SGLang has no method for this layer in this precision",
+    )
     LOAD_FORMAT_UNSUPPORTED = ("load_format_unsupported", 400, "a --load-format the mixed loader cannot serve")
     LOADER_WITHOUT_PLAN = ("loader_without_plan", 500, "the mixed loader got a model built without the mixed config")
     LOADER_STREAM = ("loader_stream", 500, "the mixed loader was handed another weight stream")
@@ -96,7 +104,11 @@ class ErrorCode(str, Enum):
     NOT_READY = ("not_ready", 503, "the server is still starting")
     RELOAD_BAD_REQUEST = ("reload_bad_request", 400, "a malformed reload request body")
     RELOAD_MODEL_MISMATCH = ("reload_model_mismatch", 400, "the reload's config describes another model")
-    RELOAD_NEEDS_REBUILD = ("reload_needs_rebuild", 409, "a layer whose new source needs a rebuild (restart), not a copy")
+    RELOAD_NEEDS_REBUILD = (
+        "reload_needs_rebuild",
+        409,
+        "a layer whose new source needs a rebuild (restart), not a copy",
+    )
     RELOAD_BUSY = ("reload_busy", 409, "another reload is in progress")
     RELOAD_BAD_TENSOR = ("reload_bad_tensor", 400, "a new tensor is unreadable, of another shape or not finite")
     RELOAD_LAYER_MISSING = ("reload_layer_missing", 400, "the served model has no layer the reload names")

@@ -62,7 +62,7 @@ class ModelGeometry:
     decoder_sparse_step: int = 1
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelGeometry":
+    def from_hf_config(cls, cfg: dict) -> ModelGeometry:
         cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
@@ -99,8 +99,12 @@ class ModelGeometry:
         q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
         leaf = ref.name.rsplit(".", 1)[-1]
         if ref.role is Role.ATTENTION:
-            return {"q": (q_out, self.hidden), "k": (kv_out, self.hidden), "v": (kv_out, self.hidden),
-                    "o_proj": (self.hidden, q_out)}.get(ref.shard or "")
+            return {
+                "q": (q_out, self.hidden),
+                "k": (kv_out, self.hidden),
+                "v": (kv_out, self.hidden),
+                "o_proj": (self.hidden, q_out),
+            }.get(ref.shard or "")
         if ref.role in (Role.DENSE_MLP, Role.SHARED_EXPERT, Role.ROUTED_EXPERT):
             inter = self._intermediate(ref.role)
             if inter is None:
@@ -138,8 +142,11 @@ class ModelGeometry:
             problems.append(f"tp_size={tp} is not a multiple of num_key_value_heads={self.kv_heads}")
         if tp < self.kv_heads and self.kv_heads % tp:
             problems.append(f"num_key_value_heads={self.kv_heads} is not divisible by tp_size={tp}")
-        for name, value in (("intermediate_size", self.intermediate), ("moe_intermediate_size", self.moe_intermediate),
-                            ("shared_expert_intermediate_size", self.shared_intermediate)):
+        for name, value in (
+            ("intermediate_size", self.intermediate),
+            ("moe_intermediate_size", self.moe_intermediate),
+            ("shared_expert_intermediate_size", self.shared_intermediate),
+        ):
             if value and value % tp:
                 problems.append(f"{name}={value} is not divisible by tp_size={tp}")
         return problems

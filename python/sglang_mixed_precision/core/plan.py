@@ -15,7 +15,7 @@ import gc
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cache
 from math import prod
 from pathlib import Path
 
@@ -30,9 +30,19 @@ from .sources.safetensors import corrupt_safetensors, entry_problem
 
 # config.json keys that must agree between the skeleton and every other source.
 ARCHITECTURE_KEYS = (
-    "model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts",
-    "num_local_experts", "vocab_size", "tie_word_embeddings",
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_experts",
+    "num_local_experts",
+    "vocab_size",
+    "tie_word_embeddings",
 )
 
 
@@ -139,8 +149,11 @@ def build_plan(config: MixedConfig, tp_size: int = 1, skeleton: str | None = Non
     if skeleton:
         config = replace(config, skeleton=skeleton)
     if not isinstance(tp_size, int) or tp_size < 1:
-        raise MixedPrecisionError(ErrorCode.BAD_ARGUMENT, f"tp_size must be a positive integer, got {tp_size!r}",
-                                  fix="pass --tp-size 1, 2, 4 or 8")
+        raise MixedPrecisionError(
+            ErrorCode.BAD_ARGUMENT,
+            f"tp_size must be a positive integer, got {tp_size!r}",
+            fix="pass --tp-size 1, 2, 4 or 8",
+        )
     # Planning a 235B model allocates ~1M small objects that all stay alive; the cyclic collector
     # would rescan them over and over without finding garbage.
     gc_was_enabled = gc.isenabled()
@@ -184,7 +197,9 @@ class _Planner:
         self.tp = tp
         self.problems = _Problems()
         self._shapes: dict[tuple, tuple | None] = {}
-        self.sources = {label: CheckpointSource(label, spec.path, origin=spec.origin) for label, spec in config.sources.items()}
+        self.sources = {
+            label: CheckpointSource(label, spec.path, origin=spec.origin) for label, spec in config.sources.items()
+        }
 
     def build(self) -> Plan:
         skeleton = self._choose_skeleton(self._check_sources())
@@ -198,7 +213,9 @@ class _Planner:
         modules = self._assign_modules()
         groups = self._group(modules)
         self.problems.raise_if_any()
-        return Plan(self.config, self.tp, skeleton, self.sources, self.geometry, modules, groups, self._unused_rules(modules))
+        return Plan(
+            self.config, self.tp, skeleton, self.sources, self.geometry, modules, groups, self._unused_rules(modules)
+        )
 
     # ---- sources ------------------------------------------------------------------------------
     def _check_sources(self) -> list[CheckpointSource]:
@@ -210,7 +227,7 @@ class _Planner:
                 self.problems.add(problem)
                 continue
             try:
-                source.scheme  # reads config.json, detects the format
+                _ = source.scheme  # reads config.json, detects the format
             except MixedPrecisionError as e:
                 self.problems.add(e)
                 continue
@@ -225,9 +242,14 @@ class _Planner:
         if chosen is not None:
             source = self.sources[chosen]
             if source in usable and source.scheme.quantized:
-                self.problems.add(MixedPrecisionError(
-                    ErrorCode.SKELETON_QUANTIZED, f"skeleton {chosen!r} is a quantized checkpoint ({source.scheme.label()})",
-                    where=source.origin, fix="name the unquantized (16-bit) source as skeleton"))
+                self.problems.add(
+                    MixedPrecisionError(
+                        ErrorCode.SKELETON_QUANTIZED,
+                        f"skeleton {chosen!r} is a quantized checkpoint ({source.scheme.label()})",
+                        where=source.origin,
+                        fix="name the unquantized (16-bit) source as skeleton",
+                    )
+                )
             return chosen
         for preferred in UNQUANTIZED_ALIASES:
             if preferred in unquantized:
@@ -235,10 +257,15 @@ class _Planner:
         if unquantized:
             return unquantized[0]
         if not self.problems.errors:
-            self.problems.add(MixedPrecisionError(
-                ErrorCode.MISSING_SOURCE, "no unquantized (16-bit) source: the plan takes the model's structure, norms, "
-                "embeddings and router from it", where=self.config.where(),
-                fix="add fp16_path (or a 16-bit entry under sources) pointing at the BF16/FP16 checkpoint"))
+            self.problems.add(
+                MixedPrecisionError(
+                    ErrorCode.MISSING_SOURCE,
+                    "no unquantized (16-bit) source: the plan takes the model's structure, norms, "
+                    "embeddings and router from it",
+                    where=self.config.where(),
+                    fix="add fp16_path (or a 16-bit entry under sources) pointing at the BF16/FP16 checkpoint",
+                )
+            )
         return ""
 
     def _check_architectures(self) -> None:
@@ -247,14 +274,21 @@ class _Planner:
             if source is self.skeleton:
                 continue
             cfg = source.hf_config
-            diffs = [f"{k}: {cfg.get(k)!r} vs {base.get(k)!r}" for k in ARCHITECTURE_KEYS
-                     if k in cfg and k in base and cfg[k] != base[k]]
+            diffs = [
+                f"{k}: {cfg.get(k)!r} vs {base.get(k)!r}"
+                for k in ARCHITECTURE_KEYS
+                if k in cfg and k in base and cfg[k] != base[k]
+            ]
             if diffs:
-                self.problems.add(MixedPrecisionError(
-                    ErrorCode.ARCHITECTURE_MISMATCH,
-                    f"source {source.label!r} is not the same model as skeleton {self.skeleton.label!r}: " + "; ".join(diffs),
-                    where=f"{source.path / 'config.json'} vs {self.skeleton.path / 'config.json'}",
-                    fix=f"point {source.label!r} at a checkpoint of the same model (same config.json apart from quantization)"))
+                self.problems.add(
+                    MixedPrecisionError(
+                        ErrorCode.ARCHITECTURE_MISMATCH,
+                        f"source {source.label!r} is not the same model as skeleton {self.skeleton.label!r}: "
+                        + "; ".join(diffs),
+                        where=f"{source.path / 'config.json'} vs {self.skeleton.path / 'config.json'}",
+                        fix=f"point {source.label!r} at a checkpoint of the same model (same config.json apart from quantization)",
+                    )
+                )
 
     def _scan_headers(self) -> None:
         for source in self.sources.values():
@@ -266,12 +300,21 @@ class _Planner:
         try:
             geometry = ModelGeometry.from_hf_config(self.skeleton.hf_config)
         except (KeyError, TypeError, ValueError) as e:
-            raise MixedPrecisionError(ErrorCode.CORRUPT_CONFIG, f"{cfg_path} lacks a model dimension ({e})", where=str(cfg_path),
-                                      fix="restore the model's original config.json") from None
+            raise MixedPrecisionError(
+                ErrorCode.CORRUPT_CONFIG,
+                f"{cfg_path} lacks a model dimension ({e})",
+                where=str(cfg_path),
+                fix="restore the model's original config.json",
+            ) from None
         for problem in geometry.tp_problems(self.tp):
-            self.problems.add(MixedPrecisionError(
-                ErrorCode.TP_INDIVISIBLE, f"tp_size {self.tp}: {problem}", where=str(cfg_path),
-                fix=f"choose a --tp-size that divides the head and intermediate counts ({_valid_tps(geometry)})"))
+            self.problems.add(
+                MixedPrecisionError(
+                    ErrorCode.TP_INDIVISIBLE,
+                    f"tp_size {self.tp}: {problem}",
+                    where=str(cfg_path),
+                    fix=f"choose a --tp-size that divides the head and intermediate counts ({_valid_tps(geometry)})",
+                )
+            )
         return geometry
 
     # ---- module assignment --------------------------------------------------------------------
@@ -310,10 +353,16 @@ class _Planner:
         for module, entry in self.config.weight_mapping.items():
             targets = [module] if module in refs else members.get(module)
             if not targets:
-                self.problems.add_similar(("unknown_module",), f"{entry.key!r} ({entry.origin})", lambda ex, n: MixedPrecisionError(
-                    ErrorCode.UNKNOWN_MODULE, f"{n} weight_mapping name(s) match no module of the model: {more(ex, n)}",
-                    where=f"{self.config.where()}; model {self.skeleton.path}",
-                    fix="use checkpoint names such as model.layers.0.self_attn.q_proj(.weight) (see `sglang-mp analyze`)"))
+                self.problems.add_similar(
+                    ("unknown_module",),
+                    f"{entry.key!r} ({entry.origin})",
+                    lambda ex, n: MixedPrecisionError(
+                        ErrorCode.UNKNOWN_MODULE,
+                        f"{n} weight_mapping name(s) match no module of the model: {more(ex, n)}",
+                        where=f"{self.config.where()}; model {self.skeleton.path}",
+                        fix="use checkpoint names such as model.layers.0.self_attn.q_proj(.weight) (see `sglang-mp analyze`)",
+                    ),
+                )
                 continue
             for target in targets:
                 out[target] = (entry.label, entry.describe())
@@ -323,10 +372,16 @@ class _Planner:
         source = self.sources[label]
         entries = source.module_entries(ref.name)
         if not entries:
-            self.problems.add_similar(("missing_tensor", label, why), ref.name, lambda ex, n: MixedPrecisionError(
-                ErrorCode.MISSING_TENSOR, f"{n} module(s) assigned to source {label!r} have no tensors there: {more(ex, n)}",
-                where=f"{source.path} (assigned by {why})",
-                fix=f"map them to a source that has them (e.g. weight_mapping '<module>: {self.skeleton.label}') or narrow {why}"))
+            self.problems.add_similar(
+                ("missing_tensor", label, why),
+                ref.name,
+                lambda ex, n: MixedPrecisionError(
+                    ErrorCode.MISSING_TENSOR,
+                    f"{n} module(s) assigned to source {label!r} have no tensors there: {more(ex, n)}",
+                    where=f"{source.path} (assigned by {why})",
+                    fix=f"map them to a source that has them (e.g. weight_mapping '<module>: {self.skeleton.label}') or narrow {why}",
+                ),
+            )
             return None
         scheme = module_scheme(source.scheme, entries)
         shape = self._logical_shape(ref)
@@ -354,8 +409,16 @@ class _Planner:
         if expected is None:
             return actual
         if actual is not None and actual != expected:
-            self._shape_error(self.skeleton, ref.name + ".weight", weight, ref, expected, (weight["dtype"],),
-                              "config.json", f"the skeleton {self.skeleton.path} does not match its own config.json")
+            self._shape_error(
+                self.skeleton,
+                ref.name + ".weight",
+                weight,
+                ref,
+                expected,
+                (weight["dtype"],),
+                "config.json",
+                f"the skeleton {self.skeleton.path} does not match its own config.json",
+            )
         return expected
 
     def _check_tensors(self, a: ModuleAssignment, entries: dict[str, dict]) -> None:
@@ -373,27 +436,43 @@ class _Planner:
                 continue
             spec, shape, numel = checked
             if entry["shape"] != shape or entry["dtype"] not in spec.dtypes:
-                self._shape_error(a.source, f"{a.name}.{suffix}", entry, a.ref, spec.shape, spec.dtypes, a.scheme.label(), a.rule)
+                self._shape_error(
+                    a.source, f"{a.name}.{suffix}", entry, a.ref, spec.shape, spec.dtypes, a.scheme.label(), a.rule
+                )
             elif entry["data_offsets"][1] - entry["data_offsets"][0] != numel * DTYPE_BYTES[entry["dtype"]]:
                 name = f"{a.name}.{suffix}"
                 self.problems.add(corrupt_safetensors(a.source.file_of(name), entry_problem(name, entry)))
 
     def _missing_part(self, a: ModuleAssignment, suffix: str) -> None:
         src = a.source
-        self.problems.add_similar(("missing_part", a.label, suffix, a.scheme), a.name, lambda ex, n: MixedPrecisionError(
-            ErrorCode.MISSING_TENSOR, f"{n} module(s) in source {src.label!r} ({a.scheme.label()}) lack their {suffix!r} tensor: {more(ex, n)}",
-            where=str(src.path), fix=f"the checkpoint is incomplete for {a.scheme.label()}; re-export it or map these modules elsewhere"))
+        self.problems.add_similar(
+            ("missing_part", a.label, suffix, a.scheme),
+            a.name,
+            lambda ex, n: MixedPrecisionError(
+                ErrorCode.MISSING_TENSOR,
+                f"{n} module(s) in source {src.label!r} ({a.scheme.label()}) lack their {suffix!r} tensor: {more(ex, n)}",
+                where=str(src.path),
+                fix=f"the checkpoint is incomplete for {a.scheme.label()}; re-export it or map these modules elsewhere",
+            ),
+        )
 
-    def _shape_error(self, source: CheckpointSource, name: str, entry: dict, ref: ModuleRef, shape, dtypes, scheme_label, why) -> None:
+    def _shape_error(
+        self, source: CheckpointSource, name: str, entry: dict, ref: ModuleRef, shape, dtypes, scheme_label, why
+    ) -> None:
         actual = tuple(entry["shape"])
         key = ("shape_mismatch", source.label, name.rsplit(".", 1)[-1], actual, entry["dtype"], shape)
         file = source.file_of(name)
-        self.problems.add_similar(key, name, lambda ex, n: MixedPrecisionError(
-            ErrorCode.SHAPE_MISMATCH,
-            f"{n} tensor(s) of source {source.label!r} are {entry['dtype']}{list(actual)}, but config.json "
-            f"({ref.role.value}, {scheme_label}) needs {'/'.join(dtypes)}{list(shape)}: {more(ex, n)}",
-            where=f"{file} (source {source.path}; {why})",
-            fix="this checkpoint is of another model size or a different export; use the matching release or map these modules elsewhere"))
+        self.problems.add_similar(
+            key,
+            name,
+            lambda ex, n: MixedPrecisionError(
+                ErrorCode.SHAPE_MISMATCH,
+                f"{n} tensor(s) of source {source.label!r} are {entry['dtype']}{list(actual)}, but config.json "
+                f"({ref.role.value}, {scheme_label}) needs {'/'.join(dtypes)}{list(shape)}: {more(ex, n)}",
+                where=f"{file} (source {source.path}; {why})",
+                fix="this checkpoint is of another model size or a different export; use the matching release or map these modules elsewhere",
+            ),
+        )
 
     # ---- groups -------------------------------------------------------------------------------
     def _group(self, modules: dict[str, ModuleAssignment]) -> dict[str, GroupAssignment]:
@@ -408,7 +487,9 @@ class _Planner:
                 continue
             labels = sorted({a.label for a in items})
             scheme = items[0].scheme
-            groups[prefix] = GroupAssignment(prefix, "+".join(labels), scheme, [a.name for a in items], items[0].ref.role)
+            groups[prefix] = GroupAssignment(
+                prefix, "+".join(labels), scheme, [a.name for a in items], items[0].ref.role
+            )
             rules = sorted({a.rule for a in items})
             if scheme.quantized and groups[prefix].role in (Role.EMBEDDING, Role.LM_HEAD):
                 self._quantized_vocab(groups[prefix], rules)
@@ -419,35 +500,55 @@ class _Planner:
     def _quantized_vocab(self, group: GroupAssignment, rules: list[str]) -> None:
         # SGLang builds embeddings and lm_head with no quantized method: it would fail at model
         # construction, after the workers started.
-        self.problems.add(MixedPrecisionError(
-            ErrorCode.QUANTIZED_VOCAB, f"{group.prefix} is {group.scheme.label()} in source {group.label!r}, but SGLang serves "
-            "embeddings and lm_head only in 16 bits",
-            where=f"{group.prefix} (decided by: {'; '.join(rules)})",
-            fix=f"map {group.prefix} to a 16-bit source (official FP8 and GPTQ releases keep it 16-bit)"))
+        self.problems.add(
+            MixedPrecisionError(
+                ErrorCode.QUANTIZED_VOCAB,
+                f"{group.prefix} is {group.scheme.label()} in source {group.label!r}, but SGLang serves "
+                "embeddings and lm_head only in 16 bits",
+                where=f"{group.prefix} (decided by: {'; '.join(rules)})",
+                fix=f"map {group.prefix} to a 16-bit source (official FP8 and GPTQ releases keep it 16-bit)",
+            )
+        )
 
     def _mixed_group(self, prefix: str, items: list[ModuleAssignment]) -> None:
         by_scheme: dict[str, list[str]] = defaultdict(list)
         for a in items:
-            by_scheme[f"{a.scheme.label()} from {a.label!r}"].append(f"{a.name.rsplit(prefix.rsplit('.', 1)[0] + '.', 1)[-1]}")
+            by_scheme[f"{a.scheme.label()} from {a.label!r}"].append(
+                f"{a.name.rsplit(prefix.rsplit('.', 1)[0] + '.', 1)[-1]}"
+            )
         parts = [f"{k}: {more(v)}" for k, v in by_scheme.items()]
-        self.problems.add(MixedPrecisionError(
-            ErrorCode.MIXED_GROUP,
-            f"SGLang fuses {prefix} into one layer, but its members have different precisions -- " + "; ".join(parts),
-            where=f"{prefix} (decided by: {'; '.join(sorted({a.rule for a in items}))})",
-            fix="map every member of the fused layer (q/k/v, gate/up, or all experts of a layer) to the same precision"))
+        self.problems.add(
+            MixedPrecisionError(
+                ErrorCode.MIXED_GROUP,
+                f"SGLang fuses {prefix} into one layer, but its members have different precisions -- "
+                + "; ".join(parts),
+                where=f"{prefix} (decided by: {'; '.join(sorted({a.rule for a in items}))})",
+                fix="map every member of the fused layer (q/k/v, gate/up, or all experts of a layer) to the same precision",
+            )
+        )
 
     def _check_rank_shapes(self, group: GroupAssignment, rules: list[str]) -> None:
         problems = _rank_problems(self.geometry, group.role, group.prefix.rsplit(".", 1)[-1], group.scheme, self.tp)
         for problem in problems:
             key = ("tp_indivisible", group.scheme, group.role, group.prefix.rsplit(".", 1)[-1], problem)
-            self.problems.add_similar(key, group.prefix, lambda ex, n, p=problem, g=group, rules=rules: MixedPrecisionError(
-                ErrorCode.TP_INDIVISIBLE, f"{g.scheme.label()} at tp_size {self.tp}: {p}, in {n} layer(s): {more(ex, n)}",
-                where=f"source {g.label!r} ({g.role.value}); decided by {'; '.join(rules)}",
-                fix=f"use a --tp-size this precision can split ({_valid_tps(self.geometry, g)}) or map these layers to another precision"))
+            self.problems.add_similar(
+                key,
+                group.prefix,
+                lambda ex, n, p=problem, g=group, rules=rules: MixedPrecisionError(
+                    ErrorCode.TP_INDIVISIBLE,
+                    f"{g.scheme.label()} at tp_size {self.tp}: {p}, in {n} layer(s): {more(ex, n)}",
+                    where=f"source {g.label!r} ({g.role.value}); decided by {'; '.join(rules)}",
+                    fix=f"use a --tp-size this precision can split ({_valid_tps(self.geometry, g)}) or map these layers to another precision",
+                ),
+            )
 
     def _unused_rules(self, modules: dict[str, ModuleAssignment]) -> list[str]:
         used = {a.rule for a in modules.values()}
-        return [f"{r.describe()} decides no module: it matches no linear, or earlier rules / weight_mapping names take all it matches" for r in self.config.rules if r.describe() not in used]
+        return [
+            f"{r.describe()} decides no module: it matches no linear, or earlier rules / weight_mapping names take all it matches"
+            for r in self.config.rules
+            if r.describe() not in used
+        ]
 
 
 _UNSET = object()
@@ -482,16 +583,25 @@ class _TemplateClassifier:
         ref = classify(name)
         parts = name.split(".")
         layer_at = next((i + 1 for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None)
-        expert_at = next((i for i, p in enumerate(parts) if p.isdigit() and int(p) == ref.expert and i != layer_at), None) if ref.expert is not None else None
+        expert_at = (
+            next((i for i, p in enumerate(parts) if p.isdigit() and int(p) == ref.expert and i != layer_at), None)
+            if ref.expert is not None
+            else None
+        )
         if ref.group == name:
             keep, extra = None, ""
         elif name.startswith(ref.group + "."):
             keep, extra = ref.group.count(".") + 1, ""
         else:
             keep, extra = len(parts) - 1, "." + ref.group.rsplit(".", 1)[-1]
-        rebuilt = ModuleRef(name, ref.role, int(parts[layer_at]) if layer_at is not None else None,
-                            name if keep is None else ".".join(parts[:keep]) + extra, ref.shard,
-                            int(parts[expert_at]) if expert_at is not None else None)
+        rebuilt = ModuleRef(
+            name,
+            ref.role,
+            int(parts[layer_at]) if layer_at is not None else None,
+            name if keep is None else ".".join(parts[:keep]) + extra,
+            ref.shard,
+            int(parts[expert_at]) if expert_at is not None else None,
+        )
         if rebuilt != ref:
             return (None,) * 6
         return ref.role, ref.shard, keep, extra, layer_at, expert_at
@@ -507,23 +617,29 @@ def _with_sizes(specs: dict[str, TensorSpec]) -> _CheckedSpecs:
     return checked, frozenset(s for s, spec in specs.items() if not spec.optional)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _specs(scheme: Scheme, n: int, k: int) -> _CheckedSpecs:
     return _with_sizes(expected_tensors(scheme, n, k))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _vector_spec(dtype: str, shape: tuple[int, ...]) -> _CheckedSpecs:
     return _with_sizes({"weight": TensorSpec((dtype,), shape)})
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rank_problems(geometry: ModelGeometry, role: Role, leaf: str, scheme: Scheme, tp: int) -> tuple[str, ...]:
     rank_shape = geometry.rank_shape(role, leaf, tp)
     return tuple(rank_problems(scheme, rank_shape)) if rank_shape is not None else ()
 
 
 def _valid_tps(geometry: ModelGeometry, group: GroupAssignment | None = None) -> str:
-    ok = [tp for tp in (1, 2, 4, 8, 16) if not geometry.tp_problems(tp)
-          and (group is None or not _rank_problems(geometry, group.role, group.prefix.rsplit(".", 1)[-1], group.scheme, tp))]
+    ok = [
+        tp
+        for tp in (1, 2, 4, 8, 16)
+        if not geometry.tp_problems(tp)
+        and (
+            group is None or not _rank_problems(geometry, group.role, group.prefix.rsplit(".", 1)[-1], group.scheme, tp)
+        )
+    ]
     return "valid here: " + ", ".join(map(str, ok)) if ok else "none of 1, 2, 4, 8, 16 works"

@@ -20,11 +20,12 @@ neither SGLang nor torch.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from math import prod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import parse_config, read_config_text
 from .errors import ErrorCode, MixedPrecisionError, more, raise_all
@@ -46,10 +47,12 @@ def module_origin(assignment, real_path: Callable[[Path], str]) -> tuple:
     Two plans whose modules have equal origins load identical bytes, whatever the labels are called.
     ``real_path`` resolves a weight file (cached by the caller: a model has far fewer files than tensors).
     """
-    return tuple(sorted(
-        (suffix, real_path(info.file), tuple(info.data_offsets), info.dtype, tuple(info.shape))
-        for suffix, info in assignment.tensors.items()
-    ))
+    return tuple(
+        sorted(
+            (suffix, real_path(info.file), tuple(info.data_offsets), info.dtype, tuple(info.shape))
+            for suffix, info in assignment.tensors.items()
+        )
+    )
 
 
 # ---- plan diff ------------------------------------------------------------------------------------
@@ -65,8 +68,14 @@ class LayerChange:
     changed: tuple[str, ...] = ()  # member modules whose tensors come from elsewhere
 
     def to_json(self) -> dict:
-        return {"layer": self.prefix, "action": self.action, "reason": self.reason, "old": self.old, "new": self.new,
-                "changed_modules": list(self.changed)}
+        return {
+            "layer": self.prefix,
+            "action": self.action,
+            "reason": self.reason,
+            "old": self.old,
+            "new": self.new,
+            "changed_modules": list(self.changed),
+        }
 
 
 @dataclass
@@ -102,24 +111,40 @@ def same_model_problems(old: Plan, new: Plan) -> list[MixedPrecisionError]:
     """Why ``new`` cannot be loaded into the model built for ``old`` (empty if it can)."""
     problems = []
     if new.tp_size != old.tp_size:
-        problems.append(MixedPrecisionError(
-            ErrorCode.RELOAD_MODEL_MISMATCH, f"the new plan is for tp_size {new.tp_size}, the server runs tp_size {old.tp_size}",
-            fix="plan the reload for the running tensor-parallel size"))
+        problems.append(
+            MixedPrecisionError(
+                ErrorCode.RELOAD_MODEL_MISMATCH,
+                f"the new plan is for tp_size {new.tp_size}, the server runs tp_size {old.tp_size}",
+                fix="plan the reload for the running tensor-parallel size",
+            )
+        )
     base, cfg = old.hf_config, new.hf_config
-    diffs = [f"{k}: {cfg.get(k)!r} (new) vs {base.get(k)!r} (running)" for k in ARCHITECTURE_KEYS if cfg.get(k) != base.get(k)]
+    diffs = [
+        f"{k}: {cfg.get(k)!r} (new) vs {base.get(k)!r} (running)"
+        for k in ARCHITECTURE_KEYS
+        if cfg.get(k) != base.get(k)
+    ]
     if diffs:
-        problems.append(MixedPrecisionError(
-            ErrorCode.RELOAD_MODEL_MISMATCH, "the new config describes another model than the one being served: " + "; ".join(diffs),
-            where=str(new.skeleton_path / "config.json"),
-            fix="point the new config's sources at checkpoints of the served model"))
+        problems.append(
+            MixedPrecisionError(
+                ErrorCode.RELOAD_MODEL_MISMATCH,
+                "the new config describes another model than the one being served: " + "; ".join(diffs),
+                where=str(new.skeleton_path / "config.json"),
+                fix="point the new config's sources at checkpoints of the served model",
+            )
+        )
     missing = sorted(set(old.groups) - set(new.groups))
     extra = sorted(set(new.groups) - set(old.groups))
     if (missing or extra) and not diffs:
         shown = ", ".join((missing + extra)[:EXAMPLES])
-        problems.append(MixedPrecisionError(
-            ErrorCode.RELOAD_MODEL_MISMATCH,
-            f"the new plan's layers differ from the running model's ({len(missing)} missing, {len(extra)} unknown): {shown}",
-            where=str(new.skeleton_path), fix="use sources of the served model (same tensor names)"))
+        problems.append(
+            MixedPrecisionError(
+                ErrorCode.RELOAD_MODEL_MISMATCH,
+                f"the new plan's layers differ from the running model's ({len(missing)} missing, {len(extra)} unknown): {shown}",
+                where=str(new.skeleton_path),
+                fix="use sources of the served model (same tensor names)",
+            )
+        )
     return problems
 
 
@@ -132,13 +157,17 @@ def in_place_refusal(group) -> str | None:
     """
     scheme = group.scheme
     if scheme.kind == "gptq":
-        return ("GPTQ-Marlin repacks qweight/scales into its own layout after loading (gptq_marlin_repack, "
-                "permuted scales, g_idx sort), so checkpoint bytes cannot be copied into the running layer")
+        return (
+            "GPTQ-Marlin repacks qweight/scales into its own layout after loading (gptq_marlin_repack, "
+            "permuted scales, g_idx sort), so checkpoint bytes cannot be copied into the running layer"
+        )
     if group.role is Role.ROUTED_EXPERT and scheme.kind != "unquantized":
         return f"the fused-MoE method for {scheme.label()} rewrites its expert weights and scales after loading"
     if scheme.kind == "fp8" and not scheme.fp8_block:
-        return (f"{scheme.label()} scales are converted after loading (per-channel / max per-tensor requantization), "
-                "so checkpoint scales do not match what the kernel reads")
+        return (
+            f"{scheme.label()} scales are converted after loading (per-channel / max per-tensor requantization), "
+            "so checkpoint scales do not match what the kernel reads"
+        )
     return None
 
 
@@ -151,17 +180,28 @@ def diff_plans(old: Plan, new: Plan) -> PlanDiff:
     layers = {}
     for prefix, old_group in old.groups.items():
         new_group = new.groups[prefix]
-        changed = tuple(m for m in new_group.members if m not in old.modules
-                        or module_origin(old.modules[m], real_path) != module_origin(new.modules[m], real_path))
+        changed = tuple(
+            m
+            for m in new_group.members
+            if m not in old.modules
+            or module_origin(old.modules[m], real_path) != module_origin(new.modules[m], real_path)
+        )
         old_d, new_d = _describe(old_group), _describe(new_group)
         if new_group.scheme != old_group.scheme:
-            action, reason = REBUILD, (f"scheme changes {old_group.scheme.label()} -> {new_group.scheme.label()}: "
-                                       "the layer needs other parameters and another kernel")
+            action, reason = (
+                REBUILD,
+                (
+                    f"scheme changes {old_group.scheme.label()} -> {new_group.scheme.label()}: "
+                    "the layer needs other parameters and another kernel"
+                ),
+            )
         elif not changed:
             action, reason = NOTHING, "same tensors (files and byte ranges) as now"
         else:
             refusal = in_place_refusal(new_group)
-            action, reason = (REBUILD, refusal) if refusal else (RELOAD, f"same scheme, {len(changed)} module(s) from new tensors")
+            action, reason = (
+                (REBUILD, refusal) if refusal else (RELOAD, f"same scheme, {len(changed)} module(s) from new tensors")
+            )
         layers[prefix] = LayerChange(prefix, action, reason, old_d, new_d, changed)
     return PlanDiff(layers)
 
@@ -185,7 +225,9 @@ def config_sha256(text: str) -> str:
 
 
 def _bad_request(message: str, fix: str) -> MixedPrecisionError:
-    return MixedPrecisionError(ErrorCode.RELOAD_BAD_REQUEST, message, where="POST /mixed_precision/reload body", fix=fix)
+    return MixedPrecisionError(
+        ErrorCode.RELOAD_BAD_REQUEST, message, where="POST /mixed_precision/reload body", fix=fix
+    )
 
 
 def parse_reload_request(body: Any, *, base_dir: Path) -> ReloadRequest:
@@ -201,7 +243,9 @@ def parse_reload_request(body: Any, *, base_dir: Path) -> ReloadRequest:
         raise _bad_request(f"the body must be a JSON object, got {type(body).__name__}", usage)
     unknown = sorted(set(body) - set(REQUEST_KEYS))
     if unknown:
-        raise _bad_request(f"unknown field(s) {', '.join(map(repr, unknown))}", f"known fields: {', '.join(REQUEST_KEYS)}")
+        raise _bad_request(
+            f"unknown field(s) {', '.join(map(repr, unknown))}", f"known fields: {', '.join(REQUEST_KEYS)}"
+        )
     for flag in ("restart", "dry_run"):
         if flag in body and not isinstance(body[flag], bool):
             raise _bad_request(f"{flag!r} must be true or false, got {body[flag]!r}", usage)
@@ -241,11 +285,17 @@ class TensorLoad:
     label: str
 
     def to_json(self) -> dict:
-        return {"layer": self.layer, "name": self.name, "file": self.file, "dtype": self.dtype,
-                "shape": list(self.shape), "label": self.label}
+        return {
+            "layer": self.layer,
+            "name": self.name,
+            "file": self.file,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "label": self.label,
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "TensorLoad":
+    def from_json(cls, d: dict) -> TensorLoad:
         return cls(d["layer"], d["name"], d["file"], d["dtype"], tuple(d["shape"]), d["label"])
 
 
@@ -273,9 +323,16 @@ class ReloadPlan:
 
     def worker_request(self, skeleton: str | None = None) -> dict:
         """What each worker receives: the config to re-plan and the tensors it must end up reading."""
-        return {"kind": "sglang_mixed_precision.reload", "config_text": self.config_text, "anchor": str(self.anchor),
-                "sha256": self.sha256, "tp_size": self.plan.tp_size, "skeleton": skeleton,
-                "layers": self.layers, "loads": [t.to_json() for t in self.loads]}
+        return {
+            "kind": "sglang_mixed_precision.reload",
+            "config_text": self.config_text,
+            "anchor": str(self.anchor),
+            "sha256": self.sha256,
+            "tp_size": self.plan.tp_size,
+            "skeleton": skeleton,
+            "layers": self.layers,
+            "loads": [t.to_json() for t in self.loads],
+        }
 
 
 def reload_loads(diff: PlanDiff, new: Plan) -> list[TensorLoad]:
@@ -286,7 +343,11 @@ def reload_loads(diff: PlanDiff, new: Plan) -> list[TensorLoad]:
         for member in new.groups[change.prefix].members:
             assignment = new.modules[member]
             for info in assignment.tensors.values():
-                loads.append(TensorLoad(change.prefix, info.name, str(info.file), info.dtype, tuple(info.shape), assignment.label))
+                loads.append(
+                    TensorLoad(
+                        change.prefix, info.name, str(info.file), info.dtype, tuple(info.shape), assignment.label
+                    )
+                )
     return loads
 
 
@@ -303,10 +364,12 @@ def rebuild_refusal(reload_plan: ReloadPlan) -> MixedPrecisionError:
     layers = reload_plan.diff.rebuild
     shown = more([f"{c.prefix}: {c.reason}" for c in layers], limit=EXAMPLES, sep="; ")
     return MixedPrecisionError(
-        ErrorCode.RELOAD_NEEDS_REBUILD, f"{len(layers)} layer(s) cannot be reloaded in place: {shown}",
+        ErrorCode.RELOAD_NEEDS_REBUILD,
+        f"{len(layers)} layer(s) cannot be reloaded in place: {shown}",
         where=str(reload_plan.anchor),
         fix='send the request again with "restart": true (managed restart by launch_mixed_precision_server.py), '
-            "or keep these layers' current sources")
+        "or keep these layers' current sources",
+    )
 
 
 def check_worker_request(request: dict) -> None:
@@ -314,11 +377,17 @@ def check_worker_request(request: dict) -> None:
     required = ("kind", "config_text", "anchor", "sha256", "tp_size", "layers", "loads")
     missing = [k for k in required if k not in request]
     if missing or request.get("kind") != "sglang_mixed_precision.reload":
-        raise MixedPrecisionError(ErrorCode.RELOAD_BAD_REQUEST, f"malformed reload request (missing {missing or 'kind'})",
-                                  fix="send reloads through POST /mixed_precision/reload")
+        raise MixedPrecisionError(
+            ErrorCode.RELOAD_BAD_REQUEST,
+            f"malformed reload request (missing {missing or 'kind'})",
+            fix="send reloads through POST /mixed_precision/reload",
+        )
     if config_sha256(request["config_text"]) != request["sha256"]:
-        raise MixedPrecisionError(ErrorCode.RELOAD_BAD_REQUEST, "the reload request's config does not match its sha256",
-                                  fix="send reloads through POST /mixed_precision/reload")
+        raise MixedPrecisionError(
+            ErrorCode.RELOAD_BAD_REQUEST,
+            "the reload request's config does not match its sha256",
+            fix="send reloads through POST /mixed_precision/reload",
+        )
 
 
 def replan_in_worker(active: Plan, request: dict) -> ReloadPlan:
@@ -328,14 +397,18 @@ def replan_in_worker(active: Plan, request: dict) -> ReloadPlan:
     the layer lists differ and the reload is refused rather than loading something else.
     """
     check_worker_request(request)
-    reload_plan = plan_reload(active, ReloadRequest(request["config_text"], Path(request["anchor"]), False),
-                              request.get("skeleton"))
+    reload_plan = plan_reload(
+        active, ReloadRequest(request["config_text"], Path(request["anchor"]), False), request.get("skeleton")
+    )
     if reload_plan.diff.rebuild:
         raise rebuild_refusal(reload_plan)
     expected = [TensorLoad.from_json(d) for d in request["loads"]]
     if reload_plan.layers != list(request["layers"]) or reload_plan.loads != expected:
         raise MixedPrecisionError(
-            ErrorCode.RELOAD_SOURCES_CHANGED, "the sources changed between validation and the reload "
+            ErrorCode.RELOAD_SOURCES_CHANGED,
+            "the sources changed between validation and the reload "
             f"(validated {len(request['layers'])} layer(s), the worker now plans {len(reload_plan.layers)})",
-            where=str(request["anchor"]), fix="send the reload again once the checkpoint files are in place")
+            where=str(request["anchor"]),
+            fix="send the reload again once the checkpoint files are in place",
+        )
     return reload_plan

@@ -37,9 +37,13 @@ def summary(plan) -> dict:
             "parameters": sum(r["parameters"] for r in by_precision.values()),
             "bytes": sum(r["bytes"] for r in by_precision.values()),
         },
-        "by_precision": [{"precision": p, **r} for p, r in sorted(by_precision.items(), key=lambda kv: -kv[1]["bytes"])],
+        "by_precision": [
+            {"precision": p, **r} for p, r in sorted(by_precision.items(), key=lambda kv: -kv[1]["bytes"])
+        ],
         "by_source": [{"label": label, **r} for label, r in by_source.items()],
-        "by_layer": [{"layer": layer, "bytes": dict(by_layer[layer]), "total": sum(by_layer[layer].values())} for layer in layers],
+        "by_layer": [
+            {"layer": layer, "bytes": dict(by_layer[layer]), "total": sum(by_layer[layer].values())} for layer in layers
+        ],
         "per_rank": [{"rank": r, "bytes": sum(per_rank.values()), "by_precision": per_rank} for r in range(tp)],
     }
 
@@ -53,7 +57,10 @@ def human_bytes(n: float) -> str:
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    fmt = lambda row: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
+
+    def fmt(row):
+        return "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
+
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
@@ -65,22 +72,50 @@ def format_tables(plan) -> str:
         f"{human_bytes(s['total']['bytes'])} of weights; skeleton {plan.skeleton_label!r} ({plan.skeleton_path}); tp_size {plan.tp_size}",
         "",
         "Sources:",
-        _table(["label", "scheme", "modules", "bytes", "path"],
-               [[r["label"], plan.sources[r["label"]].scheme.label(), r["modules"], human_bytes(r["bytes"]), plan.sources[r["label"]].path]
-                for r in s["by_source"]]),
+        _table(
+            ["label", "scheme", "modules", "bytes", "path"],
+            [
+                [
+                    r["label"],
+                    plan.sources[r["label"]].scheme.label(),
+                    r["modules"],
+                    human_bytes(r["bytes"]),
+                    plan.sources[r["label"]].path,
+                ]
+                for r in s["by_source"]
+            ],
+        ),
         "",
         "By precision:",
-        _table(["precision", "modules", "parameters", "bytes"],
-               [[r["precision"], r["modules"], f"{r['parameters']:,}", human_bytes(r["bytes"])] for r in s["by_precision"]]),
+        _table(
+            ["precision", "modules", "parameters", "bytes"],
+            [
+                [r["precision"], r["modules"], f"{r['parameters']:,}", human_bytes(r["bytes"])]
+                for r in s["by_precision"]
+            ],
+        ),
         "",
         "By layer:",
-        _table(["layer", *precisions, "total"],
-               [[r["layer"], *(human_bytes(r["bytes"].get(p, 0)) if r["bytes"].get(p) else "-" for p in precisions), human_bytes(r["total"])]
-                for r in s["by_layer"]]),
+        _table(
+            ["layer", *precisions, "total"],
+            [
+                [
+                    r["layer"],
+                    *(human_bytes(r["bytes"].get(p, 0)) if r["bytes"].get(p) else "-" for p in precisions),
+                    human_bytes(r["total"]),
+                ]
+                for r in s["by_layer"]
+            ],
+        ),
         "",
         f"Per TP rank (tp_size {plan.tp_size}; weights only, no KV cache or activations):",
-        _table(["rank", *precisions, "total"],
-               [[r["rank"], *(human_bytes(r["by_precision"].get(p, 0)) for p in precisions), human_bytes(r["bytes"])] for r in s["per_rank"]]),
+        _table(
+            ["rank", *precisions, "total"],
+            [
+                [r["rank"], *(human_bytes(r["by_precision"].get(p, 0)) for p in precisions), human_bytes(r["bytes"])]
+                for r in s["per_rank"]
+            ],
+        ),
     ]
     if plan.warnings:
         lines += ["", "Warnings:", *(f"  - {w}" for w in plan.warnings)]

@@ -116,12 +116,18 @@ class AuditReport:
             return
         listed = more(self.problems, limit=MAX_LISTED, sep="\n  - ")
         message = f"the loaded model does not match the plan ({len(self.problems)} problem(s)):\n  - {listed}"
-        raise MixedPrecisionError(ErrorCode.LOAD_AUDIT_FAILED, message, where=where,
-                                  fix="the plan and the model disagree: check the sources match the skeleton's architecture "
-                                      "and that the tensor names are the model's (see the list above)")
+        raise MixedPrecisionError(
+            ErrorCode.LOAD_AUDIT_FAILED,
+            message,
+            where=where,
+            fix="the plan and the model disagree: check the sources match the skeleton's architecture "
+            "and that the tensor names are the model's (see the list above)",
+        )
 
 
-def audit_model(model: torch.nn.Module, plan, recorder: LoadRecorder, yielded: Counter, int4_moe_kernel: str) -> AuditReport:
+def audit_model(
+    model: torch.nn.Module, plan, recorder: LoadRecorder, yielded: Counter, int4_moe_kernel: str
+) -> AuditReport:
     """Compare the loaded ``model`` with ``plan`` (``yielded``: how often the stream gave each tensor)."""
     report = AuditReport()
     _audit_methods(model, plan, int4_moe_kernel, report)
@@ -135,7 +141,9 @@ def _audit_methods(model, plan, int4_moe_kernel: str, report: AuditReport) -> No
     for prefix, group in plan.groups.items():
         module = modules.get(prefix)
         if module is None:
-            report.problems.append(f"planned layer {prefix} ({group.scheme.label()} from {group.label!r}) does not exist in the model")
+            report.problems.append(
+                f"planned layer {prefix} ({group.scheme.label()} from {group.label!r}) does not exist in the model"
+            )
             continue
         kind = layer_kind(module)
         if kind is None:  # norms: plain parameters, no method
@@ -143,8 +151,10 @@ def _audit_methods(model, plan, int4_moe_kernel: str, report: AuditReport) -> No
         expected = expected_method_class(kind, group.scheme.kind, int4_moe_kernel)
         actual = type(getattr(module, "quant_method", None))
         if actual is not expected:
-            report.problems.append(f"layer {prefix} runs {actual.__name__} but the plan ({group.scheme.label()} from "
-                                   f"{group.label!r}) needs {expected.__name__}")
+            report.problems.append(
+                f"layer {prefix} runs {actual.__name__} but the plan ({group.scheme.label()} from "
+                f"{group.label!r}) needs {expected.__name__}"
+            )
         else:
             report.layers[expected.__name__] += 1
     for name, module in modules.items():
@@ -165,11 +175,15 @@ def _audit_tensors(plan, recorder: LoadRecorder, yielded: Counter, report: Audit
                 report.problems.append(f"tensor {info.name} of source {label!r} was read {times} times (expected once)")
                 continue
             if not params:
-                report.problems.append(f"tensor {info.name} of source {label!r} was read but the model consumed it nowhere "
-                                       "(SGLang's load_weights skipped its name)")
+                report.problems.append(
+                    f"tensor {info.name} of source {label!r} was read but the model consumed it nowhere "
+                    "(SGLang's load_weights skipped its name)"
+                )
                 continue
             if len(params) > 1:
-                report.problems.append(f"tensor {info.name} of source {label!r} was consumed {len(params)} times ({', '.join(params)})")
+                report.problems.append(
+                    f"tensor {info.name} of source {label!r} was consumed {len(params)} times ({', '.join(params)})"
+                )
                 continue
             if not params[0].startswith(group + "."):
                 report.problems.append(f"tensor {info.name} was loaded into {params[0]}, outside its layer {group}")
@@ -185,7 +199,9 @@ def _audit_parameters(model, recorder: LoadRecorder, report: AuditReport) -> Non
             continue
         calls = recorder.calls.get(name, [])
         if not calls:
-            report.problems.append(f"parameter {name} {tuple(param.shape)} {param.dtype} was never loaded (left uninitialised)")
+            report.problems.append(
+                f"parameter {name} {tuple(param.shape)} {param.dtype} was never loaded (left uninitialised)"
+            )
             continue
         missing = _missing_shards(model, name, calls)
         if missing:

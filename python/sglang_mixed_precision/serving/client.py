@@ -50,8 +50,14 @@ def log_tail(log_path: str | Path, lines: int = 40) -> str:
         return ""
 
 
-def wait_until_ready(base_url: str, proc: subprocess.Popen, timeout: float, log_path: str | Path | None = None,
-                     progress=print, every: float = 30.0) -> float:
+def wait_until_ready(
+    base_url: str,
+    proc: subprocess.Popen,
+    timeout: float,
+    log_path: str | Path | None = None,
+    progress=print,
+    every: float = 30.0,
+) -> float:
     """Poll ``/health_generate`` until it answers 200; returns the seconds waited.
 
     Raises ``RuntimeError`` (with the log's tail) if the process exits or ``timeout`` passes.
@@ -59,7 +65,9 @@ def wait_until_ready(base_url: str, proc: subprocess.Popen, timeout: float, log_
     start = last = time.time()
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}:\n{log_tail(log_path) if log_path else ''}")
+            raise RuntimeError(
+                f"the server exited with code {proc.returncode}:\n{log_tail(log_path) if log_path else ''}"
+            )
         try:
             with urllib.request.urlopen(f"{base_url}/health_generate", timeout=10) as r:
                 if r.status == 200:
@@ -68,7 +76,9 @@ def wait_until_ready(base_url: str, proc: subprocess.Popen, timeout: float, log_
             pass
         now = time.time()
         if now - start > timeout:
-            raise RuntimeError(f"the server was not ready after {timeout:.0f}s:\n{log_tail(log_path) if log_path else ''}")
+            raise RuntimeError(
+                f"the server was not ready after {timeout:.0f}s:\n{log_tail(log_path) if log_path else ''}"
+            )
         if now - last >= every:
             progress(f"  ... waiting for the server ({now - start:.0f}s)")
             last = now

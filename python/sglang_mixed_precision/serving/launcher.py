@@ -23,8 +23,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..core.errors import ErrorCode, MixedPrecisionError
-from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 from .client import stop_server
+from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 
 SGLANG_SERVER = ("-m", "sglang.launch_server")
 PLUGIN_GROUP, PLUGIN_NAME = "sglang.srt.plugins", "mixed_precision"
@@ -46,22 +46,41 @@ SHARED_FLAGS = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mixed precision (any other flag is passed to SGLang unchanged)")
-    g.add_argument("--enable-mixed-precision", action="store_true",
-                   help="serve the mix of --mixed-precision-config; without it this is `python -m sglang.launch_server`")
+    g.add_argument(
+        "--enable-mixed-precision",
+        action="store_true",
+        help="serve the mix of --mixed-precision-config; without it this is `python -m sglang.launch_server`",
+    )
     g.add_argument("--mixed-precision-config", metavar="YAML", help="the mixed-precision config")
-    g.add_argument("--plan-dir", metavar="DIR", help="where to write the plan directory SGLang serves (default: a temp dir)")
-    g.add_argument("--int4-moe-kernel", choices=INT4_MOE_KERNELS, default=None,
-                   help="int4 experts: Triton WNA16 (default; runs in bf16 models) or GPTQ-Marlin MoE (fp16 models only in "
-                        "SGLang 0.5.17); a plan directory given as --model-path keeps its own")
-    g.add_argument("--print-command", action="store_true", help="validate, write the plan directory, print the SGLang command, exit")
+    g.add_argument(
+        "--plan-dir", metavar="DIR", help="where to write the plan directory SGLang serves (default: a temp dir)"
+    )
+    g.add_argument(
+        "--int4-moe-kernel",
+        choices=INT4_MOE_KERNELS,
+        default=None,
+        help="int4 experts: Triton WNA16 (default; runs in bf16 models) or GPTQ-Marlin MoE (fp16 models only in "
+        "SGLang 0.5.17); a plan directory given as --model-path keeps its own",
+    )
+    g.add_argument(
+        "--print-command",
+        action="store_true",
+        help="validate, write the plan directory, print the SGLang command, exit",
+    )
     s = p.add_argument_group("SGLang server arguments the plan depends on")
     for dest, flag, aliases in SHARED_FLAGS:
-        kind = int if dest in ("port", "tp_size", "dp_size", "pp_size", "max_running_requests", "max_total_tokens") else str
+        kind = (
+            int
+            if dest in ("port", "tp_size", "dp_size", "pp_size", "max_running_requests", "max_total_tokens")
+            else str
+        )
         s.add_argument(flag, *aliases, dest=dest, type=kind, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch_mixed_precision_server.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="launch_mixed_precision_server.py", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     add_arguments(p)
     return p
 
@@ -89,12 +108,18 @@ def check_plugin_installed() -> None:
     """SGLang's workers only see the mix through the entry point of an installed package."""
     names = {ep.name for ep in entry_points(group=PLUGIN_GROUP)}
     if PLUGIN_NAME not in names:
-        raise MixedPrecisionError(ErrorCode.PLUGIN_NOT_INSTALLED, "the sglang.srt.plugins entry point 'mixed_precision' is not installed",
-                                  fix="install the package into SGLang's environment: pip install -e <repo> (or pip install sglang-mixed-precision)")
+        raise MixedPrecisionError(
+            ErrorCode.PLUGIN_NOT_INSTALLED,
+            "the sglang.srt.plugins entry point 'mixed_precision' is not installed",
+            fix="install the package into SGLang's environment: pip install -e <repo> (or pip install sglang-mixed-precision)",
+        )
     allowed = os.environ.get("SGLANG_PLUGINS", "")
     if allowed and PLUGIN_NAME not in {x.strip() for x in allowed.split(",")}:
-        raise MixedPrecisionError(ErrorCode.PLUGIN_DISABLED, f"SGLANG_PLUGINS={allowed!r} does not list 'mixed_precision'",
-                                  fix="add mixed_precision to SGLANG_PLUGINS or unset it")
+        raise MixedPrecisionError(
+            ErrorCode.PLUGIN_DISABLED,
+            f"SGLANG_PLUGINS={allowed!r} does not list 'mixed_precision'",
+            fix="add mixed_precision to SGLANG_PLUGINS or unset it",
+        )
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None, str]:
@@ -109,8 +134,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, str | None, str]:
     elif saved is not None:
         config = Path(saved.config_path)
     else:
-        raise MixedPrecisionError(ErrorCode.LAUNCH_NO_CONFIG, "--enable-mixed-precision needs --mixed-precision-config",
-                                  fix="pass --mixed-precision-config <yaml> (or --model-path <plan directory>)")
+        raise MixedPrecisionError(
+            ErrorCode.LAUNCH_NO_CONFIG,
+            "--enable-mixed-precision needs --mixed-precision-config",
+            fix="pass --mixed-precision-config <yaml> (or --model-path <plan directory>)",
+        )
     kernel = args.int4_moe_kernel or (saved.int4_moe_kernel if saved else DEFAULT_INT4_MOE_KERNEL)
     if model is None:
         return config, None, kernel
@@ -129,8 +157,12 @@ def skeleton_label(config_path: Path, model: Path) -> str:
         if Path(spec.path).resolve() == target:
             return label
     listed = ", ".join(f"{label}: {spec.path}" for label, spec in cfg.sources.items())
-    raise MixedPrecisionError(ErrorCode.LAUNCH_MODEL_NOT_A_SOURCE, f"--model-path {model} is none of the config's sources ({listed})",
-                              where=str(config_path), fix="pass the mix's 16-bit model as --model-path, or omit it")
+    raise MixedPrecisionError(
+        ErrorCode.LAUNCH_MODEL_NOT_A_SOURCE,
+        f"--model-path {model} is none of the config's sources ({listed})",
+        where=str(config_path),
+        fix="pass the mix's 16-bit model as --model-path, or omit it",
+    )
 
 
 def default_plan_dir(config: Path, skeleton: str | None, tp: int, kernel: str) -> Path:
@@ -144,15 +176,21 @@ def prepare_mixed(args: argparse.Namespace, out=sys.stdout) -> Path:
     from .plandir import make_plan_dir
 
     if (args.pp_size or 1) > 1:
-        raise MixedPrecisionError(ErrorCode.LAUNCH_PP_UNSUPPORTED, "pipeline parallelism is not supported with a mixed-precision plan",
-                                  fix="use --tp-size (and --dp-size) instead of --pp-size")
+        raise MixedPrecisionError(
+            ErrorCode.LAUNCH_PP_UNSUPPORTED,
+            "pipeline parallelism is not supported with a mixed-precision plan",
+            fix="use --tp-size (and --dp-size) instead of --pp-size",
+        )
     config, skeleton, kernel = resolve_config(args)
     tp = args.tp_size or 1
     plan_dir = Path(args.plan_dir) if args.plan_dir else default_plan_dir(config, skeleton, tp, kernel)
     plan, path = make_plan_dir(config, plan_dir, tp_size=tp, skeleton=skeleton, int4_moe_kernel=kernel)
     print(format_tables(plan), file=out)
-    print(f"\nplan directory: {path} (tp_size {tp}, dp_size {args.dp_size or 1}; int4 MoE kernel {kernel})",
-          file=out, flush=True)
+    print(
+        f"\nplan directory: {path} (tp_size {tp}, dp_size {args.dp_size or 1}; int4 MoE kernel {kernel})",
+        file=out,
+        flush=True,
+    )
     return path
 
 
@@ -162,8 +200,11 @@ def sglang_command(argv: list[str], out=sys.stdout) -> list[str]:
     if not args.enable_mixed_precision:
         given = [f for f in MIX_ONLY_FLAGS if any(a == f or a.startswith(f + "=") for a in argv)]
         if given:
-            raise MixedPrecisionError(ErrorCode.LAUNCH_FLAG_WITHOUT_ENABLE, f"{', '.join(given)} given without --enable-mixed-precision",
-                                      fix="add --enable-mixed-precision to serve the mix (or drop the flag for stock SGLang)")
+            raise MixedPrecisionError(
+                ErrorCode.LAUNCH_FLAG_WITHOUT_ENABLE,
+                f"{', '.join(given)} given without --enable-mixed-precision",
+                fix="add --enable-mixed-precision to serve the mix (or drop the flag for stock SGLang)",
+            )
         return [sys.executable, *SGLANG_SERVER, *stock_argv(argv)]
     return mixed_command(args, rest, out)
 
@@ -190,8 +231,16 @@ class Supervisor:
     config is reported and the running server is left alone.
     """
 
-    def __init__(self, args: argparse.Namespace, command_for, first_command: list[str], restart_file: Path, *,
-                 poll: float = 1.0, out=sys.stdout):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        command_for,
+        first_command: list[str],
+        restart_file: Path,
+        *,
+        poll: float = 1.0,
+        out=sys.stdout,
+    ):
         self.args, self.command_for, self.command = args, command_for, first_command
         self.restart_file, self.poll, self.out = Path(restart_file), poll, out
         self.proc: subprocess.Popen | None = None

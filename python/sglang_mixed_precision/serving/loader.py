@@ -64,9 +64,15 @@ class PlanWeightStream:
         finally:
             reader.close()
             self.seconds[label] = time.perf_counter() - start
-        logger.info("mixed_precision: source %r (%s): read %d tensors, %.1f MiB from %d file(s) in %.2fs",
-                    label, source.path, len(infos), self.bytes_read[label] / 2**20, len(self.files_opened[label]),
-                    self.seconds[label])
+        logger.info(
+            "mixed_precision: source %r (%s): read %d tensors, %.1f MiB from %d file(s) in %.2fs",
+            label,
+            source.path,
+            len(infos),
+            self.bytes_read[label] / 2**20,
+            len(self.files_opened[label]),
+            self.seconds[label],
+        )
 
 
 def mixed_config_of(model: torch.nn.Module) -> MixedPrecisionConfig:
@@ -78,8 +84,11 @@ def mixed_config_of(model: torch.nn.Module) -> MixedPrecisionConfig:
         config = getattr(module, "quant_config", None)
         if isinstance(config, MixedPrecisionConfig):
             return config
-    raise MixedPrecisionError(ErrorCode.LOADER_WITHOUT_PLAN, f"{type(model).__name__} was not built with the mixed_precision config",
-                              fix="serve a plan directory (quantization_config.quant_method: mixed_precision)")
+    raise MixedPrecisionError(
+        ErrorCode.LOADER_WITHOUT_PLAN,
+        f"{type(model).__name__} was not built with the mixed_precision config",
+        fix="serve a plan directory (quantization_config.quant_method: mixed_precision)",
+    )
 
 
 def process_weights_after_loading(model: torch.nn.Module, target_device: torch.device) -> None:
@@ -109,8 +118,11 @@ class MixedPrecisionModelLoader(DefaultModelLoader):
 
     def load_weights_and_postprocess(self, model, weights, target_device):
         if not isinstance(weights, PlanWeightStream):
-            raise MixedPrecisionError(ErrorCode.LOADER_STREAM, "the mixed loader loads only its plan's weight stream",
-                                      fix="load a mixed model through SGLang's get_model_loader (the plugin selects this loader)")
+            raise MixedPrecisionError(
+                ErrorCode.LOADER_STREAM,
+                "the mixed loader loads only its plan's weight stream",
+                fix="load a mixed model through SGLang's get_model_loader (the plugin selects this loader)",
+            )
         config = mixed_config_of(model)
         recorder = LoadRecorder(model)
         try:
@@ -119,8 +131,11 @@ class MixedPrecisionModelLoader(DefaultModelLoader):
             recorder.detach()
         self.report = audit_model(model, config.plan, recorder, weights.yielded, config.settings.int4_moe_kernel)
         self.report.raise_if_failed(where=config.settings.config_path)
-        logger.info("%s; read %s", self.report.summary(),
-                    ", ".join(f"{label}: {n / 2**20:.1f} MiB" for label, n in sorted(weights.bytes_read.items())))
+        logger.info(
+            "%s; read %s",
+            self.report.summary(),
+            ", ".join(f"{label}: {n / 2**20:.1f} MiB" for label, n in sorted(weights.bytes_read.items())),
+        )
         process_weights_after_loading(model, target_device)
         self.weight_bytes = log_weight_memory(model, config.plan)
 
@@ -131,6 +146,10 @@ def log_weight_memory(model: torch.nn.Module, plan) -> int:
 
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     planned = summary(plan)["per_rank"][0]["bytes"]
-    logger.info("mixed_precision: weight memory %d bytes in parameters; plan %d bytes per rank (%+.2f%%)",
-                held, planned, 100.0 * (held - planned) / max(planned, 1))
+    logger.info(
+        "mixed_precision: weight memory %d bytes in parameters; plan %d bytes per rank (%+.2f%%)",
+        held,
+        planned,
+        100.0 * (held - planned) / max(planned, 1),
+    )
     return held

@@ -20,9 +20,17 @@ from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
 PLAN_FILE = "mixed_precision_plan.json"
 # Files SGLang's tokenizer manager and chat templates read from the model directory.
 SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "generation_config.json", "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
 )
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
@@ -40,8 +48,12 @@ def write_plan_dir(plan, settings: PlanSettings, out_dir: str | Path) -> Path:
     _check_target(out)
     side_files = _side_files(plan)
     if not any(name.startswith("tokenizer") for name in side_files):  # checked before anything is written
-        raise MixedPrecisionError(ErrorCode.PLAN_DIR_NO_TOKENIZER, "no source holds tokenizer files", where=str(plan.skeleton_path),
-                                  fix="copy the model's tokenizer files into its 16-bit directory")
+        raise MixedPrecisionError(
+            ErrorCode.PLAN_DIR_NO_TOKENIZER,
+            "no source holds tokenizer files",
+            where=str(plan.skeleton_path),
+            fix="copy the model's tokenizer files into its 16-bit directory",
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(plan_config_json(plan, settings), indent=2) + "\n")
     for name, src in side_files.items():
@@ -52,8 +64,14 @@ def write_plan_dir(plan, settings: PlanSettings, out_dir: str | Path) -> Path:
     return out
 
 
-def make_plan_dir(config_path: str | Path, out_dir: str | Path, *, tp_size: int = 1, skeleton: str | None = None,
-                  int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL):
+def make_plan_dir(
+    config_path: str | Path,
+    out_dir: str | Path,
+    *,
+    tp_size: int = 1,
+    skeleton: str | None = None,
+    int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL,
+):
     """Load and validate ``config_path`` at ``tp_size``, then write its plan directory: (plan, path)."""
     from ..core.config import load_config
     from ..core.plan import build_plan
@@ -89,13 +107,21 @@ def _check_target(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise MixedPrecisionError(ErrorCode.PLAN_DIR_TARGET, f"{out} exists and is not a directory", where=str(out),
-                                  fix="choose a new directory for the plan")
+        raise MixedPrecisionError(
+            ErrorCode.PLAN_DIR_TARGET,
+            f"{out} exists and is not a directory",
+            where=str(out),
+            fix="choose a new directory for the plan",
+        )
     weights = [p.name for pattern in WEIGHT_PATTERNS for p in out.glob(pattern)]
     if weights or ((out / "config.json").is_file() and not is_plan_dir(out)):
-        raise MixedPrecisionError(ErrorCode.PLAN_DIR_TARGET, f"{out} is a model directory ({', '.join(weights[:3]) or 'config.json'}); "
-                                  "writing a plan there would hide it", where=str(out),
-                                  fix="write the plan directory somewhere else (an empty or new directory)")
+        raise MixedPrecisionError(
+            ErrorCode.PLAN_DIR_TARGET,
+            f"{out} is a model directory ({', '.join(weights[:3]) or 'config.json'}); "
+            "writing a plan there would hide it",
+            where=str(out),
+            fix="write the plan directory somewhere else (an empty or new directory)",
+        )
 
 
 def _side_files(plan) -> dict[str, Path]:

@@ -73,9 +73,12 @@ def select_model_loader(original, load_config, model_config=None, *args, **kwarg
     if load_format == "dummy":
         return original(load_config, model_config, *args, **kwargs)
     if load_format not in MIXED_LOAD_FORMATS:
-        raise MixedPrecisionError(ErrorCode.LOAD_FORMAT_UNSUPPORTED, f"--load-format {load_format} cannot load a mixed-precision plan",
-                                  fix=f"use --load-format auto (or dummy to skip reading weights); "
-                                      f"the mixed loader reads each source itself ({', '.join(MIXED_LOAD_FORMATS)})")
+        raise MixedPrecisionError(
+            ErrorCode.LOAD_FORMAT_UNSUPPORTED,
+            f"--load-format {load_format} cannot load a mixed-precision plan",
+            fix=f"use --load-format auto (or dummy to skip reading weights); "
+            f"the mixed loader reads each source itself ({', '.join(MIXED_LOAD_FORMATS)})",
+        )
     from .loader import MixedPrecisionModelLoader
 
     logger.info("mixed_precision: loading through MixedPrecisionModelLoader")

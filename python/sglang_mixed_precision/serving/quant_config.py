@@ -52,15 +52,23 @@ def load_plan(settings: PlanSettings, tp_size: int | None = None):
     """The plan of ``settings`` for ``tp_size`` ranks (headers only; cached per process)."""
     path = Path(settings.config_path)
     if not path.is_file():
-        raise MixedPrecisionError(ErrorCode.MISSING_FILE, f"mixed-precision config {path} does not exist",
-                                  where="config.json quantization_config.config_path",
-                                  fix="regenerate the plan directory, or restore the YAML at that path")
-    return _cached_plan(str(path.resolve()), path.stat().st_mtime_ns, int(tp_size or settings.tp_size), settings.skeleton)
+        raise MixedPrecisionError(
+            ErrorCode.MISSING_FILE,
+            f"mixed-precision config {path} does not exist",
+            where="config.json quantization_config.config_path",
+            fix="regenerate the plan directory, or restore the YAML at that path",
+        )
+    return _cached_plan(
+        str(path.resolve()), path.stat().st_mtime_ns, int(tp_size or settings.tp_size), settings.skeleton
+    )
 
 
 def runtime_tp_size(default: int) -> int:
     """The tensor-parallel size of this SGLang process (the written one before SGLang's groups exist)."""
-    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size, model_parallel_is_initialized
+    from sglang.srt.distributed.parallel_state import (
+        get_tensor_model_parallel_world_size,
+        model_parallel_is_initialized,
+    )
 
     return get_tensor_model_parallel_world_size() if model_parallel_is_initialized() else default
 
@@ -80,8 +88,9 @@ def layer_kind(layer: torch.nn.Module) -> str | None:
     return None
 
 
-def expected_method_class(kind: str, scheme_kind: str, int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL, *,
-                          where: str | None = None) -> type:
+def expected_method_class(
+    kind: str, scheme_kind: str, int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL, *, where: str | None = None
+) -> type:
     """The SGLang method class a layer of ``kind`` stored as ``scheme_kind`` must run (``where``: the layer, for the error)."""
     from sglang.srt.layers.quantization.fp8 import Fp8LinearMethod, Fp8MoEMethod
     from sglang.srt.layers.quantization.gptq import GPTQMarlinLinearMethod, GPTQMarlinMoEMethod
@@ -104,8 +113,12 @@ def expected_method_class(kind: str, scheme_kind: str, int4_moe_kernel: str = DE
     try:
         return table[(kind, scheme_kind)]
     except KeyError:
-        raise MixedPrecisionError(ErrorCode.UNSUPPORTED_LAYER_SCHEME, f"SGLang has no {scheme_kind} method for a {kind} layer",
-                                  where=where, fix="keep embeddings and lm_head in a 16-bit source") from None
+        raise MixedPrecisionError(
+            ErrorCode.UNSUPPORTED_LAYER_SCHEME,
+            f"SGLang has no {scheme_kind} method for a {kind} layer",
+            where=where,
+            fix="keep embeddings and lm_head in a 16-bit source",
+        ) from None
 
 
 def _delegate_config(source, packed_modules_mapping: dict, int4_moe_kernel: str, for_moe: bool) -> QuantizationConfig:
@@ -123,8 +136,12 @@ def _delegate_config(source, packed_modules_mapping: dict, int4_moe_kernel: str,
         if for_moe and int4_moe_kernel == "wna16":
             return MoeWNA16Config.from_config({**qc, "quant_method": "gptq"})
         return GPTQMarlinConfig.from_config(qc)
-    raise MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"cannot serve a {source.scheme.label()} source with quant_method {method!r}",
-                              where=where, fix="use an fp8 (quant_method fp8) or GPTQ (quant_method gptq) checkpoint")
+    raise MixedPrecisionError(
+        ErrorCode.UNSUPPORTED_SCHEME,
+        f"cannot serve a {source.scheme.label()} source with quant_method {method!r}",
+        where=where,
+        fix="use an fp8 (quant_method fp8) or GPTQ (quant_method gptq) checkpoint",
+    )
 
 
 class MixedPrecisionConfig(QuantizationConfig):
@@ -164,7 +181,7 @@ class MixedPrecisionConfig(QuantizationConfig):
         return []
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "MixedPrecisionConfig":
+    def from_config(cls, config: dict[str, Any]) -> MixedPrecisionConfig:
         settings = PlanSettings.from_quantization_config(config)
         plan = load_plan(settings, runtime_tp_size(settings.tp_size))
         return cls(plan, settings, config.get("packed_modules_mapping"))
@@ -183,8 +200,12 @@ class MixedPrecisionConfig(QuantizationConfig):
         if group is None:
             if kind == EMBEDDING:
                 return None
-            raise MixedPrecisionError(ErrorCode.LAYER_NOT_PLANNED, f"SGLang builds layer {prefix!r} but the plan assigns it no source",
-                                      where=prefix, fix="check that the skeleton's config.json matches the sources (same architecture)")
+            raise MixedPrecisionError(
+                ErrorCode.LAYER_NOT_PLANNED,
+                f"SGLang builds layer {prefix!r} but the plan assigns it no source",
+                where=prefix,
+                fix="check that the skeleton's config.json matches the sources (same architecture)",
+            )
         method = self._method_for(kind, group, layer, prefix)
         expected = expected_method_class(kind, group.scheme.kind, self.settings.int4_moe_kernel)
         if method is not None and type(method) is not expected:
@@ -204,7 +225,9 @@ class MixedPrecisionConfig(QuantizationConfig):
         if kind == EMBEDDING:
             if scheme_kind != "unquantized":
                 # raises: no quantized embedding method
-                expected_method_class(kind, scheme_kind, where=f"{prefix} ({group.scheme.label()} from source {group.label!r})")
+                expected_method_class(
+                    kind, scheme_kind, where=f"{prefix} ({group.scheme.label()} from source {group.label!r})"
+                )
             return None
         if scheme_kind == "unquantized":
             return self._unquantized(kind, layer)
@@ -225,7 +248,9 @@ class MixedPrecisionConfig(QuantizationConfig):
         source = self.plan.sources[label]
         key = (label, for_moe and source.scheme.kind == "gptq" and self.settings.int4_moe_kernel == "wna16")
         if key not in self._delegates:
-            self._delegates[key] = _delegate_config(source, self.packed_modules_mapping, self.settings.int4_moe_kernel, key[1])
+            self._delegates[key] = _delegate_config(
+                source, self.packed_modules_mapping, self.settings.int4_moe_kernel, key[1]
+            )
         return self._delegates[key]
 
     def _used_delegates(self) -> list[QuantizationConfig]:
@@ -241,5 +266,7 @@ def plan_summary(plan, settings: PlanSettings | None = None) -> str:
         row[0] += 1
         row[1] += sum(plan.modules[m].nbytes for m in group.members)
     parts = [f"{label}={scheme}: {n} layers, {b / 2**20:.1f} MiB" for (label, scheme), (n, b) in sorted(rows.items())]
-    head = f"mixed_precision plan (tp={plan.tp_size}" + (f", {settings.config_path}, int4 MoE: {settings.int4_moe_kernel})" if settings else ")")
+    head = f"mixed_precision plan (tp={plan.tp_size}" + (
+        f", {settings.config_path}, int4 MoE: {settings.int4_moe_kernel})" if settings else ")"
+    )
     return head + ": " + "; ".join(parts)

@@ -31,14 +31,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..core.config import read_config_text
 from ..core.errors import ErrorCode, MixedPrecisionError, error_json
 from ..core.errors import http_status as status_of
-from ..tensors import TensorReader
 from ..core.reload_plan import (
     ReloadPlan,
     config_sha256,
@@ -47,6 +47,7 @@ from ..core.reload_plan import (
     rebuild_refusal,
     replan_in_worker,
 )
+from ..tensors import TensorReader
 from . import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 
 WORKER_TARGET = "sglang.srt.managers.tp_worker.TpModelWorker.update_weights_from_disk"
 INTERNAL_STATE_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
+
 
 # =================================================================================================
 # Worker side: stage, agree, apply
@@ -76,8 +78,9 @@ class StagedReload:
 
 
 def _tensor_problem(load, what: str, fix: str) -> MixedPrecisionError:
-    return MixedPrecisionError(ErrorCode.RELOAD_BAD_TENSOR, f"tensor {load.name} (source {load.label!r}): {what}",
-                               where=load.file, fix=fix)
+    return MixedPrecisionError(
+        ErrorCode.RELOAD_BAD_TENSOR, f"tensor {load.name} (source {load.label!r}): {what}", where=load.file, fix=fix
+    )
 
 
 def stage_tensors(reload_plan: ReloadPlan) -> StagedReload:
@@ -102,8 +105,11 @@ def stage_tensors(reload_plan: ReloadPlan) -> StagedReload:
             except MixedPrecisionError:
                 raise
             except Exception as e:  # safetensors / torch read errors name no file: add it
-                raise _tensor_problem(load, f"cannot be read ({type(e).__name__}: {e})",
-                                      "the file is damaged; download or convert it again") from None
+                raise _tensor_problem(
+                    load,
+                    f"cannot be read ({type(e).__name__}: {e})",
+                    "the file is damaged; download or convert it again",
+                ) from None
             _check_tensor(load, tensor, torch)
             tensors[load.name] = tensor.detach().to("cpu").contiguous()
             layer_of[load.name] = load.layer
@@ -119,30 +125,53 @@ def _check_file(path: Path) -> None:
     from ..core.sources.safetensors import read_header
 
     if not path.is_file():
-        raise MixedPrecisionError(ErrorCode.MISSING_FILE, f"{path} disappeared after the reload was planned",
-                                  where=str(path), fix="restore the file and send the reload again")
+        raise MixedPrecisionError(
+            ErrorCode.MISSING_FILE,
+            f"{path} disappeared after the reload was planned",
+            where=str(path),
+            fix="restore the file and send the reload again",
+        )
     if path.suffix == ".safetensors":
         read_header(path)  # raises corrupt_safetensors for a truncated / damaged file
 
 
-_TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-                 "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64",
-                 "BOOL": "bool"}
+_TORCH_DTYPES = {
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "BOOL": "bool",
+}
 
 
 def _check_tensor(load, tensor, torch) -> None:
     expected = getattr(torch, _TORCH_DTYPES.get(load.dtype, ""), None)
     if expected is not None and tensor.dtype != expected:
-        raise _tensor_problem(load, f"is {tensor.dtype}, the plan read {load.dtype} from its header",
-                              "the file changed after planning; send the reload again")
+        raise _tensor_problem(
+            load,
+            f"is {tensor.dtype}, the plan read {load.dtype} from its header",
+            "the file changed after planning; send the reload again",
+        )
     if tuple(tensor.shape) != tuple(load.shape):
-        raise _tensor_problem(load, f"has shape {list(tensor.shape)}, the plan expects {list(load.shape)}",
-                              "the file changed after planning; send the reload again")
+        raise _tensor_problem(
+            load,
+            f"has shape {list(tensor.shape)}, the plan expects {list(load.shape)}",
+            "the file changed after planning; send the reload again",
+        )
     if load.dtype in FLOAT_DTYPES:
         finite = torch.isfinite(tensor.float() if tensor.element_size() == 1 else tensor)
         if not bool(finite.all()):
             bad = int((~finite).sum())
-            raise _tensor_problem(load, f"holds {bad} NaN/inf value(s)", "the checkpoint is corrupt; re-convert or re-download it")
+            raise _tensor_problem(
+                load, f"holds {bad} NaN/inf value(s)", "the checkpoint is corrupt; re-convert or re-download it"
+            )
 
 
 def layer_parameters(model, prefixes) -> dict[str, Any]:
@@ -152,14 +181,21 @@ def layer_parameters(model, prefixes) -> dict[str, Any]:
         try:
             module = model.get_submodule(prefix)
         except AttributeError:
-            raise MixedPrecisionError(ErrorCode.RELOAD_LAYER_MISSING, f"the model has no layer {prefix!r}", where=prefix,
-                                      fix="the new plan does not match the served model") from None
+            raise MixedPrecisionError(
+                ErrorCode.RELOAD_LAYER_MISSING,
+                f"the model has no layer {prefix!r}",
+                where=prefix,
+                fix="the new plan does not match the served model",
+            ) from None
         scale = getattr(module, "weight_scale_inv", None)
         if scale is not None and getattr(scale, "format_ue8m0", False):
             raise MixedPrecisionError(
-                ErrorCode.RELOAD_NEEDS_REBUILD, f"layer {prefix!r} runs DeepGEMM with scales requantized to UE8M0 after loading; "
-                "checkpoint scales cannot be copied into it", where=prefix,
-                fix='reload with "restart": true, or keep this layer\'s source')
+                ErrorCode.RELOAD_NEEDS_REBUILD,
+                f"layer {prefix!r} runs DeepGEMM with scales requantized to UE8M0 after loading; "
+                "checkpoint scales cannot be copied into it",
+                where=prefix,
+                fix='reload with "restart": true, or keep this layer\'s source',
+            )
         for name, param in module.named_parameters(recurse=False):
             out[f"{prefix}.{name}"] = param
     return out
@@ -210,8 +246,11 @@ def apply_staged(model, staged: StagedReload) -> AppliedReload:
         applied.restore()
         if isinstance(e, MixedPrecisionError):
             raise
-        raise MixedPrecisionError(ErrorCode.RELOAD_APPLY_FAILED, f"copying the new weights failed ({type(e).__name__}: {e}); "
-                                  "the previous weights were restored", fix="check the server log for the failing parameter") from e
+        raise MixedPrecisionError(
+            ErrorCode.RELOAD_APPLY_FAILED,
+            f"copying the new weights failed ({type(e).__name__}: {e}); the previous weights were restored",
+            fix="check the server log for the failing parameter",
+        ) from e
     finally:
         recorder.detach()
     return applied
@@ -226,8 +265,12 @@ def _check_consumed(staged: StagedReload, by_tensor: dict[str, list[str]]) -> No
         elif any(not t.startswith(layer + ".") for t in targets):
             problems.append(f"{name} reached {', '.join(targets)}, outside {layer}")
     if problems:
-        raise MixedPrecisionError(ErrorCode.RELOAD_APPLY_FAILED, "the model did not take the new tensors where planned (previous "
-                                  "weights restored): " + "; ".join(problems[:8]), fix="report this model's parameter names")
+        raise MixedPrecisionError(
+            ErrorCode.RELOAD_APPLY_FAILED,
+            "the model did not take the new tensors where planned (previous "
+            "weights restored): " + "; ".join(problems[:8]),
+            fix="report this model's parameter names",
+        )
 
 
 def single_rank(ok: bool, message: str) -> list[tuple[int, bool, str]]:
@@ -295,27 +338,40 @@ def execute_reload(model, mixed_config, request: dict, agree: Callable = single_
     ranks agree again (a rank whose copy failed makes every rank restore).
     """
     start = time.perf_counter()
-    planned, votes, all_ok = _agreed_step(lambda: _stage(model, mixed_config.plan, request), agree, logger.warning,
-                                          "refused while staging")
+    planned, votes, all_ok = _agreed_step(
+        lambda: _stage(model, mixed_config.plan, request), agree, logger.warning, "refused while staging"
+    )
     if not all_ok:
         return _refused("stage", votes)
     reload_plan, staged = planned
 
-    applied, votes, all_ok = _agreed_step(lambda: apply_staged(model, staged), agree, logger.error,
-                                          "failed while applying (restored)")
+    applied, votes, all_ok = _agreed_step(
+        lambda: apply_staged(model, staged), agree, logger.error, "failed while applying (restored)"
+    )
     if not all_ok:
         if applied is not None:
             applied.restore()
         return _refused("apply", votes)
 
     mixed_config.plan = reload_plan.plan
-    record = {"config_sha256": reload_plan.sha256, "layers": len(reload_plan.layers), "tensors": len(staged.tensors),
-              "bytes_read": staged.bytes, "read_seconds": round(staged.seconds, 3),
-              "seconds": round(time.perf_counter() - start, 3), "at": time.time()}
+    record = {
+        "config_sha256": reload_plan.sha256,
+        "layers": len(reload_plan.layers),
+        "tensors": len(staged.tensors),
+        "bytes_read": staged.bytes,
+        "read_seconds": round(staged.seconds, 3),
+        "seconds": round(time.perf_counter() - start, 3),
+        "at": time.time(),
+    }
     WORKER.config_path, WORKER.config_sha256 = request["anchor"], reload_plan.sha256
     WORKER.reloads = (WORKER.reloads + [record])[-HISTORY:]
-    logger.info("mixed_precision reload: %d layer(s), %d tensor(s), %.1f MiB in %.2fs", record["layers"],
-                record["tensors"], staged.bytes / 2**20, record["seconds"])
+    logger.info(
+        "mixed_precision reload: %d layer(s), %d tensor(s), %.1f MiB in %.2fs",
+        record["layers"],
+        record["tensors"],
+        staged.bytes / 2**20,
+        record["seconds"],
+    )
     return {"success": True, **record}
 
 
@@ -338,8 +394,9 @@ def around_update_weights_from_disk(original, worker, recv_req, *args, **kwargs)
     try:
         request = read_worker_request(recv_req.model_path)
     except (OSError, ValueError) as e:
-        return False, _encode_reply({"success": False, "stage": "stage", "applied": False,
-                                     "failures": [{"rank": 0, "error": error_json(e)}]})
+        return False, _encode_reply(
+            {"success": False, "stage": "stage", "applied": False, "failures": [{"rank": 0, "error": error_json(e)}]}
+        )
     if request is None:
         return original(worker, recv_req, *args, **kwargs)
     from .loader import mixed_config_of
@@ -362,18 +419,32 @@ def worker_info(scheduler) -> dict:
             module = model.get_submodule(prefix)
         except AttributeError:
             continue
-        params = {n: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", "")}
-                  for n, p in module.named_parameters(recurse=False)}
-        layers[prefix] = {"method": config.methods.get(prefix, type(getattr(module, "quant_method", None)).__name__),
-                          "params": params, "bytes": sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))}
+        params = {
+            n: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", "")}
+            for n, p in module.named_parameters(recurse=False)
+        }
+        layers[prefix] = {
+            "method": config.methods.get(prefix, type(getattr(module, "quant_method", None)).__name__),
+            "params": params,
+            "bytes": sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)),
+        }
     stream = getattr(getattr(runner, "loader", None), "stream", None)
     load = None
     if stream is not None:
-        load = {"bytes_read": dict(stream.bytes_read), "seconds": {k: round(v, 3) for k, v in stream.seconds.items()},
-                "files": {k: len(v) for k, v in stream.files_opened.items()}}
-    return {"tp_rank": getattr(scheduler, "tp_rank", 0), "tp_size": getattr(scheduler, "tp_size", 1),
-            "config_path": WORKER.config_path or config.settings.config_path, "config_sha256": WORKER.config_sha256,
-            "layers": layers, "load": load, "reloads": list(WORKER.reloads)}
+        load = {
+            "bytes_read": dict(stream.bytes_read),
+            "seconds": {k: round(v, 3) for k, v in stream.seconds.items()},
+            "files": {k: len(v) for k, v in stream.files_opened.items()},
+        }
+    return {
+        "tp_rank": getattr(scheduler, "tp_rank", 0),
+        "tp_size": getattr(scheduler, "tp_size", 1),
+        "config_path": WORKER.config_path or config.settings.config_path,
+        "config_sha256": WORKER.config_sha256,
+        "layers": layers,
+        "load": load,
+        "reloads": list(WORKER.reloads),
+    }
 
 
 def after_get_internal_state(result, scheduler, *args, **kwargs):
@@ -420,13 +491,19 @@ def active_mix_from_model_path(model_path: str | os.PathLike, tp_size: int) -> A
     except (OSError, ValueError):
         qc = {}
     if str(qc.get("quant_method", "")).lower() != QUANT_METHOD or not qc.get("config_path"):
-        raise MixedPrecisionError(ErrorCode.NOT_MIXED_PRECISION, f"the served model {model_path} is not a mixed-precision plan",
-                                  where=str(config_json),
-                                  fix="start the server with launch_mixed_precision_server.py --enable-mixed-precision "
-                                      "or serve a plan directory (`sglang-mp plandir`)")
+        raise MixedPrecisionError(
+            ErrorCode.NOT_MIXED_PRECISION,
+            f"the served model {model_path} is not a mixed-precision plan",
+            where=str(config_json),
+            fix="start the server with launch_mixed_precision_server.py --enable-mixed-precision "
+            "or serve a plan directory (`sglang-mp plandir`)",
+        )
     path = Path(qc["config_path"])
-    text = read_config_text(path, missing_fix="restore the YAML the plan directory names, or rewrite the plan "
-                                              "directory (`sglang-mp plandir`) and restart the server")
+    text = read_config_text(
+        path,
+        missing_fix="restore the YAML the plan directory names, or rewrite the plan "
+        "directory (`sglang-mp plandir`) and restart the server",
+    )
     return ActiveMix(text, path, tp_size, qc.get("skeleton"))
 
 
@@ -450,8 +527,9 @@ class TokenizerManagerBackend(Backend):
         tm = self.tm
         # SGLang records the "model path" of a successful update; the served model stays the same.
         kept = (tm.model_path, tm.served_model_name)
-        obj = UpdateWeightFromDiskReqInput(model_path=request_dir, load_format=tm.config_value("load_format"),
-                                           flush_cache=True)
+        obj = UpdateWeightFromDiskReqInput(
+            model_path=request_dir, load_format=tm.config_value("load_format"), flush_cache=True
+        )
         try:
             success, message, _ = await tm.update_weights_from_disk(obj, None)
         finally:
@@ -471,9 +549,11 @@ def decode_worker_reply(success: bool, message: str) -> dict:
             replies.append(json.loads(part)[REPLY_KEY])
         except (ValueError, KeyError, TypeError):
             raise MixedPrecisionError(
-                ErrorCode.RELOAD_WORKER_MISSING, f"a worker answered the reload without the mixed-precision executor: {part[:300]}",
+                ErrorCode.RELOAD_WORKER_MISSING,
+                f"a worker answered the reload without the mixed-precision executor: {part[:300]}",
                 fix="the plugin's runtime hooks are not installed in the scheduler processes; check that "
-                    "sglang_mixed_precision.serving.plugin.register() calls runtime.install()") from None
+                "sglang_mixed_precision.serving.plugin.register() calls runtime.install()",
+            ) from None
     failed = [r for r in replies if not r.get("success")]
     merged = failed[0] if failed else replies[0]
     return {**merged, "success": success and not failed}
@@ -504,7 +584,9 @@ class MixedPrecisionRuntime:
     # -- reload
     async def reload(self, body: Any) -> tuple[int, dict]:
         if self._lock.locked():
-            busy = MixedPrecisionError(ErrorCode.RELOAD_BUSY, "another reload is in progress", fix="wait for it to finish, then retry")
+            busy = MixedPrecisionError(
+                ErrorCode.RELOAD_BUSY, "another reload is in progress", fix="wait for it to finish, then retry"
+            )
             return status_of(busy), {"success": False, "error": error_json(busy)}
         async with self._lock:
             try:
@@ -512,8 +594,12 @@ class MixedPrecisionRuntime:
             except Exception as e:
                 if not isinstance(e, MixedPrecisionError):
                     logger.exception("mixed_precision reload failed")
-                return status_of(e), {"success": False, "error": error_json(e), "applied": False,
-                                      "serving": self.active.sha256}
+                return status_of(e), {
+                    "success": False,
+                    "error": error_json(e),
+                    "applied": False,
+                    "serving": self.active.sha256,
+                }
 
     async def _reload(self, body: Any) -> tuple[int, dict]:
         # Off the event loop: planning reads every source's headers (about a second for a 235B mix),
@@ -525,26 +611,48 @@ class MixedPrecisionRuntime:
         if reload_plan.diff.rebuild:
             if not request.restart:
                 refusal = rebuild_refusal(reload_plan)
-                return 409, {"success": False, "error": error_json(refusal), "applied": False,
-                             "rebuild_layers": [c.to_json() for c in reload_plan.diff.rebuild], **base}
+                return 409, {
+                    "success": False,
+                    "error": error_json(refusal),
+                    "applied": False,
+                    "rebuild_layers": [c.to_json() for c in reload_plan.diff.rebuild],
+                    **base,
+                }
             if request.dry_run:
                 return 200, {"success": True, "status": "dry_run", "would": "restart", **base}
             marker = self.restart(request.config_text, request.anchor, inline=request.inline)
             return 202, {"success": True, "status": "restart_requested", "restart_file": str(marker), **base}
         if request.dry_run:
-            return 200, {"success": True, "status": "dry_run", "would": "reload" if reload_plan.loads else "nothing",
-                         "bytes": reload_plan.bytes, **base}
+            return 200, {
+                "success": True,
+                "status": "dry_run",
+                "would": "reload" if reload_plan.loads else "nothing",
+                "bytes": reload_plan.bytes,
+                **base,
+            }
         if not reload_plan.loads:
             self._activate(request, reload_plan, {"layers": 0, "bytes_read": 0})
             return 200, {"success": True, "status": "unchanged", **base}
         reply = await self._send(reload_plan)
         if not reply["success"]:
             status = 500 if reply.get("stage") == "apply" else 400
-            return status, {"success": False, "status": "refused", "applied": False, "stage": reply.get("stage"),
-                            "failures": reply.get("failures", []), **base}
+            return status, {
+                "success": False,
+                "status": "refused",
+                "applied": False,
+                "stage": reply.get("stage"),
+                "failures": reply.get("failures", []),
+                **base,
+            }
         self._activate(request, reload_plan, reply)
-        return 200, {"success": True, "status": "reloaded", "layers": reload_plan.layers, "bytes_read": reply.get("bytes_read"),
-                     "seconds": reply.get("seconds"), **{**base, "serving": request.sha256}}
+        return 200, {
+            "success": True,
+            "status": "reloaded",
+            "layers": reload_plan.layers,
+            "bytes_read": reply.get("bytes_read"),
+            "seconds": reply.get("seconds"),
+            **{**base, "serving": request.sha256},
+        }
 
     async def _send(self, reload_plan: ReloadPlan) -> dict:
         request_dir = tempfile.mkdtemp(prefix="sglang-mp-reload-")
@@ -558,9 +666,18 @@ class MixedPrecisionRuntime:
     def _activate(self, request, reload_plan: ReloadPlan, reply: dict) -> None:
         a = self.active
         a.config_text, a.config_path, a.plan, a.origin = request.config_text, request.anchor, reload_plan.plan, "reload"
-        a.reloads = (a.reloads + [{"config_sha256": request.sha256, "layers": reply.get("layers", 0),
-                                   "bytes_read": reply.get("bytes_read", 0), "seconds": reply.get("seconds"),
-                                   "at": time.time()}])[-HISTORY:]
+        a.reloads = (
+            a.reloads
+            + [
+                {
+                    "config_sha256": request.sha256,
+                    "layers": reply.get("layers", 0),
+                    "bytes_read": reply.get("bytes_read", 0),
+                    "seconds": reply.get("seconds"),
+                    "at": time.time(),
+                }
+            ]
+        )[-HISTORY:]
 
 
 # ---- /info ------------------------------------------------------------------------------------------
@@ -586,10 +703,15 @@ def build_info(active: ActiveMix, plan, worker: dict | None, worker_error: dict 
     for name, a in plan.modules.items():
         layer = layers.get(a.ref.group, {})
         modules[name] = {
-            "label": a.label, "path": str(plan.sources[a.label].path), "scheme": a.scheme.label(),
-            "layer": a.ref.group, "method": layer.get("method"), "bytes": a.nbytes,
+            "label": a.label,
+            "path": str(plan.sources[a.label].path),
+            "scheme": a.scheme.label(),
+            "layer": a.ref.group,
+            "method": layer.get("method"),
+            "bytes": a.nbytes,
             "rank_bytes": int(round(a.nbytes * plan.geometry.rank_fraction(a.ref, plan.tp_size))),
-            "tp_split": tp_split(plan, a), "rule": a.rule,
+            "tp_split": tp_split(plan, a),
+            "rule": a.rule,
         }
     totals = summary(plan)
     return {
@@ -597,13 +719,21 @@ def build_info(active: ActiveMix, plan, worker: dict | None, worker_error: dict 
         "tp_size": plan.tp_size,
         "sources": {label: {"path": str(s.path), "scheme": s.scheme.label()} for label, s in plan.sources.items()},
         "modules": modules,
-        "layers": {prefix: {"label": g.label, "scheme": g.scheme.label(), "members": len(g.members),
-                            **({"rank0": layers[prefix]} if prefix in layers else {})}
-                   for prefix, g in plan.groups.items()},
+        "layers": {
+            prefix: {
+                "label": g.label,
+                "scheme": g.scheme.label(),
+                "members": len(g.members),
+                **({"rank0": layers[prefix]} if prefix in layers else {}),
+            }
+            for prefix, g in plan.groups.items()
+        },
         "totals": {"by_precision": totals["by_precision"], "per_rank": totals["per_rank"], "total": totals["total"]},
         "load": (worker or {}).get("load"),
         "reloads": active.reloads,
-        "worker": None if worker is None else {k: worker.get(k) for k in ("tp_rank", "tp_size", "config_path", "config_sha256")},
+        "worker": None
+        if worker is None
+        else {k: worker.get(k) for k in ("tp_rank", "tp_size", "config_path", "config_sha256")},
         **({"worker_error": worker_error} if worker_error else {}),
         **({"worker_error": worker["error"]} if worker and "error" in worker else {}),
     }
@@ -619,9 +749,11 @@ def request_restart(config_text: str, anchor: Path, *, inline: bool, restart_fil
     """
     target = restart_file or os.environ.get(RESTART_FILE_ENV)
     if not target:
-        raise MixedPrecisionError(ErrorCode.RESTART_UNAVAILABLE, "this server was not started by launch_mixed_precision_server.py, "
-                                  "so nothing can restart it", fix="restart it yourself with the new config, or launch it "
-                                  "with launch_mixed_precision_server.py")
+        raise MixedPrecisionError(
+            ErrorCode.RESTART_UNAVAILABLE,
+            "this server was not started by launch_mixed_precision_server.py, so nothing can restart it",
+            fix="restart it yourself with the new config, or launch it with launch_mixed_precision_server.py",
+        )
     sha256 = config_sha256(config_text)
     config_path = Path(anchor)
     if inline:
@@ -629,8 +761,12 @@ def request_restart(config_text: str, anchor: Path, *, inline: bool, restart_fil
         try:
             config_path.write_text(config_text, encoding="utf-8")
         except OSError as e:
-            raise MixedPrecisionError(ErrorCode.RESTART_UNAVAILABLE, f"cannot write the new config to {config_path}: {e}",
-                                      where=str(config_path), fix="send the config by 'config_path' instead") from None
+            raise MixedPrecisionError(
+                ErrorCode.RESTART_UNAVAILABLE,
+                f"cannot write the new config to {config_path}: {e}",
+                where=str(config_path),
+                fix="send the config by 'config_path' instead",
+            ) from None
     marker = Path(target)
     tmp = marker.with_name(marker.name + ".tmp")
     tmp.write_text(json.dumps({"config_path": str(config_path), "config_sha256": sha256, "requested_at": time.time()}))
@@ -646,8 +782,12 @@ def read_restart_request(restart_file: str | os.PathLike) -> dict | None:
         return None
     request = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(request, dict) or "config_path" not in request:
-        raise MixedPrecisionError(ErrorCode.RESTART_BAD_REQUEST, f"{path} is not a restart request", where=str(path),
-                                  fix="delete the file; restarts are requested through POST /mixed_precision/reload")
+        raise MixedPrecisionError(
+            ErrorCode.RESTART_BAD_REQUEST,
+            f"{path} is not a restart request",
+            where=str(path),
+            fix="delete the file; restarts are requested through POST /mixed_precision/reload",
+        )
     return request
 
 
@@ -697,8 +837,11 @@ def add_routes(app, get_runtime: Callable[[], MixedPrecisionRuntime]) -> None:
         try:
             body = await request.json()
         except ValueError as e:
-            bad = MixedPrecisionError(ErrorCode.RELOAD_BAD_REQUEST, f"the body is not JSON ({e})",
-                                      fix='send {"config": "<yaml>"} or {"config_path": "<file>"}')
+            bad = MixedPrecisionError(
+                ErrorCode.RELOAD_BAD_REQUEST,
+                f"the body is not JSON ({e})",
+                fix='send {"config": "<yaml>"} or {"config_path": "<file>"}',
+            )
             return JSONResponse({"success": False, "error": error_json(bad)}, status_code=400)
         status, payload = await runtime.reload(body)
         return JSONResponse(payload, status_code=status)
@@ -732,8 +875,9 @@ def mixed_precision_config(engine) -> str:
     return runtime_for(engine.tokenizer_manager).config_text()
 
 
-def reload_mixed_precision(engine, config: str | None = None, config_path: str | None = None, *,
-                           restart: bool = False, dry_run: bool = False) -> tuple[int, dict]:
+def reload_mixed_precision(
+    engine, config: str | None = None, config_path: str | None = None, *, restart: bool = False, dry_run: bool = False
+) -> tuple[int, dict]:
     """``POST /mixed_precision/reload`` for an in-process ``sglang.Engine``: (HTTP-like status, reply)."""
     body = {k: v for k, v in (("config", config), ("config_path", config_path)) if v is not None}
     body.update(restart=restart, dry_run=dry_run)

@@ -21,21 +21,33 @@ class PlanSettings:
     int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL
 
     def to_quantization_config(self) -> dict:
-        out = {"quant_method": QUANT_METHOD, "config_path": self.config_path, "tp_size": self.tp_size,
-               "int4_moe_kernel": self.int4_moe_kernel}
+        out = {
+            "quant_method": QUANT_METHOD,
+            "config_path": self.config_path,
+            "tp_size": self.tp_size,
+            "int4_moe_kernel": self.int4_moe_kernel,
+        }
         if self.skeleton:
             out["skeleton"] = self.skeleton
         return out
 
     @classmethod
-    def from_quantization_config(cls, qc: dict) -> "PlanSettings":
+    def from_quantization_config(cls, qc: dict) -> PlanSettings:
         where = "config.json quantization_config"
         path = qc.get("config_path")
         if not path:
-            raise MixedPrecisionError(ErrorCode.PLAN_DIR_INVALID, "quant_method mixed_precision needs 'config_path' (the mixed YAML)",
-                                      where=where, fix="write the model directory with `sglang-mp plandir --config C --output D`")
+            raise MixedPrecisionError(
+                ErrorCode.PLAN_DIR_INVALID,
+                "quant_method mixed_precision needs 'config_path' (the mixed YAML)",
+                where=where,
+                fix="write the model directory with `sglang-mp plandir --config C --output D`",
+            )
         kernel = str(qc.get("int4_moe_kernel", DEFAULT_INT4_MOE_KERNEL))
         if kernel not in INT4_MOE_KERNELS:
-            raise MixedPrecisionError(ErrorCode.PLAN_DIR_INVALID, f"int4_moe_kernel {kernel!r} is not one of {INT4_MOE_KERNELS}",
-                                      where=where, fix="use 'wna16' (default) or 'marlin'")
+            raise MixedPrecisionError(
+                ErrorCode.PLAN_DIR_INVALID,
+                f"int4_moe_kernel {kernel!r} is not one of {INT4_MOE_KERNELS}",
+                where=where,
+                fix="use 'wna16' (default) or 'marlin'",
+            )
         return cls(str(path), int(qc.get("tp_size", 1)), qc.get("skeleton"), kernel)

@@ -10,9 +10,9 @@ Llama layouts; quantized shards store exactly what the format modules expect (FP
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from math import prod
 from pathlib import Path
-from typing import Iterator
 
 from ..core.formats import DTYPE_BYTES, Scheme, config_dtype, release_tensors
 from ..core.geometry import ModelGeometry
@@ -73,13 +73,25 @@ def quantization_config(scheme: Scheme) -> dict | None:
             qc["weight_block_size"] = list(scheme.fp8_block)
         return qc
     if scheme.kind == "gptq":
-        return {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
-                "desc_act": bool(scheme.desc_act), "checkpoint_format": "gptq"}
+        return {
+            "quant_method": "gptq",
+            "bits": scheme.bits,
+            "group_size": scheme.group_size,
+            "sym": scheme.sym,
+            "desc_act": bool(scheme.desc_act),
+            "checkpoint_format": "gptq",
+        }
     return None
 
 
-def write_shape_checkpoint(hf_config: dict, out_dir: str | Path, scheme: Scheme | None = None, *,
-                           shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None) -> Path:
+def write_shape_checkpoint(
+    hf_config: dict,
+    out_dir: str | Path,
+    scheme: Scheme | None = None,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress=None,
+) -> Path:
     """Write config.json, sparse safetensors shards and model.safetensors.index.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

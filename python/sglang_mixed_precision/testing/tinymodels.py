@@ -119,7 +119,7 @@ def make_tiny_model(
     # transformers' default init (std 0.02) gives near-uniform logits; a wider spread makes
     # greedy tokens depend visibly on every layer, which the correctness proofs rely on.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
         if clear_margins:

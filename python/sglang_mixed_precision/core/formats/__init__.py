@@ -15,10 +15,22 @@ from ..errors import ErrorCode, MixedPrecisionError
 
 # safetensors dtype name -> bytes per element
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 FP8_DTYPES = ("F8_E4M3",)
@@ -103,7 +115,9 @@ def module_scheme(source_scheme: Scheme, entries: dict[str, dict]) -> Scheme:
             return source_scheme
         return unquantized_scheme(weight["dtype"])
     first = next(iter(entries.values()), None)
-    return unquantized_scheme(first["dtype"] if first is not None and first["dtype"] in FLOAT_DTYPES else source_scheme.dtype or "BF16")
+    return unquantized_scheme(
+        first["dtype"] if first is not None and first["dtype"] in FLOAT_DTYPES else source_scheme.dtype or "BF16"
+    )
 
 
 def release_tensors(scheme: Scheme, n: int, k: int) -> dict[str, TensorSpec]:
@@ -126,8 +140,12 @@ def detect_scheme(hf_config: dict, *, where: str = "config.json") -> Scheme:
     if not qc:
         return unquantized_scheme(dtype)
     if not isinstance(qc, dict):
-        raise MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"quantization_config is a {type(qc).__name__}, not a mapping",
-                                  where=where, fix="use a checkpoint whose config.json has a quantization_config mapping")
+        raise MixedPrecisionError(
+            ErrorCode.UNSUPPORTED_SCHEME,
+            f"quantization_config is a {type(qc).__name__}, not a mapping",
+            where=where,
+            fix="use a checkpoint whose config.json has a quantization_config mapping",
+        )
     method = str(qc.get("quant_method", "")).lower()
     if method == "fp8":
         from .fp8 import scheme_from_fp8_config

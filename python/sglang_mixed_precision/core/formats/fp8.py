@@ -10,8 +10,12 @@ _SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
 def _unsupported(reason: str, where: str) -> MixedPrecisionError:
-    return MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"FP8 checkpoint: {reason}", where=where,
-                               fix="use an e4m3 FP8 checkpoint with [128, 128] blocks or per-channel / per-tensor scales")
+    return MixedPrecisionError(
+        ErrorCode.UNSUPPORTED_SCHEME,
+        f"FP8 checkpoint: {reason}",
+        where=where,
+        fix="use an e4m3 FP8 checkpoint with [128, 128] blocks or per-channel / per-tensor scales",
+    )
 
 
 def scheme_from_fp8_config(qc: dict, dtype: str, where: str) -> Scheme:
@@ -29,10 +33,14 @@ def scheme_from_compressed_tensors(qc: dict, dtype: str, where: str) -> Scheme:
     groups = qc.get("config_groups") or {}
     weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
     if len(weights) != 1:
-        raise _unsupported(f"compressed-tensors config with {len(weights)} weight groups (one FP8 group expected)", where)
+        raise _unsupported(
+            f"compressed-tensors config with {len(weights)} weight groups (one FP8 group expected)", where
+        )
     w = weights[0]
     if w.get("num_bits") != 8 or w.get("type") != "float":
-        raise _unsupported(f"compressed-tensors weights num_bits={w.get('num_bits')} type={w.get('type')} are not 8-bit float", where)
+        raise _unsupported(
+            f"compressed-tensors weights num_bits={w.get('num_bits')} type={w.get('type')} are not 8-bit float", where
+        )
     strategy = w.get("strategy", "tensor")
     if strategy == "block":
         block = w.get("block_structure") or [128, 128]
@@ -73,9 +81,13 @@ def rank_problems(scheme: Scheme, rs) -> list[str]:
     problems = []
     if rs.moe:
         if rs.moe_intermediate % bn:
-            problems.append(f"per-rank MoE intermediate {rs.moe_intermediate} (N of gate/up) is not divisible by block_n {bn}")
+            problems.append(
+                f"per-rank MoE intermediate {rs.moe_intermediate} (N of gate/up) is not divisible by block_n {bn}"
+            )
         if rs.tp > 1 and rs.moe_intermediate % bk:
-            problems.append(f"per-rank MoE intermediate {rs.moe_intermediate} (K of down) is not divisible by block_k {bk}")
+            problems.append(
+                f"per-rank MoE intermediate {rs.moe_intermediate} (K of down) is not divisible by block_k {bk}"
+            )
         return problems
     if rs.tp > 1 and rs.row_split and rs.k % bk:
         problems.append(f"per-rank K {rs.k} (of {rs.k_full}) is not divisible by block_k {bk}")

@@ -31,7 +31,9 @@ def scheme_from_gptq_config(qc: dict, dtype: str, where: str) -> Scheme:
     desc_act = bool(qc.get("desc_act", False))
     fmt = str(qc.get("checkpoint_format") or "gptq")
     if fmt not in ("gptq", ""):
-        raise _unsupported(f"checkpoint_format {fmt!r} (only the GPTQ v1 layout qweight/qzeros/scales/g_idx is read)", where)
+        raise _unsupported(
+            f"checkpoint_format {fmt!r} (only the GPTQ v1 layout qweight/qzeros/scales/g_idx is read)", where
+        )
     if bits not in MARLIN_BITS:
         raise _unsupported(f"bits={bits!r} (gptq_marlin runs 4 or 8 bits)", where)
     if group not in MARLIN_GROUP_SIZES:
@@ -69,6 +71,7 @@ def _marlin_problems(scheme: Scheme, what: str, n: int, k: int, k_full: int) -> 
 def rank_problems(scheme: Scheme, rs) -> list[str]:
     if rs.moe:
         inter, hidden = rs.moe_intermediate, rs.k
-        return (_marlin_problems(scheme, "experts w13 (gate/up)", 2 * inter, hidden, hidden)
-                + _marlin_problems(scheme, "experts w2 (down)", hidden, inter, inter * rs.tp))
+        return _marlin_problems(scheme, "experts w13 (gate/up)", 2 * inter, hidden, hidden) + _marlin_problems(
+            scheme, "experts w2 (down)", hidden, inter, inter * rs.tp
+        )
     return _marlin_problems(scheme, "weight", rs.n, rs.k, rs.k_full)

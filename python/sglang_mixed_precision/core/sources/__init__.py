@@ -74,18 +74,28 @@ def _info(name: str, path: Path, entry: dict) -> TensorInfo:
     problem = entry_problem(name, entry)
     if problem:
         raise corrupt_safetensors(path, problem)
-    return TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"]), entry.get("storage"))
+    return TensorInfo(
+        name, path, entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"]), entry.get("storage")
+    )
 
 
 def _json_object(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise MixedPrecisionError(ErrorCode.CORRUPT_CONFIG, f"{path} is not valid JSON: {e}", where=str(path),
-                                  fix=f"restore the model's original {path.name}") from None
+        raise MixedPrecisionError(
+            ErrorCode.CORRUPT_CONFIG,
+            f"{path} is not valid JSON: {e}",
+            where=str(path),
+            fix=f"restore the model's original {path.name}",
+        ) from None
     if not isinstance(value, dict):
-        raise MixedPrecisionError(ErrorCode.CORRUPT_CONFIG, f"{path} is not a JSON object", where=str(path),
-                                  fix=f"restore the model's original {path.name}")
+        raise MixedPrecisionError(
+            ErrorCode.CORRUPT_CONFIG,
+            f"{path} is not a JSON object",
+            where=str(path),
+            fix=f"restore the model's original {path.name}",
+        )
     return value
 
 
@@ -112,12 +122,18 @@ class CheckpointSource:
         if not self.path.is_dir():
             what = "is not a directory" if self.path.exists() else "does not exist"
             return MixedPrecisionError(
-                ErrorCode.MISSING_SOURCE, f"source {self.label!r}: checkpoint directory {self.path} {what}",
-                where=self.origin, fix=f"point {self.label!r} at a model directory (or create it with `sglang-mp convert`)")
+                ErrorCode.MISSING_SOURCE,
+                f"source {self.label!r}: checkpoint directory {self.path} {what}",
+                where=self.origin,
+                fix=f"point {self.label!r} at a model directory (or create it with `sglang-mp convert`)",
+            )
         if not (self.path / "config.json").is_file():
             return MixedPrecisionError(
-                ErrorCode.MISSING_FILE, f"source {self.label!r}: {self.path / 'config.json'} is missing",
-                where=self.origin, fix="copy the model's config.json into the directory (it says the architecture and quantization)")
+                ErrorCode.MISSING_FILE,
+                f"source {self.label!r}: {self.path / 'config.json'} is missing",
+                where=self.origin,
+                fix="copy the model's config.json into the directory (it says the architecture and quantization)",
+            )
         return None
 
     def _require(self) -> None:
@@ -156,8 +172,11 @@ class CheckpointSource:
         files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("pytorch_model*.bin"))
         if not files:
             raise MixedPrecisionError(
-                ErrorCode.MISSING_FILE, f"source {self.label!r}: no *.safetensors, {SAFETENSORS_INDEX} or pytorch_model*.bin in {self.path}",
-                where=self.origin, fix="point the source at a directory holding the checkpoint's weight files")
+                ErrorCode.MISSING_FILE,
+                f"source {self.label!r}: no *.safetensors, {SAFETENSORS_INDEX} or pytorch_model*.bin in {self.path}",
+                where=self.origin,
+                fix="point the source at a directory holding the checkpoint's weight files",
+            )
         return files, None, None
 
     def _read_index(self, index: Path) -> dict[str, str]:
@@ -166,8 +185,12 @@ class CheckpointSource:
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise MixedPrecisionError(ErrorCode.CORRUPT_INDEX, f"{index} has no valid weight_map ({e})", where=str(index),
-                                      fix="restore the checkpoint's index file (it maps each tensor to its file)") from None
+            raise MixedPrecisionError(
+                ErrorCode.CORRUPT_INDEX,
+                f"{index} has no valid weight_map ({e})",
+                where=str(index),
+                fix="restore the checkpoint's index file (it maps each tensor to its file)",
+            ) from None
         return weight_map
 
     def scan(self) -> list[MixedPrecisionError]:
@@ -183,9 +206,14 @@ class CheckpointSource:
         for file in files:
             if not file.is_file():
                 n = sum(1 for f in weight_map.values() if f == file.name) if weight_map else 0
-                problems.append(MixedPrecisionError(
-                    ErrorCode.MISSING_FILE, f"source {self.label!r}: {file.name} is listed in {index.name} ({n} tensors) but missing",
-                    where=str(file), fix=f"download {file.name} into {self.path}"))
+                problems.append(
+                    MixedPrecisionError(
+                        ErrorCode.MISSING_FILE,
+                        f"source {self.label!r}: {file.name} is listed in {index.name} ({n} tensors) but missing",
+                        where=str(file),
+                        fix=f"download {file.name} into {self.path}",
+                    )
+                )
                 continue
             try:
                 entries = _file_entries(file)
@@ -209,9 +237,14 @@ class CheckpointSource:
         if not absent:
             return []
         shown = ", ".join(f"{n} (in {weight_map[n]})" for n in absent[:5])
-        return [MixedPrecisionError(
-            ErrorCode.MISSING_TENSOR, f"source {self.label!r}: {len(absent)} tensor(s) listed in {index.name} are not in the named file's header: {shown}",
-            where=str(index), fix="the index and the weight files are from different exports; download them again together")]
+        return [
+            MixedPrecisionError(
+                ErrorCode.MISSING_TENSOR,
+                f"source {self.label!r}: {len(absent)} tensor(s) listed in {index.name} are not in the named file's header: {shown}",
+                where=str(index),
+                fix="the index and the weight files are from different exports; download them again together",
+            )
+        ]
 
     def _checked(self) -> None:
         if self._problems == []:
@@ -233,8 +266,12 @@ class CheckpointSource:
         self._checked()
         file = self._file_of.get(name)
         if file is None:
-            raise MixedPrecisionError(ErrorCode.MISSING_TENSOR, f"source {self.label!r} has no tensor {name}",
-                                      where=str(self.path), fix="check the tensor name or map the module to another source")
+            raise MixedPrecisionError(
+                ErrorCode.MISSING_TENSOR,
+                f"source {self.label!r} has no tensor {name}",
+                where=str(self.path),
+                fix="check the tensor name or map the module to another source",
+            )
         info = self._infos[name] = _info(name, file, self._entry[name])
         return info
 
@@ -271,7 +308,9 @@ class CheckpointSource:
 
     def module_tensors(self, module: str) -> dict[str, TensorInfo]:
         """{suffix: TensorInfo} of one module ({} if the checkpoint has none of its tensors)."""
-        return {suffix: self.tensor(f"{module}.{suffix}" if suffix else module) for suffix in self.module_entries(module)}
+        return {
+            suffix: self.tensor(f"{module}.{suffix}" if suffix else module) for suffix in self.module_entries(module)
+        }
 
     def module_names(self) -> dict[str, None]:
         """Module names in checkpoint order (tensor suffixes stripped), as an ordered set."""

@@ -18,9 +18,18 @@ from ..errors import ErrorCode, MixedPrecisionError
 from ..formats import DTYPE_BYTES
 
 _STORAGE_DTYPES = {
-    "BFloat16Storage": "BF16", "HalfStorage": "F16", "FloatStorage": "F32", "DoubleStorage": "F64",
-    "IntStorage": "I32", "LongStorage": "I64", "ShortStorage": "I16", "CharStorage": "I8",
-    "ByteStorage": "U8", "BoolStorage": "BOOL", "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2",
+    "BFloat16Storage": "BF16",
+    "HalfStorage": "F16",
+    "FloatStorage": "F32",
+    "DoubleStorage": "F64",
+    "IntStorage": "I32",
+    "LongStorage": "I64",
+    "ShortStorage": "I16",
+    "CharStorage": "I8",
+    "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
+    "Float8_e4m3fnStorage": "F8_E4M3",
+    "Float8_e5m2Storage": "F8_E5M2",
 }
 
 
@@ -76,8 +85,12 @@ class _ShapeUnpickler(pickle.Unpickler):
 
 
 def _corrupt(path: Path, why: str) -> MixedPrecisionError:
-    return MixedPrecisionError(ErrorCode.CORRUPT_CHECKPOINT, f"{path.name} is not a readable PyTorch state dict: {why}",
-                               where=str(path), fix="re-save it with torch.save (zip format) or convert it to safetensors")
+    return MixedPrecisionError(
+        ErrorCode.CORRUPT_CHECKPOINT,
+        f"{path.name} is not a readable PyTorch state dict: {why}",
+        where=str(path),
+        fix="re-save it with torch.save (zip format) or convert it to safetensors",
+    )
 
 
 def read_bin_tensors(path: Path) -> dict[str, BinTensor]:
@@ -91,7 +104,11 @@ def read_bin_tensors(path: Path) -> dict[str, BinTensor]:
             prefix = pkl[: -len("data.pkl")]
             with zf.open(pkl) as f:
                 state = _ShapeUnpickler(f).load()
-            sizes = {n[len(prefix) + len("data/"):]: zf.getinfo(n).file_size for n in names if n.startswith(prefix + "data/")}
+            sizes = {
+                n[len(prefix) + len("data/") :]: zf.getinfo(n).file_size
+                for n in names
+                if n.startswith(prefix + "data/")
+            }
     except zipfile.BadZipFile as e:
         raise _corrupt(path, f"not a zip archive or truncated ({e}); legacy non-zip torch files are not read") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, KeyError) as e:
