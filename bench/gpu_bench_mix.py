@@ -1,59 +1,55 @@
 #!/usr/bin/env python3
-"""The cost of mixing vs stock SGLang, side by side on one machine.
+"""Mixed vs stock SGLang on a Qwen3-30B-A3B-wide MoE: kernels per decode step, decode throughput, TTFT,
+load time, weight memory and bytes read; and int4 experts against bf16 and fp8.
 
-Workload: a random-weight Qwen3-MoE with Qwen3-30B-A3B layer shapes (hidden 2048, 32 q / 4 kv
-heads, head_dim 128, 128 experts of 768, top-8, vocab 151936) and --layers decoder layers; bf16 /
-fp8 / int4 sources made with the project's converter (rtn). Runs (--only takes names or groups):
+Model: a random Qwen3-MoE with Qwen3-30B-A3B's widths (hidden 2048, 32 q / 4 kv heads, head_dim 128,
+128 experts of 768, top-8, vocab 151936) and --layers decoder layers, its tensors drawn on the GPU;
+fp8 (block 128) and GPTQ int4 (RTN) sources made by the project's converter. Servers (--servers):
 
-  bf16:  stock-bf16, mixed-bf16    python -m sglang.launch_server on the uniform checkpoint, and
-  fp8:   stock-fp8,  mixed-fp8     launch_mixed_precision_server.py with every module from that one
-  int4:  stock-int4, mixed-int4    source (stock int4 with --quantization moe_wna16: its GPTQ-Marlin
-                                   MoE keeps fp16 scales; the mixed loader's int4 experts default to
-                                   MoE-WNA16 too, so both run the same kernels)
-  mixes: mix-attnbf16-expint4, mix-attnfp8-expint4   real mixes
-  prepare: only generate and convert the model
+  stock-bf16   python -m sglang.launch_server on the 16-bit checkpoint
+  mixed-bf16   the launcher, every module from the 16-bit source
+  stock-fp8    python -m sglang.launch_server on the fp8 checkpoint
+  mixed-fp8    the launcher, every linear from the fp8 source
+  int4-auto    attention bf16 + experts int4, --int4-moe-kernel auto (the kernel the server picks)
+  int4-wna16   attention bf16 + experts int4 on SGLang's Triton W4A16 MoE method
+  experts-fp8  attention bf16 + experts fp8
+  int4-dense   attention int4 (GPTQ-Marlin linears) + experts int4
 
-Measured per run: server ready time, weight load time and GPU weight memory (SGLang's "Load weight
-end" line), TTFT (1-token request), decode tokens/s at batch 1 and 32 (median of --repeats), greedy
-tokens of fixed prompts; for mixed runs also the parameter bytes the mixed loader logs, the bytes
-it read (/mixed_precision/info) and the plan's bytes. Goals (the markdown lists what misses one):
-stock vs mixed with one source: identical greedy tokens, decode tok/s mixed/stock >= 0.99 at
-batch 1 and 32, TTFT and load time stock/mixed >= 0.99; every mixed run: GPU weight memory and
-parameter bytes within 1% of the plan's per-rank bytes, bytes read <= 1.05 x the plan's bytes.
+All servers share the flags in SERVER_FLAGS (CUDA graphs on, SGLang's default) and run side by side on
+the GPU; each is measured while the others sit idle (nothing else is sent to them). Per --phase:
 
-Time: each server start takes ~60 s on an H100 with a warm JIT cache (the first ~140 s), plus
-~20 s of measurement; preparing 4 layers ~2-3 min. A full run (8 servers) is ~12 min, so split it
-into commands under 9 minutes (--only prepare, then bf16,fp8, then int4,mixes) with the same
---out and --workdir: results of earlier commands are kept and merged, and runs already measured
-there without error are not started again. --budget S skips runs that would not finish within S
-seconds of the command's start (reported as not run): repeating a command finishes the rest.
+  prepare  generate and convert the model (kept in --workdir; skipped when there), time the conversion
+  serve    start the servers (one start; run the phase again for another start), then:
+           greedy tokens (8 prompts x 64), a profile of decode steps (torch.profiler through SGLang's
+           /start_profile, CUDA graphs on) of every server, and --rounds interleaved rounds
+           (A B C ... A B C ...) of: decode tok/s at batch 1, 8, 64; TTFT of a 2,048-token prompt
+  report   JSON + markdown from everything measured so far (also written after every phase)
 
---cpu-check runs everything up to launching SGLang on CPU (tiny shapes unless --shape is given):
-generate, convert, write the mix YAMLs, plan them, build every server command (mixed ones through
-the launcher, which validates the plan and writes the plan directory) and check it with SGLang's
-own argument parser, then print what it would launch.
+Results accumulate in --out/bench_mix.json across commands (each server start is a sample); ratios
+are medians of rounds, with the spread (min..max) of each side; a ratio is called a difference only
+when the spreads do not overlap.
 
-Usage (GPU machine, repository root, after ``source bench/gpu_setup.sh``; DIR and W outside the
-command's own output folder so that later commands find them, then copy DIR back):
-    python bench/gpu_bench_mix.py --out DIR --workdir W --only prepare
-    python bench/gpu_bench_mix.py --out DIR --workdir W --only bf16,fp8 --budget 480
-    python bench/gpu_bench_mix.py --out DIR --workdir W --only int4,mixes --budget 480
-    python bench/gpu_bench_mix.py --out DIR --workdir W --only all --tp-size 2 --budget 480   (2 GPUs)
-    python bench/gpu_bench_mix.py --out DIR --cpu-check
-Results: DIR/bench_mix.json and DIR/bench_mix.md (the card named), written after every run;
-server logs in DIR/logs/. The summary is printed last.
+--cpu-check runs everything up to launching SGLang on CPU with a tiny model: generation, conversion,
+mix YAMLs, plans (the launcher's validation), every server command checked by SGLang's own parser.
+
+Usage (GPU machine, repository root): source bench/gpu_setup.sh &&
+    python bench/gpu_bench_mix.py --workdir /root/bm --out $OUT/bench --phase prepare,serve,report
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import gzip
 import json
+import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,516 +58,564 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_common import environment, make_log, parse_server_log  # noqa: E402
 
-SHAPES = {
-    "qwen3-30b-a3b": dict(
-        hidden=2048,
-        vocab=151936,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        intermediate_size=6144,
-        moe_intermediate_size=768,
-        num_experts=128,
-        num_experts_per_tok=8,
-    ),
-    "tiny": {},  # tinymodels' defaults: hidden 512, 8 experts of 256, top-2
+log = make_log("bench")
+
+QWEN3_30B_A3B = dict(
+    hidden=2048,
+    vocab=151936,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+)
+TINY = dict(hidden=512, vocab=2048, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2)
+
+
+@dataclass(frozen=True)
+class Server:
+    kind: str  # stock | mixed
+    source: str  # stock: the checkpoint served; mixed: the default source of linears
+    experts: str | None = None  # mixed: the source of the routed experts when it differs
+    kernel: str | None = None  # --int4-moe-kernel
+    compare_to: str | None = None  # the server whose tokens / kernels / speed this one is held against
+
+
+SERVERS = {
+    "stock-bf16": Server("stock", "fp16"),
+    "mixed-bf16": Server("mixed", "fp16", compare_to="stock-bf16"),
+    "stock-fp8": Server("stock", "fp8"),
+    "mixed-fp8": Server("mixed", "fp8", compare_to="stock-fp8"),
+    "int4-auto": Server("mixed", "fp16", "int4", "auto", compare_to="mixed-bf16"),
+    "int4-wna16": Server("mixed", "fp16", "int4", "wna16", compare_to="mixed-bf16"),
+    "experts-fp8": Server("mixed", "fp16", "fp8", compare_to="mixed-bf16"),
+    "int4-dense": Server("mixed", "int4", "int4", "auto", compare_to="int4-auto"),
 }
-PROMPTS = [
-    "The history of the river begins",
-    "In the morning the market",
-    "A compiler translates",
-    "Mountains in the north",
-]
-GREEDY_TOKENS = 32
-B1_TOKENS, B32_TOKENS = 128, 64  # decode tokens timed at batch 1 and batch 32
-# Same flags for stock and mixed. Radix cache off: repeated prompts would otherwise skip prefill.
+BATCHES = (1, 8, 64)
+DECODE_TOKENS = 128
+SHORT_PROMPT = 16
+LONG_PROMPT = 2048
+GREEDY = (8, 64)  # prompts x tokens
+PROFILE_STEPS = 8
+PROFILE_BATCH = 8
 SERVER_FLAGS = [
     "--attention-backend",
     "triton",
     "--sampling-backend",
     "pytorch",
-    "--mem-fraction-static",
-    "0.6",
-    "--dtype",
-    "bfloat16",
-    "--disable-radix-cache",
+    "--skip-tokenizer-init",  # requests carry token ids: no tokenizer work on either side
+    "--disable-radix-cache",  # repeated prompts must prefill every time
     "--cuda-graph-max-bs",
-    "32",
+    str(max(BATCHES)),
+    "--max-running-requests",
+    str(max(BATCHES)),
+    "--chunked-prefill-size",
+    "4096",
     "--log-level",
     "info",
 ]
-STOCK_INT4_FLAGS = ["--quantization", "moe_wna16"]
 GOAL_RATIO = 0.99
-MEMORY_TOLERANCE = 0.01
-READ_LIMIT = 1.05
-FIRST_START_S, START_S, MEASURE_S = 140, 60, 25  # per-run time estimate (H100)
 
 
-@dataclass(frozen=True)
-class Run:
-    kind: str  # stock | mixed
-    fmt: str  # the uniform format compared (bf16/fp8/int4), or "mix"
-    default: str  # source label for linears ("fp16", "fp8", "int4")
-    experts: str | None = None  # source of the routed experts when it differs
+# ---- the model ------------------------------------------------------------------------------------------
+def write_random_checkpoint(hf_config: dict, out: Path, device: str, shard_bytes: int = 2 << 30) -> float:
+    """Every tensor of a 16-bit checkpoint of ``hf_config`` drawn on ``device`` (linears N(0, 1/K), norms
+    1), written as safetensors shards with an index; returns the seconds it took."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sglang_mixed_precision.testing.shapegen import tensor_specs
+
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    shards, shard, size = [], {}, 0
+    for name, _, shape in tensor_specs(hf_config):
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16, device=device)
+        else:
+            t = (torch.randn(shape, generator=gen, device=device) / shape[-1] ** 0.5).to(torch.bfloat16)
+        shard[name] = t.cpu()
+        size += t.numel() * 2
+        if size >= shard_bytes:
+            shards.append(shard)
+            shard, size = {}, 0
+    if shard:
+        shards.append(shard)
+    weight_map = {}
+    for i, tensors in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+    total = sum(t.numel() * 2 for s in shards for t in s.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return time.time() - start
 
 
-RUNS = {
-    "stock-bf16": Run("stock", "bf16", "fp16"),
-    "mixed-bf16": Run("mixed", "bf16", "fp16"),
-    "stock-fp8": Run("stock", "fp8", "fp8"),
-    "mixed-fp8": Run("mixed", "fp8", "fp8"),
-    "stock-int4": Run("stock", "int4", "int4"),
-    "mixed-int4": Run("mixed", "int4", "int4"),
-    "mix-attnbf16-expint4": Run("mixed", "mix", "fp16", "int4"),
-    "mix-attnfp8-expint4": Run("mixed", "mix", "fp8", "int4"),
-}
-GROUPS = {
-    "bf16": ["stock-bf16", "mixed-bf16"],
-    "fp8": ["stock-fp8", "mixed-fp8"],
-    "int4": ["stock-int4", "mixed-int4"],
-    "mixes": ["mix-attnbf16-expint4", "mix-attnfp8-expint4"],
-    "prepare": [],
-    "all": list(RUNS),
-}
-
-
-log = make_log("bench")
-
-
-def selected_runs(only: str) -> list[str]:
-    names = []
-    for item in (s.strip() for s in only.split(",") if s.strip()):
-        if item not in GROUPS and item not in RUNS:
-            sys.exit(f"--only: {item!r} is neither a run ({', '.join(RUNS)}) nor a group ({', '.join(GROUPS)})")
-        names += [n for n in GROUPS.get(item, [item]) if n not in names]
-    return names
-
-
-def run_key(name: str, tp: int, dp: int) -> str:
-    return f"{name}-tp{tp}dp{dp}"
-
-
-# ---- sources ---------------------------------------------------------------------------------------------
-def prepare(work: Path, shape: str, layers: int) -> Path:
-    """Generate the 16-bit model and convert it (skipped when there); returns the conversion dir."""
-    from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
-    from sglang_mixed_precision.testing.tinymodels import make_tiny_model
+def prepare(work: Path, layers: int, tiny: bool, device: str, convert_device: str | None) -> dict:
+    """The 16-bit model and its fp8 / int4 conversions in ``work`` (made once); returns timings."""
+    from sglang_mixed_precision.testing.tinymodels import tiny_config, write_tokenizer
 
     src, conv = work / "model", work / "conv"
-    if not (src / "config.json").exists():
-        log(f"generating a {layers}-layer qwen3_moe with {shape} shapes")
-        make_tiny_model("qwen3_moe", src, num_layers=layers, max_shard_size="2GB", **SHAPES[shape])
+    info = {}
+    if not (src / "model.safetensors.index.json").exists():
+        shape = TINY if tiny else QWEN3_30B_A3B
+        cfg = tiny_config("qwen3_moe", num_layers=layers, **shape).to_dict()
+        cfg.pop("_name_or_path", None)
+        cfg["architectures"] = ["Qwen3MoeForCausalLM"]  # what save_pretrained would write
+        log(f"generating a {layers}-layer qwen3_moe ({'tiny' if tiny else 'Qwen3-30B-A3B widths'}) on {device}")
+        info["generate_s"] = round(write_random_checkpoint(cfg, src, device), 1)
+        (src / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_tokenizer(src, cfg["vocab_size"])
+        (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 2}))
     if not all((conv / f / "config.json").exists() for f in ("fp16", "fp8", "int4")):
-        log("converting with the project's converter (rtn)")
-        convert(
-            ConvertOptions(
-                model_path=str(src), output_dir=str(conv), method="rtn", overwrite=True, check=False, progress=False
-            )
-        )
-    return conv
+        cmd = [sys.executable, "-m", "sglang_mixed_precision.cli", "convert", "--model_path", str(src),
+               "--output_dir", str(conv), "--method", "rtn", "--no_check", "--no_progress"]  # fmt: skip
+        if convert_device:
+            cmd += ["--device", convert_device]
+        log("converting: " + " ".join(cmd[3:]))
+        t = time.time()
+        subprocess.run(cmd, check=True)
+        info["convert_s"] = round(time.time() - t, 1)
+        info["convert_command"] = cmd[3:]
+    info["bytes"] = {
+        f: sum(p.stat().st_size for p in (conv / f).glob("*.safetensors")) for f in ("fp16", "fp8", "int4")
+    }
+    return info
 
 
-def mix_config(work: Path, conv: Path, name: str) -> Path:
+def mix_yaml(work: Path, name: str) -> Path:
     import yaml
 
-    run = RUNS[name]
-    rules = [{"match": "model.layers.*.mlp.experts.*", "source": run.experts}] if run.experts else []
-    doc = {
-        "mixed_precision": {
-            "sources": {f: str(conv / f) for f in ("fp16", "fp8", "int4")},
-            "default": run.default,
-            "rules": rules,
-        }
-    }
+    s = SERVERS[name]
+    conv = work / "conv"
+    rules = [{"match": "model.layers.*.mlp.experts.*", "source": s.experts}] if s.experts else []
+    doc = {"mixed_precision": {"sources": {f: str(conv / f) for f in ("fp16", "fp8", "int4")}, "default": s.source}}
+    if rules:
+        doc["mixed_precision"]["rules"] = rules
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
-def plan_bytes(config: Path, tp: int) -> dict:
-    """What the plan expects: bytes per rank (GPU weight memory) and in total (bytes to read)."""
+def server_command(name: str, work: Path, port: int, mem_fraction: float, max_tokens: int) -> list[str]:
+    s = SERVERS[name]
+    common = ["--host", "127.0.0.1", "--port", str(port), "--nccl-port", str(port + 1000),
+              "--mem-fraction-static", str(mem_fraction), "--max-total-tokens", str(max_tokens), *SERVER_FLAGS]  # fmt: skip
+    if s.kind == "stock":
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(work / "conv" / s.source), *common]
+    cmd = [sys.executable, str(REPO / "launch_mixed_precision_server.py"), "--enable-mixed-precision",
+           "--mixed-precision-config", str(mix_yaml(work, name)), "--model-path", str(work / "conv" / "fp16"),
+           "--plan-dir", str(work / "plans" / name)]  # fmt: skip
+    if s.kind == "mixed" and s.kernel:
+        cmd += ["--int4-moe-kernel", s.kernel]
+    return cmd + common
+
+
+def plan_numbers(work: Path, name: str) -> dict:
+    """What the plan expects of a mixed server: bytes per rank (GPU weights) and bytes to read."""
     from sglang_mixed_precision.core.report import summary
     from sglang_mixed_precision.reference import plan_from_config
 
-    s = summary(plan_from_config(config, tp_size=tp))
-    return {
-        "plan_rank_bytes": s["per_rank"][0]["bytes"],
-        "plan_total_bytes": s["total"]["bytes"],
-        "plan_by_precision": {r["precision"]: r["bytes"] for r in s["by_precision"]},
-    }
+    s = summary(plan_from_config(mix_yaml(work, name)))
+    return {"plan_rank_bytes": s["per_rank"][0]["bytes"], "plan_total_bytes": s["total"]["bytes"]}
 
 
-def server_argv(name: str, work: Path, conv: Path, out: Path, port: int, args) -> list[str]:
-    """The arguments after the program: stock SGLang's, or the launcher's for a mixed run."""
-    run = RUNS[name]
-    common = [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--tp-size",
-        str(args.tp_size),
-        "--dp-size",
-        str(args.dp_size),
-        *SERVER_FLAGS,
-    ]
-    if run.kind == "stock":
-        extra = STOCK_INT4_FLAGS if run.fmt == "int4" else []
-        return ["--model-path", str(conv / run.default), *common, *extra, *args.sglang_arg]
-    plan_dir = out / "plans" / run_key(name, args.tp_size, args.dp_size)
-    return [
-        "--enable-mixed-precision",
-        "--mixed-precision-config",
-        str(mix_config(work, conv, name)),
-        "--model-path",
-        str(conv / "fp16"),
-        "--plan-dir",
-        str(plan_dir),
-        *common,
-        *args.sglang_arg,
-    ]
-
-
-def program(name: str) -> list[str]:
-    if RUNS[name].kind == "stock":
-        return [sys.executable, "-m", "sglang.launch_server"]
-    return [sys.executable, str(REPO / "launch_mixed_precision_server.py")]
-
-
-# ---- measurement -------------------------------------------------------------------------------------------
-def prompt_ids(conv: Path) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(conv / "fp16"))
-    return [tok(p)["input_ids"] for p in PROMPTS]
-
-
-def timed_generate(base: str, ids: list[list[int]], max_new: int) -> tuple[float, list[dict]]:
+# ---- talking to a server ---------------------------------------------------------------------------------
+def generate(base: str, ids: list[list[int]], max_new: int, timeout: float = 600) -> tuple[float, list[dict]]:
     from sglang_mixed_precision.serving import client
 
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
     t = time.perf_counter()
-    reply = client.post_json(f"{base}/generate", body, timeout=600)
-    return time.perf_counter() - t, reply
+    reply = client.post_json(f"{base}/generate", body, timeout=timeout)
+    return time.perf_counter() - t, reply if isinstance(reply, list) else [reply]
 
 
-def measure(base: str, ids: list[list[int]], repeats: int) -> dict:
-    one, batch = [ids[0]], [ids[i % len(ids)] for i in range(32)]
-    cases = {
-        "prefill_b1": (one, 1),
-        "total_b1": (one, 1 + B1_TOKENS),
-        "prefill_b32": (batch, 1),
-        "total_b32": (batch, 1 + B32_TOKENS),
-    }
-    for request, n in cases.values():  # warm-up: Triton JIT and CUDA-graph shapes of every timed request
-        timed_generate(base, request, n)
-    t = {k: statistics.median(timed_generate(base, r, n)[0] for _ in range(repeats)) for k, (r, n) in cases.items()}
-    _, greedy = timed_generate(base, ids, GREEDY_TOKENS)
-    return {
-        "ttft_s": round(t["prefill_b1"], 5),
-        "decode_tok_s_b1": round(B1_TOKENS / max(t["total_b1"] - t["prefill_b1"], 1e-9), 2),
-        "decode_tok_s_b32": round(32 * B32_TOKENS / max(t["total_b32"] - t["prefill_b32"], 1e-9), 2),
-        "timings_s": {k: round(v, 5) for k, v in t.items()},
-        "greedy_ids": [g["output_ids"] for g in greedy],
-    }
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def loader_bytes_read(base: str) -> dict:
-    """Bytes the mixed loader read (rank 0, every source), from /mixed_precision/info."""
-    from sglang_mixed_precision.serving import client
-
-    try:
-        load = client.get_json(f"{base}/mixed_precision/info").get("load") or {}
-    except Exception as e:  # the timings already measured stay valid
-        return {"bytes_read_error": f"{type(e).__name__}: {e}"}
-    read = load.get("bytes_read")
-    return {"bytes_read": sum(read.values()) if read else None, "bytes_read_by_source": read}
-
-
-def run_one(name: str, work: Path, conv: Path, ids, out: Path, args) -> dict:
-    from sglang_mixed_precision.serving import client
-
-    key = run_key(name, args.tp_size, args.dp_size)
-    port = client.free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = program(name) + server_argv(name, work, conv, out, port, args)
-    res = {
-        "run": name,
-        "kind": RUNS[name].kind,
-        "format": RUNS[name].fmt,
-        "tp": args.tp_size,
-        "dp": args.dp_size,
-        "command": cmd,
-    }
-    if RUNS[name].kind == "mixed":
-        res.update(plan_bytes(work / f"{name}.yaml", args.tp_size))
-    log_path = out / "logs" / f"{key}.log"
-    log(f"{key}: starting {' '.join(cmd[1:])}")
-    proc = client.start_server(cmd, log_path)
-    try:
-        res["ready_s"] = round(client.wait_until_ready(base, proc, args.server_timeout, log_path, progress=log), 1)
-        res.update(measure(base, ids, args.repeats))
-        if RUNS[name].kind == "mixed":
-            res.update(loader_bytes_read(base))
-    except Exception as e:  # one failed run is reported, the others still run
-        res["error"] = f"{type(e).__name__}: {e}"[-2000:]
-        log(f"{key}: FAILED {res['error'][:300]}\n{traceback.format_exc()}")
-    finally:
-        client.stop_server(proc)
-    res.update(parse_server_log(log_path.read_text(errors="replace")))
-    return res
-
-
-# ---- goals -----------------------------------------------------------------------------------------------
-def memory_checks(r: dict) -> dict:
-    """A mixed run's weight memory and bytes read against its plan (None where not measured)."""
-    rank, total = r.get("plan_rank_bytes"), r.get("plan_total_bytes")
-    gpu = r["weight_mem_gib"] * 2**30 / rank - 1 if rank and r.get("weight_mem_gib") is not None else None
-    params = r["param_bytes"] / rank - 1 if rank and r.get("param_bytes") is not None else None
-    read = r["bytes_read"] / total if total and r.get("bytes_read") is not None else None
-    return {"gpu_mem_vs_plan": gpu, "param_bytes_vs_plan": params, "bytes_read_vs_plan": read}
-
-
-def comparisons(runs: dict) -> list[dict]:
-    """Stock vs mixed of each uniform format and parallel layout measured."""
-    rows = []
-    for tp, dp in sorted({(r["tp"], r["dp"]) for r in runs.values()}):
-        for fmt in ("bf16", "fp8", "int4"):
-            s, m = runs.get(run_key(f"stock-{fmt}", tp, dp)), runs.get(run_key(f"mixed-{fmt}", tp, dp))
-            if not (s and m) or "error" in s or "error" in m:
-                continue
-            load = (
-                (s["weight_load_s"] / m["weight_load_s"]) if s.get("weight_load_s") and m.get("weight_load_s") else None
-            )
-            rows.append(
-                {
-                    "format": fmt,
-                    "tp": tp,
-                    "dp": dp,
-                    "identical_greedy_tokens": s["greedy_ids"] == m["greedy_ids"],
-                    "decode_b1_mixed_over_stock": m["decode_tok_s_b1"] / s["decode_tok_s_b1"],
-                    "decode_b32_mixed_over_stock": m["decode_tok_s_b32"] / s["decode_tok_s_b32"],
-                    "ttft_stock_over_mixed": s["ttft_s"] / m["ttft_s"],
-                    "load_time_stock_over_mixed": load,
-                }
-            )
-    return rows
-
-
-def misses(runs: dict, rows: list[dict]) -> list[str]:
-    """Every goal a measured quantity misses, in words."""
-    out = []
-    for r in rows:
-        where = f"{r['format']} tp{r['tp']}dp{r['dp']}"
-        if not r["identical_greedy_tokens"]:
-            out.append(f"{where}: greedy tokens differ between stock and mixed")
-        for k in (
-            "decode_b1_mixed_over_stock",
-            "decode_b32_mixed_over_stock",
-            "ttft_stock_over_mixed",
-            "load_time_stock_over_mixed",
-        ):
-            if r[k] is None:
-                out.append(f"{where}: {k} not measured")
-            elif r[k] < GOAL_RATIO:
-                out.append(f"{where}: {k} = {r[k]:.3f} < {GOAL_RATIO}")
-    for key, r in runs.items():
-        if "error" in r:
-            out.append(f"{key}: failed ({r['error'][:120]})")
-        if r["kind"] != "mixed" or "error" in r or r.get("mode") == "cpu-check":
-            continue
-        c = memory_checks(r)
-        for k in ("gpu_mem_vs_plan", "param_bytes_vs_plan"):
-            if c[k] is None:
-                out.append(f"{key}: {k} not measured")
-            elif abs(c[k]) > MEMORY_TOLERANCE:
-                out.append(f"{key}: {k} {100 * c[k]:+.2f}% (goal within +-{100 * MEMORY_TOLERANCE:.0f}%)")
-        if c["bytes_read_vs_plan"] is None:
-            out.append(f"{key}: bytes_read_vs_plan not measured")
-        elif c["bytes_read_vs_plan"] > READ_LIMIT:
-            out.append(f"{key}: bytes read {c['bytes_read_vs_plan']:.3f} x plan (goal <= {READ_LIMIT})")
+def measure_round(base: str, vocab: int) -> dict:
+    """Decode tok/s at each batch size (B x 127 tokens over the time past the prefill-only request)
+    and TTFT of a 2,048-token prompt (median of 3)."""
+    out = {}
+    for b in BATCHES:
+        ids = prompts(b, SHORT_PROMPT, vocab, seed=b)
+        prefill, _ = generate(base, ids, 1)
+        total, _ = generate(base, ids, DECODE_TOKENS)
+        out[f"decode_tok_s_b{b}"] = b * (DECODE_TOKENS - 1) / max(total - prefill, 1e-9)
+    long = prompts(3, LONG_PROMPT, vocab, seed=7)
+    out["ttft_s_2048"] = statistics.median(generate(base, [p], 1)[0] for p in long)
     return out
 
 
-# ---- results -------------------------------------------------------------------------------------------
-def fmt(value, spec: str = "", scale: float = 1.0) -> str:
-    return "-" if value is None else format(value * scale if scale != 1.0 else value, spec)
+def warm_up(base: str, vocab: int) -> None:
+    """Every request shape once (Triton JIT, CUDA-graph batch sizes) before anything is timed."""
+    for b in BATCHES:
+        generate(base, prompts(b, SHORT_PROMPT, vocab, seed=100 + b), 8)
+    generate(base, prompts(1, LONG_PROMPT, vocab, seed=99), 1)
 
 
-def markdown(doc: dict) -> str:
-    env, runs, rows = doc["environment"], doc["runs"], doc["comparisons"]
-    lines = [
-        f"# Mixed vs stock SGLang — {env['card']}",
-        "",
-        f"{env['card']} x {env['gpus']}; {env['versions']}. Model: random weights, {doc['shape']} shapes, "
-        f"{doc['layers']} layers. Mode: {doc['mode']}.",
-        "",
-        "| run | ready s | load s | GPU weight GiB | param bytes | plan bytes/rank | GPU mem vs plan | params vs plan "
-        "| bytes read / plan | TTFT ms | tok/s b1 | tok/s b32 | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+def greedy_ids(base: str, vocab: int) -> list[list[int]]:
+    n, tokens = GREEDY
+    _, replies = generate(base, prompts(n, 24, vocab, seed=1234), tokens)
+    return [r["output_ids"] for r in replies]
+
+
+def profile_decode(base: str, vocab: int, out_dir: Path) -> dict:
+    """Kernels of PROFILE_STEPS decode steps at batch PROFILE_BATCH (CUDA graphs on): per step, each
+    kernel's launches, grid and GPU time, and the GPU busy time of a step."""
+    from sglang_mixed_precision.serving import client
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = set(out_dir.glob("*.trace.json.gz"))
+    body = {"output_dir": str(out_dir), "num_steps": PROFILE_STEPS, "profile_by_stage": True,
+            "activities": ["CPU", "GPU"], "with_stack": False, "record_shapes": False}  # fmt: skip
+    client.post_json(f"{base}/start_profile", body, timeout=120)
+    ids = prompts(PROFILE_BATCH, SHORT_PROMPT, vocab, seed=5)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the trace is written once a later batch runs
+        generate(base, ids, 48)
+        new = [p for p in out_dir.glob("*DECODE*.trace.json.gz") if p not in before]
+        if new:
+            time.sleep(2.0)  # let the exporter finish the file
+            return kernel_table(new[0])
+    raise RuntimeError("no decode trace appeared within 120 s")
+
+
+def kernel_table(trace: Path) -> dict:
+    """Per-step kernel statistics of a decode trace: {name|grid: [launches, us]} over the graph
+    replays (or eager launches), the step count and the GPU time per step."""
+    events = json.load(gzip.open(trace))["traceEvents"]
+    runtime = {e["args"]["correlation"]: e["name"] for e in events
+               if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}  # fmt: skip
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    graph_launches = {k["args"].get("correlation") for k in kernels
+                      if runtime.get(k["args"].get("correlation"), "").startswith("cudaGraphLaunch")}  # fmt: skip
+    steps = max(len(graph_launches), 1)
+    table: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for k in kernels:
+        key = f"{k['name'][:120]}|grid={k['args'].get('grid')}|block={k['args'].get('block')}"
+        table[key][0] += 1
+        table[key][1] += float(k.get("dur", 0.0))
+    per_step = {key: [n / steps, round(us / steps, 2)] for key, (n, us) in table.items()}
+    cpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("python_function", "user_annotation")]
+    return {
+        "trace": trace.name,
+        "steps": steps,
+        "graph_replays": len(graph_launches),
+        "gpu_us_per_step": round(sum(us for _, us in per_step.values()), 2),
+        "kernels_per_step": round(sum(n for n, _ in per_step.values()), 2),
+        "kernels": dict(sorted(per_step.items(), key=lambda kv: -kv[1][1])),
+        "host_events": len(cpu),
+    }
+
+
+def drop_page_cache(work: Path) -> str:
+    """Evict the checkpoints from the page cache so that weight loading reads the disk: the kernel's
+    drop_caches when writable (root), else posix_fadvise(DONTNEED) on every checkpoint file."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "cold (drop_caches)"
+    except OSError:
+        pass
+    for path in (work / "conv").rglob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "cold (posix_fadvise DONTNEED per file)"
+
+
+# ---- a server start ---------------------------------------------------------------------------------------
+@dataclass
+class Running:
+    name: str
+    proc: object
+    base: str
+    log_path: Path
+    started: float
+    info: dict = field(default_factory=dict)
+
+
+def start_servers(names: list[str], work: Path, out: Path, start_no: int, mem_fraction: float, max_tokens: int):
+    """Start every server, one after the other once the previous has loaded its weights (SGLang sizes
+    its KV pool from the memory left while it loads), and wait until all answer."""
+    from sglang_mixed_precision.serving import client
+
+    running = []
+    for i, name in enumerate(names):
+        port = 31000 + 10 * i
+        cmd = server_command(name, work, port, mem_fraction, max_tokens)
+        log_path = out / "logs" / f"{name}.start{start_no}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"start {start_no}: {name}: {' '.join(cmd[1:])}")
+        proc = client.start_server(cmd, log_path)
+        r = Running(name, proc, f"http://127.0.0.1:{port}", log_path, time.time())
+        running.append(r)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            text = log_path.read_text(errors="replace")
+            if "KV Cache is allocated" in text or "max_total_num_tokens" in text:
+                break
+            time.sleep(1.0)
+    for r in running:
+        try:
+            r.info["ready_s"] = round(client.wait_until_ready(r.base, r.proc, 600, r.log_path, progress=log), 1)
+            r.info["ready_since_start_s"] = round(time.time() - r.started, 1)
+        except Exception as e:
+            r.info["error"] = f"{type(e).__name__}: {e}"[-1500:]
+            log(f"{r.name}: FAILED to start: {r.info['error'][:400]}")
+    return running
+
+
+def serve_phase(names, work: Path, out: Path, results: dict, args, vocab: int) -> None:
+    from sglang_mixed_precision.serving import client
+
+    start_no = 1 + max((s["start"] for s in results.get("starts", [])), default=0)
+    page_cache = drop_page_cache(work) if args.cold else "warm (files read or written before this start)"
+    running = start_servers(names, work, out, start_no, args.mem_fraction, args.max_total_tokens)
+    sample = {"start": start_no, "page_cache": page_cache, "servers": {}}
+    results.setdefault("starts", []).append(sample)
+    live = [r for r in running if "error" not in r.info]
+    try:
+        for r in running:
+            entry = sample["servers"][r.name] = dict(r.info)
+            if SERVERS[r.name].kind == "mixed":
+                entry.update(plan_numbers(work, r.name))
+        for r in live:
+            entry = sample["servers"][r.name]
+            try:
+                warm_up(r.base, vocab)
+                entry["greedy_ids"] = greedy_ids(r.base, vocab)
+                if SERVERS[r.name].kind == "mixed":
+                    info = client.get_json(f"{r.base}/mixed_precision/info")
+                    load = info.get("load") or {}
+                    entry["bytes_read"] = load.get("bytes_read")
+                    entry["methods"] = sorted({m["method"] for m in info["modules"].values() if m.get("method")})
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {e}"[-1500:]
+                log(f"{r.name}: {entry['error'][:300]}")
+        live = [r for r in live if "error" not in sample["servers"][r.name]]
+        if start_no == 1 or args.profile_every_start:
+            for r in live:
+                try:
+                    sample["servers"][r.name]["profile"] = profile_decode(r.base, vocab, out / "profiles" / r.name)
+                    log(f"{r.name}: profiled {sample['servers'][r.name]['profile']['gpu_us_per_step']} us/step")
+                except Exception as e:
+                    sample["servers"][r.name]["profile_error"] = f"{type(e).__name__}: {e}"[-800:]
+        for k in range(args.rounds):  # interleaved: A B C ... A B C ...
+            for r in live:
+                try:
+                    m = measure_round(r.base, vocab)
+                    sample["servers"][r.name].setdefault("rounds", []).append(m)
+                    log(f"round {k + 1} {r.name}: " + ", ".join(f"{x}={v:.4g}" for x, v in m.items()))
+                except Exception as e:
+                    sample["servers"][r.name]["round_error"] = f"{type(e).__name__}: {e}"[-800:]
+            write_results(out, results)
+    finally:
+        for r in running:
+            client.stop_server(r.proc)
+            sample["servers"][r.name].update(parse_server_log(r.log_path.read_text(errors="replace")))
+        write_results(out, results)
+
+
+# ---- results ----------------------------------------------------------------------------------------------
+METRICS = [f"decode_tok_s_b{b}" for b in BATCHES] + ["ttft_s_2048"]
+
+
+def samples(results: dict, name: str, metric: str) -> list[float]:
+    return [
+        m[metric]
+        for s in results.get("starts", [])
+        for m in s["servers"].get(name, {}).get("rounds", [])
+        if metric in m
     ]
-    for key, r in runs.items():
-        c = memory_checks(r) if r["kind"] == "mixed" else {}
-        lines.append(
-            f"| {key} | {fmt(r.get('ready_s'))} | {fmt(r.get('weight_load_s'))} | {fmt(r.get('weight_mem_gib'))} | "
-            f"{fmt(r.get('param_bytes'))} | {fmt(r.get('plan_rank_bytes'))} | {fmt(c.get('gpu_mem_vs_plan'), '+.2%')} | "
-            f"{fmt(c.get('param_bytes_vs_plan'), '+.2%')} | {fmt(c.get('bytes_read_vs_plan'), '.3f')} | "
-            f"{fmt(r.get('ttft_s'), '.1f', 1e3)} | {fmt(r.get('decode_tok_s_b1'), '.1f')} | "
-            f"{fmt(r.get('decode_tok_s_b32'), '.1f')} | {(r.get('error') or '')[:80]} |"
-        )
-    lines += [
+
+
+def compare(results: dict, a: str, b: str, metric: str) -> dict | None:
+    """a vs b: ratio of medians, each side's spread, and whether the spreads overlap."""
+    xa, xb = samples(results, a, metric), samples(results, b, metric)
+    if not xa or not xb:
+        return None
+    ma, mb = statistics.median(xa), statistics.median(xb)
+    overlap = not (min(xa) > max(xb) or max(xa) < min(xb))
+    return {"ratio": ma / mb, "a": [min(xa), ma, max(xa), len(xa)], "b": [min(xb), mb, max(xb), len(xb)],
+            "difference": not overlap}  # fmt: skip
+
+
+def profile_diff(pa: dict, pb: dict) -> dict:
+    """Same kernels (name, grid, block) and launches per step, and the GPU time per step of both."""
+    ka, kb = pa["kernels"], pb["kernels"]
+    only_a = sorted(set(ka) - set(kb))
+    only_b = sorted(set(kb) - set(ka))
+    launches = [k for k in set(ka) & set(kb) if abs(ka[k][0] - kb[k][0]) > 1e-6]
+    return {"same_kernels": not only_a and not only_b and not launches, "only_mixed": only_a[:10],
+            "only_stock": only_b[:10], "launch_count_differs": launches[:10],
+            "gpu_us_per_step": [pa["gpu_us_per_step"], pb["gpu_us_per_step"]],
+            "gpu_time_ratio": pa["gpu_us_per_step"] / max(pb["gpu_us_per_step"], 1e-9)}  # fmt: skip
+
+
+def summarize(results: dict) -> dict:
+    summary = {}
+    for name, s in SERVERS.items():
+        if not s.compare_to:
+            continue
+        row = {m: compare(results, name, s.compare_to, m) for m in METRICS}
+        first = next((st["servers"] for st in results.get("starts", []) if name in st["servers"]), {})
+        a, b = first.get(name, {}), first.get(s.compare_to, {})
+        if a.get("greedy_ids") and b.get("greedy_ids"):
+            row["greedy_identical"] = a["greedy_ids"] == b["greedy_ids"]
+            row["greedy_match_rate"] = statistics.mean(
+                sum(x == y for x, y in zip(p, q)) / max(len(q), 1) for p, q in zip(a["greedy_ids"], b["greedy_ids"])
+            )
+        if a.get("profile") and b.get("profile"):
+            row["profile"] = profile_diff(a["profile"], b["profile"])
+        for key in ("weight_mem_gib", "weight_load_s"):  # per start: start 1 cold with --cold, later ones warm
+            ratios = [
+                (st["start"], st["servers"][name][key] / st["servers"][s.compare_to][key])
+                for st in results.get("starts", [])
+                if st["servers"].get(name, {}).get(key) and st["servers"].get(s.compare_to, {}).get(key)
+            ]
+            if ratios:
+                row[f"{key}_ratio_by_start"] = dict(ratios)
+        if a.get("bytes_read") and a.get("plan_total_bytes"):
+            row["bytes_read_vs_plan"] = sum(a["bytes_read"].values()) / a["plan_total_bytes"]
+        summary[f"{name} vs {s.compare_to}"] = row
+    return summary
+
+
+def write_results(out: Path, results: dict) -> None:
+    results["summary"] = summarize(results)
+    (out / "bench_mix.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "bench_mix.md").write_text(markdown(results))
+
+
+def _fmt(c: dict | None, ttft: bool = False) -> str:
+    if not c:
+        return "-"
+    lo_a, med_a, hi_a, n_a = c["a"]
+    fmt = (lambda v: f"{v * 1000:.1f} ms") if ttft else (lambda v: f"{v:,.0f}")
+    flag = " (differs)" if c["difference"] else ""
+    return f"**{c['ratio']:.3f}**{flag} ({fmt(med_a)} [{fmt(lo_a)}..{fmt(hi_a)}], n={n_a})"
+
+
+def markdown(results: dict) -> str:
+    env = results.get("environment", {})
+    lines = [
+        f"# Mixed vs stock SGLang: {env.get('card', '?')}",
         "",
-        f"Stock vs mixed (goal: identical tokens, every ratio >= {GOAL_RATIO}):",
+        f"{env.get('versions', '')}; model: {results.get('model', '?')}; flags: `{' '.join(SERVER_FLAGS)}` "
+        f"(CUDA graphs on); {len(results.get('starts', []))} server start(s) per configuration, "
+        "rounds interleaved across servers, the others idle while one is measured.",
         "",
-        "| format | tp | dp | identical greedy tokens | decode b1 mixed/stock | decode b32 mixed/stock "
-        "| TTFT stock/mixed | load time stock/mixed |",
+        "Ratios are medians of rounds (first vs second); in brackets the first's median and spread. "
+        "'differs' only where the two spreads do not overlap.",
+        "",
+        "| comparison | decode b1 | decode b8 | decode b64 | TTFT 2048 | greedy | kernels/step | GPU us/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for key, row in results.get("summary", {}).items():
+        prof = row.get("profile") or {}
+        same = "-" if not prof else ("same" if prof["same_kernels"] else "DIFFER")
+        gpu = "-" if not prof else f"{prof['gpu_us_per_step'][0]:.0f} / {prof['gpu_us_per_step'][1]:.0f}"
+        greedy = "-" if "greedy_identical" not in row else f"{row['greedy_match_rate']:.2f}"
         lines.append(
-            f"| {r['format']} | {r['tp']} | {r['dp']} | {r['identical_greedy_tokens']} | "
-            f"{r['decode_b1_mixed_over_stock']:.3f} | {r['decode_b32_mixed_over_stock']:.3f} | "
-            f"{r['ttft_stock_over_mixed']:.3f} | {fmt(r['load_time_stock_over_mixed'], '.3f')} |"
+            f"| {key} | {_fmt(row.get('decode_tok_s_b1'))} | {_fmt(row.get('decode_tok_s_b8'))} | "
+            f"{_fmt(row.get('decode_tok_s_b64'))} | {_fmt(row.get('ttft_s_2048'), ttft=True)} | {greedy} | {same} | {gpu} |"
         )
-    if doc["mode"] == "cpu-check":
-        lines += ["", "cpu-check: nothing measured; the SGLang commands a GPU run would start:", ""]
-        lines += [f"- {key}: `{' '.join(r['sglang_command'])}`" for key, r in runs.items()]
-    else:
-        lines += ["", "Goals missed:" if doc["misses"] else "Goals missed: none among the runs measured."]
-        lines += [f"- {m}" for m in doc["misses"]]
-    if doc["not_run"]:
-        lines += ["", f"Not run yet: {', '.join(doc['not_run'])}."]
+    lines += ["", "Per server and start: weight memory, weight load time, bytes read", ""]
+    for st in results.get("starts", []):
+        lines.append(f"Start {st['start']}, page cache {st.get('page_cache', '?')}:")
+        for name, e in st["servers"].items():
+            read = sum(e["bytes_read"].values()) / 2**30 if e.get("bytes_read") else None
+            lines.append(
+                f"- {name}: weights {e.get('weight_mem_gib', '?')} GiB, load {e.get('weight_load_s', '?')} s, "
+                + (f"read {read:.2f} GiB (plan {e.get('plan_total_bytes', 0) / 2**30:.2f}), " if read else "")
+                + f"ready {e.get('ready_since_start_s', '?')} s"
+                + (f"; ERROR {e['error'][:200]}" if e.get("error") else "")
+            )
+    if results.get("prepare"):
+        lines += ["", f"Preparation: {json.dumps(results['prepare'])}"]
     return "\n".join(lines) + "\n"
 
 
-class Results:
-    """bench_mix.json / .md in --out, merged with the runs an earlier command left there."""
+# ---- CPU check --------------------------------------------------------------------------------------------
+def cpu_check(work: Path, names: list[str], args) -> int:
+    from sglang_mixed_precision.serving.client import sglang_argv_problem
 
-    def __init__(self, out: Path, env: dict, args, mode: str):
-        self.path = out / "bench_mix.json"
-        self.doc = {"environment": env, "shape": args.shape, "layers": args.layers, "mode": mode, "runs": {}}
-        if self.path.is_file():
-            old = json.loads(self.path.read_text())
-            if (old.get("shape"), old.get("layers"), old.get("mode")) == (args.shape, args.layers, mode):
-                self.doc["runs"] = old.get("runs", {})
-
-    def add(self, key: str, result: dict) -> None:
-        self.doc["runs"][key] = {**result, "card": self.doc["environment"]["card"]}
-        self.save()
-
-    def save(self) -> None:
-        runs = self.doc["runs"]
-        self.doc["comparisons"] = comparisons(runs) if self.doc["mode"] == "gpu" else []
-        self.doc["misses"] = misses(runs, self.doc["comparisons"]) if self.doc["mode"] == "gpu" else []
-        self.doc["not_run"] = [n for n in RUNS if not any(r["run"] == n for r in runs.values())]
-        self.path.write_text(json.dumps(self.doc, indent=2))
-        self.path.with_suffix(".md").write_text(markdown(self.doc))
-
-
-# ---- modes -----------------------------------------------------------------------------------------------
-def estimate_s(n: int) -> int:
-    return 0 if n == 0 else FIRST_START_S + (n - 1) * START_S + n * MEASURE_S
-
-
-def run_gpu(names: list[str], work: Path, conv: Path, out: Path, results: Results, args, started: float) -> None:
-    ids = prompt_ids(conv)
-    servers = 0
-    for name in names:
-        key = run_key(name, args.tp_size, args.dp_size)
-        if "error" not in results.doc["runs"].get(key, {"error": None}):
-            log(f"{key}: already measured in {results.path} (a new --out measures again)")
-            continue
-        needed = (START_S if servers else FIRST_START_S) + MEASURE_S
-        if args.budget and time.time() - started + needed > args.budget:
-            log(f"{key}: skipped, ~{needed}s would pass the --budget of {args.budget:.0f}s")
-            continue
-        servers += 1
-        r = run_one(name, work, conv, ids, out, args)
-        results.add(key, r)
-        log(
-            f"{key}: {'FAILED' if 'error' in r else 'done'}; ttft {fmt(r.get('ttft_s'), '.1f', 1e3)} ms, "
-            f"b1 {fmt(r.get('decode_tok_s_b1'), '.1f')} tok/s, b32 {fmt(r.get('decode_tok_s_b32'), '.1f')} tok/s"
-        )
-
-
-def run_cpu_check(names: list[str], work: Path, conv: Path, out: Path, results: Results, args) -> None:
-    """Every command the GPU run would start, resolved and checked, and the plans of the mixed runs."""
-    from sglang_mixed_precision.serving import client, launcher
-
-    for name in names:
-        key = run_key(name, args.tp_size, args.dp_size)
-        argv = server_argv(name, work, conv, out, 30000, args)
-        # The launcher validates the plan and writes the plan directory, as it does before starting SGLang.
-        cmd = launcher.sglang_command(argv, out=io.StringIO())
-        res = {
-            "run": name,
-            "kind": RUNS[name].kind,
-            "format": RUNS[name].fmt,
-            "tp": args.tp_size,
-            "dp": args.dp_size,
-            "mode": "cpu-check",
-            "command": program(name) + argv,
-            "sglang_command": cmd,
-        }
-        if RUNS[name].kind == "mixed":
-            res.update(plan_bytes(work / f"{name}.yaml", args.tp_size))
-        problem = client.sglang_argv_problem(cmd[3:])
-        if problem:
-            res["error"] = f"SGLang rejects the command: {problem}"
-        results.add(key, res)
-        log(f"{key}: would launch {' '.join(cmd)}" + (f"\n  ERROR {res['error']}" if problem else ""))
+    prep = prepare(work, 2, tiny=True, device="cpu", convert_device=None)
+    log(f"prepared on CPU: {prep}")
+    problems = []
+    for i, name in enumerate(names):
+        cmd = server_command(name, work, 31000 + 10 * i, args.mem_fraction, args.max_total_tokens)
+        if SERVERS[name].kind == "mixed":
+            printed = subprocess.run(cmd + ["--print-command"], capture_output=True, text=True)
+            if printed.returncode:
+                problems.append(f"{name}: launcher refused: {printed.stderr[-800:]}")
+                continue
+            log(f"{name}: plan {plan_numbers(work, name)}")
+        else:
+            problem = sglang_argv_problem(cmd[3:])
+            if problem:
+                problems.append(f"{name}: {problem}")
+    for p in problems:
+        log("PROBLEM " + p)
+    print(f"cpu check: {len(names)} server commands, {len(problems)} problem(s)")
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="results directory (kept runs are merged)")
-    ap.add_argument("--workdir", default=None, help="model and conversions (default: OUT/work)")
-    ap.add_argument(
-        "--shape", choices=SHAPES, default=None, help="model shapes (default: qwen3-30b-a3b; tiny with --cpu-check)"
-    )
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--only", default="all", help=f"comma list of runs or groups ({', '.join(GROUPS)})")
-    ap.add_argument("--tp-size", type=int, default=1)
-    ap.add_argument("--dp-size", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median)")
-    ap.add_argument(
-        "--budget", type=float, default=0, help="seconds this command may take; runs that would not fit are skipped"
-    )
-    ap.add_argument("--server-timeout", type=float, default=400, help="seconds to wait for a server to be ready")
-    ap.add_argument("--cpu-check", action="store_true", help="everything up to launching SGLang, on CPU")
-    ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang flag for every server (repeat)")
+    ap.add_argument("--workdir", required=True, help="model and sources (kept across commands)")
+    ap.add_argument("--out", required=True, help="results (bench_mix.json / .md), logs, profiles")
+    ap.add_argument("--phase", default="prepare,serve,report")
+    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--mem-fraction", type=float, default=0.92)
+    ap.add_argument("--max-total-tokens", type=int, default=160000)
+    ap.add_argument("--convert-device", default=None, help="the converter's --device (default: its own)")
+    ap.add_argument("--profile-every-start", action="store_true")
+    ap.add_argument("--cold", action="store_true", help="evict the checkpoints from the page cache before the start")
+    ap.add_argument("--cpu-check", action="store_true")
     args = ap.parse_args(argv)
-    args.shape = args.shape or ("tiny" if args.cpu_check else "qwen3-30b-a3b")
-    started = time.time()
-    names = selected_runs(args.only)
-    out = Path(args.out).resolve()
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    work = Path(args.workdir).resolve() if args.workdir else out / "work"
+    work, out = Path(args.workdir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    mode = "cpu-check" if args.cpu_check else "gpu"
-    results = Results(out, environment(args.cpu_check), args, mode)
-    log(
-        f"{len(names)} run(s) at tp {args.tp_size} dp {args.dp_size}: {', '.join(names) or 'none (prepare only)'}; "
-        f"estimated {estimate_s(len(names))}s of servers on an H100 (+ preparing the model once)"
-    )
-    try:
-        conv = prepare(work, args.shape, args.layers)
-        if args.cpu_check:
-            run_cpu_check(names, work, conv, out, results, args)
-        else:
-            run_gpu(names, work, conv, out, results, args, started)
-    finally:
-        results.save()
-    doc = results.doc
-    print("\n" + markdown(doc))
-    failed = [k for k, r in doc["runs"].items() if "error" in r]
-    print(
-        f"SUMMARY: {len(doc['runs'])} run(s) recorded ({mode}, {doc['environment']['card']}), {len(failed)} failed, "
-        f"{len(doc['misses'])} goal(s) missed, not run: {', '.join(doc['not_run']) or 'none'}; "
-        f"{time.time() - started:.0f}s -> {results.path.with_suffix('.md')}",
-        flush=True,
-    )
-    return 1 if failed else 0
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        ap.error(f"unknown server(s) {unknown}; known: {', '.join(SERVERS)}")
+    if args.cpu_check:
+        return cpu_check(work, names, args)
+    results_path = out / "bench_mix.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results["environment"] = environment(False)
+    results["model"] = f"qwen3_moe, Qwen3-30B-A3B widths, {args.layers} layers, random weights"
+    phases = [p.strip() for p in args.phase.split(",")]
+    if "prepare" in phases:
+        results.setdefault("prepare", {}).update(prepare(work, args.layers, False, "cuda", args.convert_device))
+        write_results(out, results)
+    vocab = json.loads((work / "model" / "config.json").read_text())["vocab_size"]
+    if "serve" in phases:
+        try:
+            serve_phase(names, work, out, results, args, vocab)
+        except Exception:
+            log("serve phase failed:\n" + traceback.format_exc())
+    write_results(out, results)
+    print((out / "bench_mix.md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    threading.stack_size(8 << 20)
     sys.exit(main())

@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from sglang_mixed_precision.cli import main as cli_main
 from sglang_mixed_precision.convert import writer as writer_mod
-from sglang_mixed_precision.convert.dequant import dequant_fp8_block
 from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
 from sglang_mixed_precision.core.errors import MixedPrecisionError, ValidationErrors
+from sglang_mixed_precision.core.formats.fp8 import dequant_block as dequant_fp8_block
 from sglang_mixed_precision.core.naming import classify
 
 

@@ -7,10 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_mixed_precision.convert.dequant import dequant_fp8_block, dequant_gptq, unpack_gptq_int, unpack_gptq_zeros
 from sglang_mixed_precision.convert.fp8_block import FP8_MAX, quantize_fp8_block
 from sglang_mixed_precision.convert.gptq import HessianAccumulator, gptq_quantize
 from sglang_mixed_precision.convert.gptq_pack import check_gptq_shape, pack_gptq, pack_qweight, rtn_quantize
+from sglang_mixed_precision.core.formats.fp8 import dequant_block as dequant_fp8_block
+from sglang_mixed_precision.core.formats.gptq import dequant as dequant_gptq
+from sglang_mixed_precision.core.formats.gptq import unpack_int as unpack_gptq_int
+from sglang_mixed_precision.core.formats.gptq import unpack_zeros as unpack_gptq_zeros
 
 
 def rel(a, b):

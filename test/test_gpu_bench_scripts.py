@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -71,66 +70,6 @@ def test_a_proof_cut_short_keeps_its_steps(proof, tmp_path, reload_work, monkeyp
 
 
 # ---- bench mix ----------------------------------------------------------------------------------------------------
-def test_bench_cpu_check_resolves_every_command(bench, tmp_path):
-    assert bench.main(["--out", str(tmp_path), "--cpu-check", "--layers", "1", "--tp-size", "2"]) == 0
-    doc = json.loads((tmp_path / "bench_mix.json").read_text())
-    assert len(doc["runs"]) == len(bench.RUNS) and not doc["not_run"]
-    stock_int4 = doc["runs"]["stock-int4-tp2dp1"]["sglang_command"]
-    assert "--quantization" in stock_int4 and stock_int4[stock_int4.index("--quantization") + 1] == "moe_wna16"
-    mixed = doc["runs"]["mix-attnfp8-expint4-tp2dp1"]
-    assert mixed["sglang_command"][mixed["sglang_command"].index("--model-path") + 1].endswith(
-        "plans/mix-attnfp8-expint4-tp2dp1"
-    )
-    assert mixed["plan_rank_bytes"] < mixed["plan_total_bytes"]  # planned for tp 2
-    assert all("error" not in r for r in doc["runs"].values())
-
-
-def test_bench_server_path_against_a_fake_server(bench, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "environment", lambda cpu_check: {"card": "fake card", "gpus": 1, "versions": ""})
-    monkeypatch.setattr(bench, "program", lambda name: FAKE_SERVER)
-    argv = ["--out", str(tmp_path), "--shape", "tiny", "--layers", "1", "--repeats", "1"]
-    assert bench.main(argv + ["--only", "bf16"]) == 0
-    assert bench.main(argv + ["--only", "mix-attnfp8-expint4"]) == 0  # a second command: results merge
-    first = json.loads((tmp_path / "bench_mix.json").read_text())
-    assert bench.main(argv + ["--only", "bf16"]) == 0  # measured already: no server starts again
-    doc = json.loads((tmp_path / "bench_mix.json").read_text())
-    assert doc["runs"] == first["runs"]
-    assert set(doc["runs"]) == {"stock-bf16-tp1dp1", "mixed-bf16-tp1dp1", "mix-attnfp8-expint4-tp1dp1"}
-    for r in doc["runs"].values():
-        assert r["ttft_s"] > 0 and r["decode_tok_s_b1"] > 0 and r["decode_tok_s_b32"] > 0 and r["weight_load_s"] == 0.25
-    mix = doc["runs"]["mix-attnfp8-expint4-tp1dp1"]
-    assert mix["param_bytes"] == mix["plan_rank_bytes"] and mix["bytes_read"] == mix["plan_total_bytes"]
-    [row] = doc["comparisons"]
-    assert row["format"] == "bf16" and row["identical_greedy_tokens"] is True
-    assert row["load_time_stock_over_mixed"] == 1.0
-    # the fake's "mem usage" is rounded to 0.01 GiB like SGLang's: far off for a model of a few MB
-    assert any(m.startswith("mix-attnfp8-expint4-tp1dp1: gpu_mem_vs_plan") for m in doc["misses"])
-    assert not any("bytes_read_vs_plan" in m or "param_bytes_vs_plan" in m for m in doc["misses"])
-    md = (tmp_path / "bench_mix.md").read_text()
-    assert (
-        "fake card" in md and "- mix-attnfp8-expint4-tp1dp1: gpu_mem_vs_plan" in md and "Not run yet: stock-fp8" in md
-    )
-
-
-def test_bench_budget_skips_runs_that_would_not_fit(bench, tmp_path, monkeypatch):
-    clock, started = [1000.0], []
-
-    def run_one(name, *a):  # a server start and its measurements, slower than estimated, on a fake clock
-        clock[0] += bench.FIRST_START_S + bench.MEASURE_S + 60
-        started.append(name)
-        return {"run": name, "kind": "stock", "tp": 1, "dp": 1}
-
-    monkeypatch.setattr(bench, "time", SimpleNamespace(time=lambda: clock[0], strftime=time.strftime))
-    monkeypatch.setattr(bench, "prompt_ids", lambda conv: [[1, 2]])
-    monkeypatch.setattr(bench, "run_one", run_one)
-    budget = bench.FIRST_START_S + bench.START_S + 2 * bench.MEASURE_S + 10  # two runs as estimated, not as measured
-    args = SimpleNamespace(tp_size=1, dp_size=1, budget=budget, shape="tiny", layers=1)
-    results = bench.Results(tmp_path, {"card": "c", "gpus": 1, "versions": ""}, args, "gpu")
-    bench.run_gpu(["stock-bf16", "mixed-bf16", "stock-fp8"], tmp_path, tmp_path, tmp_path, results, args, clock[0])
-    assert started == ["stock-bf16"]
-    assert json.loads((tmp_path / "bench_mix.json").read_text())["not_run"][:2] == ["mixed-bf16", "stock-fp8"]
-
-
 SGLANG_LOAD_LINE = (
     "[2026-01-01 10:00:00 TP{r}] Load weight end. elapsed={s:.2f} s, type=Qwen3MoeForCausalLM, quant=fp8, "
     "avail mem=70.12 GB, mem usage={g:.2f} GB."
@@ -156,39 +95,6 @@ def test_bench_parses_sglang_and_loader_log_lines(bench):
     assert bench.parse_server_log("nothing") == {}
 
 
-def test_bench_misses_name_each_goal(bench):
-    stock = {
-        "run": "stock-fp8",
-        "kind": "stock",
-        "tp": 1,
-        "dp": 1,
-        "greedy_ids": [[1]],
-        "decode_tok_s_b1": 100.0,
-        "decode_tok_s_b32": 1000.0,
-        "ttft_s": 0.010,
-        "weight_load_s": 2.0,
-    }
-    mixed = {
-        **stock,
-        "run": "mixed-fp8",
-        "kind": "mixed",
-        "decode_tok_s_b1": 98.0,
-        "ttft_s": 0.0101,
-        "weight_mem_gib": 1.0,
-        "param_bytes": 2**30,
-        "plan_rank_bytes": 2**30 * 1.02,
-        "plan_total_bytes": 100,
-        "bytes_read": 110,
-    }
-    runs = {"stock-fp8-tp1dp1": stock, "mixed-fp8-tp1dp1": mixed}
-    rows = bench.comparisons(runs)
-    text = "\n".join(bench.misses(runs, rows))
-    assert "decode_b1_mixed_over_stock = 0.980" in text and "ttft_stock_over_mixed = 0.990" not in text
-    assert "decode_b32" not in text and "greedy" not in text
-    assert "gpu_mem_vs_plan -1.96%" in text and "bytes read 1.100 x plan" in text
-
-
-# ---- serve proof: SGLang's own entry points on the plan directory ------------------------------------------
 def test_serve_proof_entrypoint_checks_compare_with_the_launchers_tokens(tmp_path, monkeypatch):
     serve = load("gpu_serve_proof")
     from sglang_mixed_precision.serving import client

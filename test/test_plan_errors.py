@@ -160,9 +160,25 @@ def test_tp_indivisible_for_block_fp8_and_marlin(moe_sources):
     fp8 = next(m for m in msgs if "fp8-block128" in m)
     assert "per-rank MoE intermediate 64" in fp8 and "block_n 128" in fp8 and "model.layers.0.mlp.experts" in fp8
     assert "valid here: 1, 2" in fp8 and "rule #1" in fp8
-    marlin = [m for m in msgs if "gptq-int4-g128" in m]
-    assert any("per-rank K 64 is not divisible by 128" in m for m in marlin)
-    assert any("group_size 128" in m for m in marlin)
+    # int4 experts of intermediate 64 per rank: Marlin MoE cannot run them, the Triton W4A16 kernel can
+    assert not [m for m in msgs if "gptq-int4-g128" in m]
+
+
+def test_int4_experts_no_moe_kernel_runs_are_refused_per_kernel(moe_sources, tmp_path):
+    """auto passes while one int4 MoE kernel runs the experts; an explicit kernel that cannot is refused
+    before launch naming the layer; act-order experts at a shape Marlin cannot run are refused by the plan."""
+    from sglang_mixed_precision.core.config import parse_config
+    from sglang_mixed_precision.core.plan import build_plan
+    from sglang_mixed_precision.serving.methods import int4_moe_kernels
+
+    text = yaml_for(moe_sources, "  rules:\n    - {match: 'model.layers.*.mlp.experts.*', source: int4}\n")
+    plan = build_plan(parse_config(text, tmp_path / "mix.yaml"), tp_size=4)
+    assert set(int4_moe_kernels(plan, "auto").values()) == {"wna16"}
+    with pytest.raises(MixedPrecisionError) as e:
+        int4_moe_kernels(plan, "marlin")
+    assert e.value.code == "tp_indivisible" and "model.layers.0.mlp.experts" in e.value.where
+    assert "per-rank MoE intermediate 64 is not divisible by 128" in e.value.detail
+    assert set(int4_moe_kernels(build_plan(parse_config(text, tmp_path / "mix.yaml")), "auto").values()) == {"marlin"}
 
 
 def test_tp_indivisible_heads(tiny_qwen3):

@@ -46,7 +46,8 @@ def test_all_bf16_reference_is_the_checkpoint_as_transformers_loads_it(arch, req
 
 
 def test_quantized_modules_are_dequantized_from_their_source(tiny_qwen3):
-    from sglang_mixed_precision.convert.dequant import dequant_fp8_block, dequant_gptq
+    from sglang_mixed_precision.core.formats.fp8 import dequant_block as dequant_fp8_block
+    from sglang_mixed_precision.core.formats.gptq import dequant as dequant_gptq
 
     plan = plan_from_config(mix_config(str(tiny_qwen3), "per_layer"))
     fp16 = plan_from_config(write_mix(converted(str(tiny_qwen3)), "all_bf16", "fp16", []))

@@ -137,6 +137,21 @@ def test_moe_int4_experts_land_in_fused_expert_parameters(tiny_qwen3_moe, tmp_pa
         scales = read_source_tensor(plan, base + "up_proj.scales").to(experts.w13_scales.dtype)
         assert torch.equal(experts.w13_scales[e][:, inter:], scales)
     assert loader.report.ok and loader.report.layers["GPTQMarlinMoEMethod"] == 2
+    # Marlin MoE inside a bf16 model: its group scales are held in the model's dtype (stock SGLang: fp16)
+    assert experts.w13_scales.dtype == experts.w2_scales.dtype == torch.bfloat16
+
+
+def test_int4_experts_kernel_auto_takes_marlin_when_the_shapes_allow(tiny_qwen3_moe, tmp_path, sglang_cpu):
+    plan, path = make_plan_dir(mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan")
+    assert json.loads((path / "mixed_precision_plan.json").read_text())["int4_moe_kernels"] == {
+        "model.layers.0.mlp.experts": "marlin",
+        "model.layers.1.mlp.experts": "marlin",
+    }
+    model, loader = load_on_cpu(path, postprocess=False)
+    config = model.quant_config
+    assert config.int4_kernels == {"model.layers.0.mlp.experts": "marlin", "model.layers.1.mlp.experts": "marlin"}
+    assert config.methods["model.layers.1.mlp.experts"] == "GPTQMarlinMoEMethod (marlin)"
+    assert loader.report.ok
 
 
 def test_fp8_and_bf16_mix_loads_and_postprocesses(tiny_qwen3_moe, tmp_path, sglang_cpu, caplog):

@@ -115,7 +115,7 @@ def test_moe_mix_uses_marlin_moe_or_wna16_for_int4_experts(tiny_qwen3_moe, tmp_p
     assert methods["model.layers.0.mlp.experts"] == "GPTQMarlinMoEMethod"
     assert methods["model.layers.1.self_attn.qkv_proj"] == "Fp8LinearMethod"
     assert methods["model.layers.0.mlp.gate"] == "UnquantizedLinearMethod"  # the router stays 16-bit
-    _, path = make_plan_dir(cfg, tmp_path / "wna16")  # the default: runs in bf16 models
+    _, path = make_plan_dir(cfg, tmp_path / "wna16", int4_moe_kernel="wna16")
     methods = methods_by_prefix(load_on_cpu(path, postprocess=False)[0])
     assert methods["model.layers.0.mlp.experts"] == "MoeWNA16Method"
 
@@ -199,8 +199,11 @@ def test_quantized_lm_head_is_refused_before_launch_and_by_the_serving_config(ti
     from ckpt_writers import rewrite_checkpoint, write_gptq_checkpoint
     from sglang_mixed_precision.convert.gptq_pack import rtn_quantize
     from sglang_mixed_precision.core.errors import ValidationErrors
+    from sglang_mixed_precision.core.formats import Scheme
     from sglang_mixed_precision.reference import plan_from_config
-    from sglang_mixed_precision.serving import quant_config as qc
+    from sglang_mixed_precision.serving.methods import EMBEDDING, method_class
+
+    int4_scheme = Scheme("gptq", dtype="BF16", bits=4, group_size=128, sym=True, desc_act=False)
 
     def quantize_lm_head(state):
         state.update(rtn_quantize(state.pop("lm_head.weight").float(), 128).as_dict("lm_head"))
@@ -222,7 +225,7 @@ def test_quantized_lm_head_is_refused_before_launch_and_by_the_serving_config(ti
     assert err.fix == "map lm_head to a 16-bit source (official FP8 and GPTQ releases keep it 16-bit)"
 
     with pytest.raises(MixedPrecisionError) as e2:  # the serving config's own guard
-        qc.expected_method_class("embedding", "gptq", where="lm_head (gptq-int4-g128 from source 'int4')")
+        method_class(EMBEDDING, int4_scheme, where="lm_head (gptq-int4-g128 from source 'int4')")
     assert e2.value.code == "unsupported_layer_scheme"
-    assert e2.value.detail == "SGLang has no gptq method for a embedding layer"
+    assert e2.value.detail == "SGLang has no gptq-int4-g128 method for a embedding layer"
     assert e2.value.where == "lm_head (gptq-int4-g128 from source 'int4')"

@@ -17,16 +17,11 @@ import yaml
 
 from .core.config import Rule, first_matching_rule
 from .core.errors import ErrorCode, MixedPrecisionError
-from .core.formats import DTYPE_BYTES, Scheme, release_tensors
+from .core.formats import DTYPE_BYTES, all_formats, release_tensors, scheme_for_precision
 from .core.naming import ModuleRef, Role, classify, module_name
 from .core.sources import CheckpointSource
 
-PRECISIONS = ("fp16", "bf16", "16bit", "fp8", "int4")
-# What the exported labels are assumed to hold when estimating bytes (the official releases' layouts).
-ASSUMED_SCHEMES = {
-    "fp8": Scheme("fp8", dtype="BF16", fp8_block=(128, 128), fp8_strategy="block"),
-    "int4": Scheme("gptq", dtype="F16", bits=4, group_size=128, sym=True, desc_act=False),
-}
+PRECISIONS = tuple(name for fmt in all_formats() for name in fmt.precision_names)
 ROLE_ORDER = (
     Role.ATTENTION,
     Role.DENSE_MLP,
@@ -106,7 +101,8 @@ def estimated_bytes(analysis: Analysis, module: str, label: str) -> int:
     shape = analysis.module_shapes.get(module)
     if label == "fp16" or shape is None or len(shape) != 2:
         return analysis.module_bytes[module]
-    specs = release_tensors(ASSUMED_SCHEMES[label], shape[0], shape[1])
+    # the official releases' layout of that precision (fp8 block 128, GPTQ int4 group 128)
+    specs = release_tensors(scheme_for_precision(label), shape[0], shape[1])
     return sum(prod(spec.shape) * DTYPE_BYTES[spec.dtypes[0]] for spec in specs.values())
 
 

@@ -55,36 +55,12 @@ class ReferenceOutput:
 
 # ---- weights --------------------------------------------------------------------------------
 def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
-    """A module's 16-bit-equivalent tensors ({"weight": ..., "bias": ...}) from its planned source.
-
-    16-bit tensors come back as stored; fp8 / GPTQ weights dequantized to float32.
-    """
-    from .convert.dequant import dequant_fp8_block, dequant_gptq
-
+    """A module's 16-bit-equivalent tensors ({"weight": ..., "bias": ...}) from its planned source:
+    16-bit tensors as stored, quantized ones dequantized by their format (float32)."""
     a = plan.modules[module]
     source = plan.sources[a.label]
     raw = {suffix: read_tensor(source, info.name) for suffix, info in a.tensors.items()}
-    scheme = a.scheme
-    out = {k: v for k, v in raw.items() if k == "bias"}
-    if scheme.kind == "unquantized":
-        return raw
-    if scheme.kind == "fp8":
-        if scheme.fp8_block:
-            out["weight"] = dequant_fp8_block(raw["weight"], raw["weight_scale_inv"], tuple(scheme.fp8_block))
-        else:  # per-channel [N, 1] or per-tensor scalar scale: both broadcast as a column
-            scale = raw.get("weight_scale", raw.get("weight_scale_inv"))
-            out["weight"] = raw["weight"].float() * scale.float().reshape(-1, 1)
-        return out
-    if scheme.kind == "gptq":
-        out["weight"] = dequant_gptq(
-            raw["qweight"],
-            raw["qzeros"],
-            raw["scales"],
-            raw.get("g_idx") if scheme.desc_act else None,
-            bits=scheme.bits,
-        )
-        return out
-    raise MixedPrecisionError(ErrorCode.UNSUPPORTED_SCHEME, f"no dequantizer for {scheme.label()}", where=module)
+    return a.scheme.format.dequantize(a.scheme, raw)
 
 
 def fill_model(model: torch.nn.Module, plan) -> None:
@@ -180,10 +156,11 @@ def simulate_fp8_activations(model: torch.nn.Module, plan) -> int:
     """Quantize the inputs of the model's fp8 modules as SGLang's W8A8 kernels do; returns how many."""
     modules = dict(model.named_modules())
     count = 0
-    fp8_experts = {a.ref.group for a in plan.modules.values() if a.scheme.kind == "fp8" and a.ref.expert is not None}
-    for name, a in plan.modules.items():
-        if a.scheme.kind == "fp8" and a.ref.expert is None and isinstance(modules.get(name), torch.nn.Linear):
-            modules[name].register_forward_pre_hook(lambda mod, args: (fake_quant_fp8_activation(args[0]), *args[1:]))
+    quantized_inputs = [a for a in plan.modules.values() if a.scheme.format.quantizes_activations(a.scheme)]
+    fp8_experts = {a.ref.group for a in quantized_inputs if a.ref.expert is not None}
+    for a in quantized_inputs:
+        if a.ref.expert is None and isinstance(modules.get(a.name), torch.nn.Linear):
+            modules[a.name].register_forward_pre_hook(lambda mod, args: (fake_quant_fp8_activation(args[0]), *args[1:]))
             count += 1
     for group in fp8_experts:
         experts = modules[group]

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ErrorCode, MixedPrecisionError
+from ..core.formats.gptq import dequant as dequant_gptq
 from ..core.naming import Role, classify
-from .dequant import dequant_gptq
 from .gptq import HessianAccumulator, gptq_quantize
 from .gptq_pack import GptqTensors, rtn_quantize
 

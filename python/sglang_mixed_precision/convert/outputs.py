@@ -7,41 +7,28 @@ import os
 import shutil
 from pathlib import Path
 
+from ..core.formats import Scheme, quantization_config
 from .model_dir import SIDE_FILES, InputModel
 from .plan import ConversionPlan
 
 
-def fp8_quantization_config(plan: ConversionPlan) -> dict:
-    """Qwen3-FP8 / DeepSeek-V3 block layout, as SGLang's Fp8Config reads it."""
-    return {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(plan.fp8_block),
-        "modules_to_not_convert": plan.kept + plan.skipped_groups,
-    }
+def fp8_quantization_config(plan: ConversionPlan, dtype: str) -> dict:
+    """fp8/'s quantization_config: block FP8, with what stayed 16-bit listed."""
+    scheme = Scheme("fp8", dtype=dtype, fp8_block=plan.fp8_block, fp8_strategy="block")
+    return quantization_config(scheme, not_converted=plan.kept + plan.skipped_groups)
 
 
-def gptq_quantization_config(plan: ConversionPlan, *, desc_act: bool, damp_percent: float, method: str) -> dict:
-    """GPTQ v1 fields as GPTQModel writes them; SGLang reads bits, group_size, desc_act, sym,
-    lm_head, dynamic and checkpoint_format. ``dynamic`` "-:" rules keep --skip groups 16-bit."""
-    import re
-
-    dynamic = {f"-:{re.escape(g)}$": {} for g in plan.skipped_groups}
-    return {
-        "quant_method": "gptq",
-        "bits": 4,
-        "group_size": plan.group_size,
-        "sym": True,
-        "desc_act": desc_act,
-        "damp_percent": damp_percent,
-        "static_groups": False,
-        "true_sequential": True,
-        "lm_head": False,
-        "checkpoint_format": "gptq",
-        "dynamic": dynamic,
-        "quantizer": [f"sglang-mixed-precision:{method}"],
-    }
+def gptq_quantization_config(
+    plan: ConversionPlan, dtype: str, *, desc_act: bool, damp_percent: float, method: str
+) -> dict:
+    """int4/'s quantization_config: GPTQ v1, with how it was made and what --skip left 16-bit."""
+    scheme = Scheme("gptq", dtype=dtype, bits=4, group_size=plan.group_size, sym=True, desc_act=desc_act)
+    return quantization_config(
+        scheme,
+        skipped_groups=plan.skipped_groups,
+        damp_percent=damp_percent,
+        quantizer=f"sglang-mixed-precision:{method}",
+    )
 
 
 def copy_side_files(src: InputModel, dst: Path) -> None:

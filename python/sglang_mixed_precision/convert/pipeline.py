@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ErrorCode, MixedPrecisionError
+from ..core.formats import config_dtype
 from .allocator import pin_mmap_threshold
 from .fp8_block import DEFAULT_BLOCK, quantize_fp8_block
 from .gptq_pack import GptqTensors, rtn_quantize
@@ -311,14 +312,20 @@ def convert(opts: ConvertOptions) -> ConversionReport:
             w.finish()
         copy_side_files(model, out / f)
     if "fp8" in writers:
-        write_config(model, out / "fp8", fp8_quantization_config(plan))
+        write_config(model, out / "fp8", fp8_quantization_config(plan, config_dtype(model.config)))
     if "int4" in writers:
         # The model's own dtype, as served in the GPU proof. Stock SGLang 0.5.17 runs a bf16 GPTQ MoE
         # only with `--quantization moe_wna16` (its GPTQ-Marlin MoE keeps fp16 scales) or `--dtype float16`.
         write_config(
             model,
             out / "int4",
-            gptq_quantization_config(plan, desc_act=opts.desc_act, damp_percent=opts.damp_percent, method=opts.method),
+            gptq_quantization_config(
+                plan,
+                config_dtype(model.config),
+                desc_act=opts.desc_act,
+                damp_percent=opts.damp_percent,
+                method=opts.method,
+            ),
         )
         report.int4_method = int4.report()
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.formats.fp8 import dequant_block as dequant_fp8_block
+from ..core.formats.gptq import dequant as dequant_gptq
 from ..core.naming import classify
-from .dequant import dequant_fp8_block, dequant_gptq
 from .gptq_pack import GPTQ_SUFFIXES
 from .model_dir import InputModel
 from .plan import ConversionPlan

@@ -148,29 +148,6 @@ def same_model_problems(old: Plan, new: Plan) -> list[MixedPrecisionError]:
     return problems
 
 
-def in_place_refusal(group) -> str | None:
-    """Why a layer of this scheme cannot take new checkpoint bytes in place (None if it can).
-
-    In-place reload copies checkpoint tensors into the live parameters through their
-    ``weight_loader`` and runs no post-processing, so it is only sound where SGLang's CUDA method
-    serves the checkpoint's own layout.
-    """
-    scheme = group.scheme
-    if scheme.kind == "gptq":
-        return (
-            "GPTQ-Marlin repacks qweight/scales into its own layout after loading (gptq_marlin_repack, "
-            "permuted scales, g_idx sort), so checkpoint bytes cannot be copied into the running layer"
-        )
-    if group.role is Role.ROUTED_EXPERT and scheme.kind != "unquantized":
-        return f"the fused-MoE method for {scheme.label()} rewrites its expert weights and scales after loading"
-    if scheme.kind == "fp8" and not scheme.fp8_block:
-        return (
-            f"{scheme.label()} scales are converted after loading (per-channel / max per-tensor requantization), "
-            "so checkpoint scales do not match what the kernel reads"
-        )
-    return None
-
-
 def diff_plans(old: Plan, new: Plan) -> PlanDiff:
     """Per SGLang layer: nothing, reload in place, or rebuild (with the reason)."""
     problems = same_model_problems(old, new)
@@ -198,7 +175,8 @@ def diff_plans(old: Plan, new: Plan) -> PlanDiff:
         elif not changed:
             action, reason = NOTHING, "same tensors (files and byte ranges) as now"
         else:
-            refusal = in_place_refusal(new_group)
+            scheme = new_group.scheme
+            refusal = scheme.format.in_place_refusal(scheme, moe=new_group.role is Role.ROUTED_EXPERT)
             action, reason = (
                 (REBUILD, refusal) if refusal else (RELOAD, f"same scheme, {len(changed)} module(s) from new tensors")
             )

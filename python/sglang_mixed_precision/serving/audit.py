@@ -6,7 +6,7 @@ would serve garbage without an error. The audit therefore watches the load itsel
 :class:`LoadRecorder` wraps every parameter's ``weight_loader`` and records which checkpoint tensor
 fed which parameter (shard, expert). Afterwards :func:`audit_model` checks that
 
-* every layer runs the method class the plan's scheme calls for (``expected_method_class``);
+* every layer runs the method class the plan's scheme calls for (:func:`.methods.method_class`);
 * every planned tensor was consumed exactly once, by a parameter of its own layer;
 * every parameter received all its shards (q/k/v, gate/up, every expert's w1/w3/w2).
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import ErrorCode, MixedPrecisionError, more
-from .quant_config import EMBEDDING, MOE, expected_method_class, layer_kind
+from .methods import EMBEDDING, MOE, layer_kind, method_class
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +125,19 @@ class AuditReport:
         )
 
 
-def audit_model(
-    model: torch.nn.Module, plan, recorder: LoadRecorder, yielded: Counter, int4_moe_kernel: str
-) -> AuditReport:
-    """Compare the loaded ``model`` with ``plan`` (``yielded``: how often the stream gave each tensor)."""
+def audit_model(model: torch.nn.Module, config, recorder: LoadRecorder, yielded: Counter) -> AuditReport:
+    """Compare the loaded ``model`` with the plan of its MixedPrecisionConfig ``config`` (``yielded``:
+    how often the stream gave each tensor)."""
+    plan = config.plan
     report = AuditReport()
-    _audit_methods(model, plan, int4_moe_kernel, report)
+    _audit_methods(model, config, report)
     _audit_tensors(plan, recorder, yielded, report)
     _audit_parameters(model, recorder, report)
     return report
 
 
-def _audit_methods(model, plan, int4_moe_kernel: str, report: AuditReport) -> None:
+def _audit_methods(model, config, report: AuditReport) -> None:
+    plan = config.plan
     modules = dict(model.named_modules())
     for prefix, group in plan.groups.items():
         module = modules.get(prefix)
@@ -148,7 +149,7 @@ def _audit_methods(model, plan, int4_moe_kernel: str, report: AuditReport) -> No
         kind = layer_kind(module)
         if kind is None:  # norms: plain parameters, no method
             continue
-        expected = expected_method_class(kind, group.scheme.kind, int4_moe_kernel)
+        expected = method_class(kind, group.scheme, config.int4_moe_kernel(group) if kind == MOE else None)
         actual = type(getattr(module, "quant_method", None))
         if actual is not expected:
             report.problems.append(

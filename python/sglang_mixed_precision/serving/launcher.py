@@ -59,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--int4-moe-kernel",
         choices=INT4_MOE_KERNELS,
         default=None,
-        help="int4 experts: Triton WNA16 (default; runs in bf16 models) or GPTQ-Marlin MoE (fp16 models only in "
-        "SGLang 0.5.17); a plan directory given as --model-path keeps its own",
+        help="int4 experts: auto (default: the fastest kernel that runs the experts' shapes), marlin "
+        "(GPTQ-Marlin MoE, scales in the model dtype) or wna16 (Triton W4A16); a plan directory given as "
+        "--model-path keeps its own",
     )
     g.add_argument(
         "--print-command",

@@ -129,7 +129,7 @@ class MixedPrecisionModelLoader(DefaultModelLoader):
             model.load_weights(recorder.track(weights))
         finally:
             recorder.detach()
-        self.report = audit_model(model, config.plan, recorder, weights.yielded, config.settings.int4_moe_kernel)
+        self.report = audit_model(model, config, recorder, weights.yielded)
         self.report.raise_if_failed(where=config.settings.config_path)
         logger.info(
             "%s; read %s",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
+from .methods import int4_moe_kernels
 from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
 
 PLAN_FILE = "mixed_precision_plan.json"
@@ -60,6 +61,7 @@ def write_plan_dir(plan, settings: PlanSettings, out_dir: str | Path) -> Path:
         shutil.copyfile(src, out / name)
     plan_json = plan.to_json()
     plan_json["settings"] = settings.to_quantization_config()
+    plan_json["int4_moe_kernels"] = int4_moe_kernels(plan, settings.int4_moe_kernel)
     (out / PLAN_FILE).write_text(json.dumps(plan_json, indent=2, default=str) + "\n")
     return out
 
@@ -78,6 +80,7 @@ def make_plan_dir(
 
     config_path = Path(config_path).expanduser().resolve()
     plan = build_plan(load_config(config_path), tp_size=tp_size, skeleton=skeleton)
+    int4_moe_kernels(plan, int4_moe_kernel)  # an explicit kernel that cannot run some experts: refused here
     settings = PlanSettings(str(config_path), tp_size, skeleton, int4_moe_kernel)
     return plan, write_plan_dir(plan, settings, out_dir)
 

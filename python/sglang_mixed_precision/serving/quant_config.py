@@ -3,17 +3,12 @@
 SGLang asks its quantization config for one method object per layer (``get_quant_method(layer,
 prefix)``). This config answers from the plan: the layer's group says which source it comes from and
 how that source stores it, and the answer is the very method SGLang would pick when serving that
-source alone — ``Fp8Config`` built from the fp8 source's own ``quantization_config`` (W8A8 block
+source alone: ``Fp8Config`` built from the fp8 source's own ``quantization_config`` (W8A8 block
 kernels), ``GPTQMarlinConfig`` built from the gptq source's (GPTQ-Marlin), SGLang's unquantized
 linear / MoE methods for 16-bit layers; embeddings, lm_head and attention get ``None`` (SGLang's
 unquantized defaults).
 
-**Int4 experts run SGLang's Triton W4A16 MoE method (``MoeWNA16Method``) by default.** SGLang
-0.5.17's GPTQ-Marlin MoE scheme allocates its scales in fp16 and asserts that the activations have
-the scales' dtype, so it cannot run inside a bf16 model (a stock bf16 GPTQ Qwen3-MoE fails on its
-first request; WNA16 keeps the scales in the model dtype). WNA16 also needs no nvcc build. Its limit:
-no act-order (``desc_act``) experts. ``int4_moe_kernel: marlin`` selects ``GPTQMarlinMoEMethod``
-for fp16 models (``--dtype float16``).
+Which class runs which layer, and the int4 MoE kernels, are the tables of :mod:`.methods`.
 
 The plan travels inside the model's ``config.json`` (``quantization_config: {quant_method:
 mixed_precision, config_path: ..., tp_size: ...}``), so ``from_config`` rebuilds it from safetensors
@@ -32,11 +27,19 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig, Quant
 
 from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
-from .settings import DEFAULT_INT4_MOE_KERNEL, PlanSettings
+from .methods import (
+    EMBEDDING,
+    LINEAR,
+    MOE,
+    delegate_config,
+    layer_kind,
+    method_class,
+    resolve_int4_moe_kernel,
+    runs_int4_moe_kernel,
+)
+from .settings import PlanSettings
 
 logger = logging.getLogger(__name__)
-
-LINEAR, MOE, EMBEDDING = "linear", "moe", "embedding"
 
 
 # ---- where the plan comes from ---------------------------------------------------------------
@@ -73,77 +76,6 @@ def runtime_tp_size(default: int) -> int:
     return get_tensor_model_parallel_world_size() if model_parallel_is_initialized() else default
 
 
-# ---- which SGLang method runs which layer ----------------------------------------------------
-def layer_kind(layer: torch.nn.Module) -> str | None:
-    from sglang.srt.layers.linear import LinearBase
-    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
-    from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
-
-    if isinstance(layer, LinearBase):
-        return LINEAR
-    if isinstance(layer, FusedMoE):
-        return MOE
-    if isinstance(layer, VocabParallelEmbedding):  # ParallelLMHead included
-        return EMBEDDING
-    return None
-
-
-def expected_method_class(
-    kind: str, scheme_kind: str, int4_moe_kernel: str = DEFAULT_INT4_MOE_KERNEL, *, where: str | None = None
-) -> type:
-    """The SGLang method class a layer of ``kind`` stored as ``scheme_kind`` must run (``where``: the layer, for the error)."""
-    from sglang.srt.layers.quantization.fp8 import Fp8LinearMethod, Fp8MoEMethod
-    from sglang.srt.layers.quantization.gptq import GPTQMarlinLinearMethod, GPTQMarlinMoEMethod
-    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Method
-    from sglang.srt.layers.quantization.unquant import (
-        UnquantizedEmbeddingMethod,
-        UnquantizedFusedMoEMethod,
-        UnquantizedLinearMethod,
-    )
-
-    table = {
-        (LINEAR, "unquantized"): UnquantizedLinearMethod,
-        (LINEAR, "fp8"): Fp8LinearMethod,
-        (LINEAR, "gptq"): GPTQMarlinLinearMethod,
-        (MOE, "unquantized"): UnquantizedFusedMoEMethod,
-        (MOE, "fp8"): Fp8MoEMethod,
-        (MOE, "gptq"): GPTQMarlinMoEMethod if int4_moe_kernel == "marlin" else MoeWNA16Method,
-        (EMBEDDING, "unquantized"): UnquantizedEmbeddingMethod,
-    }
-    try:
-        return table[(kind, scheme_kind)]
-    except KeyError:
-        raise MixedPrecisionError(
-            ErrorCode.UNSUPPORTED_LAYER_SCHEME,
-            f"SGLang has no {scheme_kind} method for a {kind} layer",
-            where=where,
-            fix="keep embeddings and lm_head in a 16-bit source",
-        ) from None
-
-
-def _delegate_config(source, packed_modules_mapping: dict, int4_moe_kernel: str, for_moe: bool) -> QuantizationConfig:
-    """The quantization config SGLang would build for ``source`` served alone."""
-    from sglang.srt.layers.quantization.fp8 import Fp8Config
-    from sglang.srt.layers.quantization.gptq import GPTQMarlinConfig
-    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config
-
-    qc = dict(source.quant_config or {})
-    method = str(qc.get("quant_method", "")).lower()
-    where = f"source {source.label} ({source.path}) quantization_config"
-    if source.scheme.kind == "fp8" and method == "fp8":
-        return Fp8Config.from_config({**qc, "packed_modules_mapping": packed_modules_mapping})
-    if source.scheme.kind == "gptq" and method in ("gptq", "gptq_marlin"):
-        if for_moe and int4_moe_kernel == "wna16":
-            return MoeWNA16Config.from_config({**qc, "quant_method": "gptq"})
-        return GPTQMarlinConfig.from_config(qc)
-    raise MixedPrecisionError(
-        ErrorCode.UNSUPPORTED_SCHEME,
-        f"cannot serve a {source.scheme.label()} source with quant_method {method!r}",
-        where=where,
-        fix="use an fp8 (quant_method fp8) or GPTQ (quant_method gptq) checkpoint",
-    )
-
-
 class MixedPrecisionConfig(QuantizationConfig):
     """One SGLang method object per layer, each from the source the plan assigns to that layer."""
 
@@ -152,8 +84,9 @@ class MixedPrecisionConfig(QuantizationConfig):
         self.plan = plan
         self.settings = settings
         self.packed_modules_mapping = dict(packed_modules_mapping or {})
-        self._delegates: dict[tuple[str, bool], QuantizationConfig] = {}
+        self._delegates: dict[tuple[str, str | None], QuantizationConfig] = {}
         self.methods: dict[str, str] = {}  # layer prefix -> method class SGLang built it with
+        self.int4_kernels: dict[str, str] = {}  # experts prefix -> int4 MoE kernel it runs
         from sglang.srt.utils import log_info_on_rank0
 
         log_info_on_rank0(logger, plan_summary(plan, settings))
@@ -206,33 +139,50 @@ class MixedPrecisionConfig(QuantizationConfig):
                 where=prefix,
                 fix="check that the skeleton's config.json matches the sources (same architecture)",
             )
-        method = self._method_for(kind, group, layer, prefix)
-        expected = expected_method_class(kind, group.scheme.kind, self.settings.int4_moe_kernel)
+        where = f"{prefix} ({group.scheme.label()} from source {group.label!r})"
+        int4_kernel = self.int4_moe_kernel(group) if kind == MOE else None
+        expected = method_class(kind, group.scheme, int4_kernel, where=where)
+        method = self._method_for(kind, group, layer, prefix, int4_kernel)
         if method is not None and type(method) is not expected:
             raise MixedPrecisionError(
                 ErrorCode.METHOD_MISMATCH,
-                f"layer {prefix!r} is planned as {group.scheme.label()} from source {group.label!r}, but that source's "
-                f"quantization_config gives {type(method).__name__} (expected {expected.__name__})",
+                f"layer {prefix!r} is planned as {group.scheme.label()} from source {group.label!r}, but that "
+                f"source's quantization_config gives {type(method).__name__} (expected {expected.__name__})",
                 where=prefix,
-                fix="the source's quantization_config disagrees with its tensors (ignored_layers / modules_to_not_convert / dynamic)",
+                fix="the source's quantization_config disagrees with its tensors "
+                "(ignored_layers / modules_to_not_convert / dynamic)",
             )
-        self.methods[prefix] = expected.__name__
+        self.methods[prefix] = expected.__name__ + (f" ({int4_kernel})" if int4_kernel else "")
         return method
 
-    # -- helpers
-    def _method_for(self, kind: str, group, layer, prefix: str) -> QuantizeMethodBase | None:
-        scheme_kind = group.scheme.kind
-        if kind == EMBEDDING:
-            if scheme_kind != "unquantized":
-                # raises: no quantized embedding method
-                expected_method_class(
-                    kind, scheme_kind, where=f"{prefix} ({group.scheme.label()} from source {group.label!r})"
-                )
+    def int4_moe_kernel(self, group) -> str | None:
+        """The kernel of an experts group stored in int4 (None for other schemes), chosen once per group."""
+        if not runs_int4_moe_kernel(group):
             return None
-        if scheme_kind == "unquantized":
+        if group.prefix not in self.int4_kernels:
+            rank_shape = self.plan.geometry.rank_shape(group.role, "experts", self.plan.tp_size)
+            kernel = resolve_int4_moe_kernel(
+                self.settings.int4_moe_kernel, group.scheme, rank_shape, where=group.prefix
+            )
+            if kernel not in self.int4_kernels.values():
+                from sglang.srt.utils import log_info_on_rank0
+
+                log_info_on_rank0(
+                    logger,
+                    f"mixed_precision: int4 experts run the {kernel} MoE kernel "
+                    f"(--int4-moe-kernel {self.settings.int4_moe_kernel}; first at {group.prefix})",
+                )
+            self.int4_kernels[group.prefix] = kernel
+        return self.int4_kernels[group.prefix]
+
+    # -- helpers
+    def _method_for(self, kind: str, group, layer, prefix: str, int4_kernel: str | None) -> QuantizeMethodBase | None:
+        if kind == EMBEDDING:  # SGLang's default (the plan refused quantized embeddings: quantized_vocab)
+            return None
+        if not group.scheme.quantized:
             return self._unquantized(kind, layer)
         # Members of one group share a scheme; several sources of it share its config.
-        return self.delegate(group.labels[0], kind == MOE).get_quant_method(layer, prefix)
+        return self.delegate(group.labels[0], int4_kernel).get_quant_method(layer, prefix)
 
     @staticmethod
     def _unquantized(kind: str, layer) -> QuantizeMethodBase:
@@ -243,18 +193,15 @@ class MixedPrecisionConfig(QuantizationConfig):
         # Same arguments FusedMoE passes when it has no quantization config.
         return UnquantizedFusedMoEMethod(layer.use_triton_kernels, layer.use_flashinfer_trtllm_moe, layer.use_deep_gemm)
 
-    def delegate(self, label: str, for_moe: bool = False) -> QuantizationConfig:
-        """The stock SGLang config of source ``label`` (MoE layers may use another for int4)."""
-        source = self.plan.sources[label]
-        key = (label, for_moe and source.scheme.kind == "gptq" and self.settings.int4_moe_kernel == "wna16")
+    def delegate(self, label: str, int4_kernel: str | None = None) -> QuantizationConfig:
+        """The stock SGLang config of source ``label`` (``int4_kernel``: the one its experts run)."""
+        key = (label, int4_kernel)
         if key not in self._delegates:
-            self._delegates[key] = _delegate_config(
-                source, self.packed_modules_mapping, self.settings.int4_moe_kernel, key[1]
-            )
+            self._delegates[key] = delegate_config(self.plan.sources[label], self.packed_modules_mapping, int4_kernel)
         return self._delegates[key]
 
     def _used_delegates(self) -> list[QuantizationConfig]:
-        labels = sorted({g.labels[0] for g in self.plan.groups.values() if g.scheme.kind != "unquantized"})
+        labels = sorted({g.labels[0] for g in self.plan.groups.values() if g.scheme.quantized})
         return [self.delegate(label) for label in labels]
 
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
+from .methods import AUTO, INT4_MOE_CHOICES
 
-INT4_MOE_KERNELS = ("marlin", "wna16")
-DEFAULT_INT4_MOE_KERNEL = "wna16"  # runs in bf16 models (see quant_config)
+INT4_MOE_KERNELS = INT4_MOE_CHOICES
+DEFAULT_INT4_MOE_KERNEL = AUTO  # the fastest kernel that runs the experts' shapes (serving/methods.py)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,6 @@ class PlanSettings:
                 ErrorCode.PLAN_DIR_INVALID,
                 f"int4_moe_kernel {kernel!r} is not one of {INT4_MOE_KERNELS}",
                 where=where,
-                fix="use 'wna16' (default) or 'marlin'",
+                fix=f"use one of {INT4_MOE_KERNELS} (default {DEFAULT_INT4_MOE_KERNEL!r})",
             )
         return cls(str(path), int(qc.get("tp_size", 1)), qc.get("skeleton"), kernel)

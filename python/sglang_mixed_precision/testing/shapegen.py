@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from math import prod
 from pathlib import Path
 
-from ..core.formats import DTYPE_BYTES, Scheme, config_dtype, release_tensors
+from ..core.formats import DTYPE_BYTES, Scheme, config_dtype, quantization_config, release_tensors
 from ..core.geometry import ModelGeometry
 from ..core.naming import classify
 
@@ -51,9 +51,7 @@ def module_names(hf_config: dict) -> Iterator[str]:
 def tensor_specs(hf_config: dict, scheme: Scheme | None = None) -> Iterator[tuple[str, str, tuple[int, ...]]]:
     """(name, safetensors dtype, shape) of every tensor a checkpoint of ``scheme`` stores."""
     g = ModelGeometry.from_hf_config(hf_config)
-    dense_dtype = config_dtype(hf_config)
-    if scheme is not None and scheme.kind == "gptq":
-        dense_dtype = "F16"  # GPTQ releases keep their unquantized tensors in fp16
+    dense_dtype = (scheme and scheme.format.release_dense_dtype) or config_dtype(hf_config)
     for module in module_names(hf_config):
         ref = classify(module)
         shape = g.weight_shape(ref)
@@ -64,24 +62,6 @@ def tensor_specs(hf_config: dict, scheme: Scheme | None = None) -> Iterator[tupl
                 yield f"{module}.{suffix}", spec.dtypes[0], spec.shape
         else:
             yield f"{module}.weight", dense_dtype, shape
-
-
-def quantization_config(scheme: Scheme) -> dict | None:
-    if scheme.kind == "fp8":
-        qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
-        if scheme.fp8_block:
-            qc["weight_block_size"] = list(scheme.fp8_block)
-        return qc
-    if scheme.kind == "gptq":
-        return {
-            "quant_method": "gptq",
-            "bits": scheme.bits,
-            "group_size": scheme.group_size,
-            "sym": scheme.sym,
-            "desc_act": bool(scheme.desc_act),
-            "checkpoint_format": "gptq",
-        }
-    return None
 
 
 def write_shape_checkpoint(

@@ -9,7 +9,6 @@ tensor data is read by :mod:`sglang_mixed_precision.tensors` (torch), never here
 
 from __future__ import annotations
 
-import json
 import os
 from functools import cached_property
 from math import prod
@@ -17,7 +16,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import ErrorCode, MixedPrecisionError, raise_all
-from ..formats import DTYPE_BYTES, Scheme, detect_scheme
+from ..formats import DTYPE_BYTES, Scheme, detect_scheme, side_quantization_config
+from ..jsonfiles import read_json_object
 from ..naming import TENSOR_SUFFIXES
 from .safetensors import corrupt_safetensors, entry_problem, json_loads, read_header
 from .torch_bin import read_bin_tensors
@@ -79,26 +79,6 @@ def _info(name: str, path: Path, entry: dict) -> TensorInfo:
     )
 
 
-def _json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MixedPrecisionError(
-            ErrorCode.CORRUPT_CONFIG,
-            f"{path} is not valid JSON: {e}",
-            where=str(path),
-            fix=f"restore the model's original {path.name}",
-        ) from None
-    if not isinstance(value, dict):
-        raise MixedPrecisionError(
-            ErrorCode.CORRUPT_CONFIG,
-            f"{path} is not a JSON object",
-            where=str(path),
-            fix=f"restore the model's original {path.name}",
-        )
-    return value
-
-
 class CheckpointSource:
     """One checkpoint directory under a label of the mixed config.
 
@@ -144,16 +124,13 @@ class CheckpointSource:
     @cached_property
     def hf_config(self) -> dict:
         self._require()
-        return _json_object(self.path / "config.json")
+        return read_json_object(self.path / "config.json")
 
     @cached_property
     def quant_config(self) -> dict | None:
-        """config.json's ``quantization_config``, or older GPTQ exports' ``quantize_config.json``."""
+        """config.json's ``quantization_config``, or the side file older exports keep it in (a format's own)."""
         qc = self.hf_config.get("quantization_config")
-        if qc is None and (self.path / "quantize_config.json").is_file():
-            qc = _json_object(self.path / "quantize_config.json")
-            qc.setdefault("quant_method", "gptq")
-        return qc
+        return side_quantization_config(self.path) if qc is None else qc
 
     @cached_property
     def scheme(self) -> Scheme:
