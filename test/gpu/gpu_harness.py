@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -108,6 +107,11 @@ def plan_dir_server(arch: str, mix: str, load: str) -> str:
     return f"{arch}/{mix}/launch_server-{load}"
 
 
+def engine_run(arch: str, mix: str) -> str:
+    """``sglang.Engine`` on the plan directory the launcher wrote (a one-shot process, not a server)."""
+    return f"{arch}/{mix}/engine"
+
+
 def stock_server(arch: str, fmt: str) -> str:
     return f"stock/{arch}/{fmt}"
 
@@ -115,6 +119,7 @@ def stock_server(arch: str, fmt: str) -> str:
 def all_server_names() -> list[str]:
     names = [mix_server(a, m) for a in ARCHS for m in MIXES]
     names += [plan_dir_server(a, ENTRYPOINT_MIX, load) for a in ARCHS for load in ("weights", "dummy")]
+    names += [engine_run(a, ENTRYPOINT_MIX) for a in ARCHS]
     names += [stock_server(a, f) for a in ARCHS for f in STOCK_FORMATS]
     return [*names, RELOAD_SERVER]
 
@@ -316,25 +321,31 @@ def damaged_copy(src: Path, dst: Path, how: str) -> Path:
 # ---- servers' commands ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServerSpec:
-    """One server: its arguments (address flags added by the fleet), the program, and the server
-    that must be ready first (it writes the plan directory this one serves)."""
+    """One process of the run and what must be ready before it starts (the server that writes the
+    plan directory it serves). program "launcher" (launch_mixed_precision_server.py) and "sglang"
+    (python -m sglang.launch_server) are servers, args their flags (the fleet adds the address);
+    "engine" is a one-shot ``sglang.Engine`` run, args (plan directory, prompts as JSON)."""
 
     name: str
     args: tuple[str, ...]
-    launcher: bool = True  # launch_mixed_precision_server.py, else python -m sglang.launch_server
+    program: str = "launcher"
     after: str | None = None
 
     def command(self, port: int, nccl_port: int) -> list[str]:
-        program = [str(LAUNCHER)] if self.launcher else ["-m", "sglang.launch_server"]
+        if self.program == "engine":
+            plan_dir, prompts = self.args
+            request, settings = json.dumps(greedy_request()), json.dumps(engine_settings(nccl_port))
+            return [sys.executable, "-c", ENGINE_SCRIPT, plan_dir, prompts, request, settings]
+        program = [str(LAUNCHER)] if self.program == "launcher" else ["-m", "sglang.launch_server"]
         return [sys.executable, *program, *self.args, *address_flags(port, nccl_port)]
 
     def sglang_command(self, port: int, nccl_port: int, out) -> list[str]:
-        """The command SGLang itself starts with; through the launcher this validates the plan and
+        """The command SGLang's server starts with; through the launcher this validates the plan and
         writes the plan directory, as the launcher does before it starts SGLang."""
         from sglang_mixed_precision.serving import launcher
 
         command = self.command(port, nccl_port)
-        return launcher.sglang_command(command[2:], out=out) if self.launcher else command
+        return launcher.sglang_command(command[2:], out=out) if self.program == "launcher" else command
 
 
 def address_flags(port: int, nccl_port: int) -> list[str]:
@@ -368,15 +379,22 @@ def available_specs(serve: ServeWork | None, reload: ReloadWork | None) -> dict[
                 specs[name] = ServerSpec(
                     name,
                     ("--model-path", str(serve.plan_dir(arch, ENTRYPOINT_MIX)), *common, *extra),
-                    launcher=False,
+                    program="sglang",
                     after=mix_server(arch, ENTRYPOINT_MIX),
                 )
+            prompts = json.dumps(prompt_ids(serve.source(arch, "fp16")))
+            specs[engine_run(arch, ENTRYPOINT_MIX)] = ServerSpec(
+                engine_run(arch, ENTRYPOINT_MIX),
+                (str(serve.plan_dir(arch, ENTRYPOINT_MIX)), prompts),
+                program="engine",
+                after=mix_server(arch, ENTRYPOINT_MIX),
+            )
             for fmt in STOCK_FORMATS:
                 extra = STOCK_MOE_INT4_FLAGS if arch == "qwen3_moe" and fmt == "int4" else ()
                 specs[stock_server(arch, fmt)] = ServerSpec(
                     stock_server(arch, fmt),
                     ("--model-path", str(serve.source(arch, fmt)), *common, *extra),
-                    launcher=False,
+                    program="sglang",
                 )
     if reload is not None:
         specs[RELOAD_SERVER] = ServerSpec(
@@ -412,6 +430,9 @@ class ServerFailed(RuntimeError):
 
 @dataclass
 class Server:
+    """A started process of the fleet; ready_s: seconds until it answered (an Engine run: until it
+    finished, its greedy output ids in result)."""
+
     spec: ServerSpec
     log_path: Path
     port: int | None = None
@@ -419,6 +440,7 @@ class Server:
     proc: subprocess.Popen | None = None
     ready_s: float | None = None
     error: str | None = None
+    result: list | None = None
 
     @property
     def url(self) -> str:
@@ -472,7 +494,8 @@ class Fleet:
 
     def __enter__(self) -> Fleet:
         self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="sglang-start")
-        self._futures = {name: self._pool.submit(self._bring_up, s) for name, s in self.servers.items()}
+        for name, server in self.servers.items():  # one by one: a dependent looks its dependency up here
+            self._futures[name] = self._pool.submit(self._bring_up, server)
         atexit.register(self.stop)
         return self
 
@@ -520,24 +543,38 @@ class Fleet:
             if server.spec.after:
                 self.server(server.spec.after)
             self._start(server)
-            server.ready_s = round(
-                client.wait_until_ready(
+            if server.spec.program == "engine":
+                seconds = self._finish_engine(server)
+            else:
+                seconds = client.wait_until_ready(
                     server.url,
                     server.proc,
                     self.timeout,
                     server.log_path,
                     progress=lambda m: self.log(f"{name}: {m.strip()}"),
                     every=60,
-                ),
-                1,
-            )
-            self.log(f"{name}: ready after {server.ready_s}s")
+                )
+            server.ready_s = round(seconds, 1)
+            self.log(f"{name}: {'finished' if server.result is not None else 'ready'} after {server.ready_s}s")
         except Exception as e:
             server.error = f"{type(e).__name__}: {e}"
             self.log(f"{name}: FAILED {server.error.splitlines()[0]} (log: {server.log_path})")
             if server.proc is not None:
                 client.stop_server(server.proc)  # its GPU memory back for the others
             raise
+
+    def _finish_engine(self, server: Server) -> float:
+        """Wait for an Engine run; its output ids from the ENGINE_OUTPUT line it printed."""
+        started = time.monotonic()
+        try:
+            code = server.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"sglang.Engine did not finish in {self.timeout:.0f}s") from None
+        lines = [line for line in server.log_text().splitlines() if line.startswith(ENGINE_OUTPUT)]
+        if code or not lines:
+            raise RuntimeError(f"sglang.Engine exited with code {code}:\n{client.log_tail(server.log_path)}")
+        server.result = json.loads(lines[-1][len(ENGINE_OUTPUT) :])
+        return time.monotonic() - started
 
     def _start(self, server: Server) -> None:
         with self._stagger:
@@ -606,6 +643,7 @@ def prompt_ids(model_dir: Path, prompts: list[str] = PROMPTS) -> list[list[int]]
 
 
 # ---- sglang.Engine on a plan directory -------------------------------------------------------------------
+ENGINE_OUTPUT = "ENGINE_OUTPUT "
 ENGINE_SCRIPT = r"""
 import json, sys
 import sglang as sgl
@@ -613,7 +651,8 @@ plan_dir, prompts, request, settings = sys.argv[1], json.loads(sys.argv[2]), jso
 engine = sgl.Engine(model_path=plan_dir, **settings)
 try:
     replies = [engine.generate(input_ids=ids, **request) for ids in prompts]
-    print("ENGINE_OUTPUT " + json.dumps([[int(t) for _, t, *_ in r["meta_info"]["output_token_logprobs"]] for r in replies]))
+    ids = [[int(t) for _, t, *_ in r["meta_info"]["output_token_logprobs"]] for r in replies]
+    print("ENGINE_OUTPUT " + json.dumps(ids), flush=True)
 finally:
     engine.shutdown()
 """
@@ -622,23 +661,6 @@ finally:
 def engine_settings(nccl_port: int) -> dict:
     """sglang.Engine's keywords: the servers' settings and a port of its own."""
     return {**SERVER_SETTINGS, "nccl_port": nccl_port}
-
-
-def engine_generate(plan_dir: Path, prompts: list[list[int]], nccl_port: int, log_path: Path, timeout: float):
-    """Greedy output ids of `prompts` from ``sglang.Engine(model_path=plan_dir)`` in a fresh process."""
-    argv = [json.dumps(prompts), json.dumps(greedy_request()), json.dumps(engine_settings(nccl_port))]
-    p = subprocess.run(
-        [sys.executable, "-c", ENGINE_SCRIPT, str(plan_dir), *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **SERVER_ENV},
-    )
-    log_path.write_text(p.stdout + p.stderr)
-    lines = [s for s in p.stdout.splitlines() if s.startswith("ENGINE_OUTPUT ")]
-    if p.returncode or not lines:
-        raise RuntimeError(f"sglang.Engine exited with code {p.returncode}:\n{client.log_tail(log_path)}")
-    return json.loads(lines[-1].split(" ", 1)[1])
 
 
 # ---- the reference -------------------------------------------------------------------------------------

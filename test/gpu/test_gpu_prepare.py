@@ -32,13 +32,18 @@ def test_every_server_command_passes_the_launcher_and_sglangs_parser(serve_work,
     assert {s.name for s in specs} == set(h.all_server_names())
     problems, plan_dirs = {}, {}
     for i, spec in enumerate(specs):
+        if spec.program == "engine":
+            plan_dir, prompts = spec.args
+            assert Path(plan_dir) == plan_dirs[spec.after], spec.name
+            assert json.loads(prompts) == h.prompt_ids(serve_work.source(spec.name.split("/")[0], "fp16"))
+            continue
         command = spec.sglang_command(30000 + 2 * i, 30001 + 2 * i, out=io.StringIO())
         assert command[1:3] == ["-m", "sglang.launch_server"], command
         problem = client.sglang_argv_problem(command[3:])
         if problem:
             problems[spec.name] = problem
         model_path = Path(command[command.index("--model-path") + 1])
-        if spec.launcher:
+        if spec.program == "launcher":
             plan_dirs[spec.name] = model_path
             qc = json.loads((model_path / "config.json").read_text())["quantization_config"]
             assert qc["quant_method"] == "mixed_precision", spec.name
@@ -166,3 +171,45 @@ def test_without_cuda_the_gpu_tests_skip_with_the_reason(tmp_path):
     assert skipped and all("no CUDA device" in line for line in skipped), p.stdout[-3000:]
     assert " passed" not in p.stdout and " failed" not in p.stdout
     assert not results.exists()  # nothing ran: no record written
+
+
+# ---- the fleet's own bookkeeping, with stand-in processes (what SGLang does is the gpu tests' part) ----
+STAND_IN_SERVER = (
+    "import sys, http.server as s\n"
+    "class H(s.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self): self.send_response(200); self.end_headers()\n"
+    "s.HTTPServer(('127.0.0.1', int(sys.argv[sys.argv.index('--port') + 1])), H).serve_forever()"
+)
+STAND_INS = {
+    "server": STAND_IN_SERVER,
+    "crashes": "print('boom'); raise SystemExit(3)",
+    "engine": "print('loading'); print('ENGINE_OUTPUT [[5, 6]]', flush=True)",
+}
+
+
+class StandIn(h.ServerSpec):
+    def command(self, port: int, nccl_port: int) -> list[str]:
+        return [sys.executable, "-c", STAND_INS[self.args[0]], "--port", str(port), "--nccl-port", str(nccl_port)]
+
+
+def test_fleet_starts_dependents_after_their_server_and_reports_failures(tmp_path):
+    specs = [
+        StandIn("a", ("server",)),
+        StandIn("broken", ("crashes",)),
+        StandIn("a/engine", ("engine",), program="engine", after="a"),
+        StandIn("broken/dependent", ("server",), program="sglang", after="broken"),
+    ]
+    with h.Fleet(specs, tmp_path / "logs", ports=h.Ports(), parallel=2, stagger_s=0.1, timeout=60, log=print) as fleet:
+        assert client.request(fleet.server("a").url + "/health_generate", timeout=5)[0] == 200
+        assert fleet.server("a/engine").result == [[5, 6]]
+        with pytest.raises(h.ServerFailed, match=r"(?s)server broken did not start: .*code 3.*boom.*broken\.log"):
+            fleet.server("broken")
+        with pytest.raises(h.ServerFailed, match="server broken/dependent did not start: ServerFailed: server broken"):
+            fleet.server("broken/dependent")
+        with pytest.raises(KeyError, match="not part of this run"):
+            fleet.server("other")
+        running = fleet.servers["a"].proc
+        ports = {fleet.servers[n].port for n in ("a", "broken", "a/engine")}
+    assert running.poll() is not None  # stopped on leaving the fleet
+    assert len(ports) == 3 and fleet.servers["broken/dependent"].proc is None
+    assert [r["server"] for r in fleet.summary() if r["error"]] == ["broken", "broken/dependent"]

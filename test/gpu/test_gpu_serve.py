@@ -37,14 +37,20 @@ MIX_CASES = [
 ]
 
 
-def entrypoint_case(*loads: str):
+def entrypoint_case(entrypoint: str):
+    """One case per architecture: the launcher's server for ENTRYPOINT_MIX and `entrypoint` on its
+    plan directory ("weights" / "dummy": stock launch_server, "engine": sglang.Engine)."""
+
+    def name(arch: str) -> str:
+        if entrypoint == "engine":
+            return h.engine_run(arch, h.ENTRYPOINT_MIX)
+        return h.plan_dir_server(arch, h.ENTRYPOINT_MIX, entrypoint)
+
     return [
         pytest.param(
             arch,
             id=h.mix_server(arch, h.ENTRYPOINT_MIX),
-            marks=pytest.mark.servers(
-                h.mix_server(arch, h.ENTRYPOINT_MIX), *(h.plan_dir_server(arch, h.ENTRYPOINT_MIX, x) for x in loads)
-            ),
+            marks=pytest.mark.servers(h.mix_server(arch, h.ENTRYPOINT_MIX), name(arch)),
         )
         for arch in h.ARCHS
     ]
@@ -137,11 +143,9 @@ def test_plan_dir_with_dummy_weights_answers(arch, fleet, generated, record):
     assert [len(g.output_ids) for g in outputs] == [h.MAX_NEW_TOKENS] * len(h.PROMPTS)
 
 
-@pytest.mark.parametrize("arch", entrypoint_case())
-def test_plan_dir_in_sglang_engine(arch, fleet, generated, serve_work, ports, recorder, record):
-    outputs = generated(h.mix_server(arch, h.ENTRYPOINT_MIX), arch)  # its server wrote the plan directory
-    log_path = recorder.directory / "logs" / f"{arch}__{h.ENTRYPOINT_MIX}__engine.log"
-    tokens = h.engine_generate(
-        serve_work.plan_dir(arch, h.ENTRYPOINT_MIX), [g.prompt_ids for g in outputs], ports.take(), log_path, 600
-    )
-    assert tokens == [g.output_ids for g in outputs]
+@pytest.mark.parametrize("arch", entrypoint_case("engine"))
+def test_plan_dir_in_sglang_engine(arch, fleet, generated, record):
+    launcher_tokens = [g.output_ids for g in generated(h.mix_server(arch, h.ENTRYPOINT_MIX), arch)]
+    engine = fleet.server(h.engine_run(arch, h.ENTRYPOINT_MIX))  # run by the fleet beside the servers
+    record["run_s"] = engine.ready_s
+    assert engine.result == launcher_tokens
