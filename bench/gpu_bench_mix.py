@@ -56,7 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_common import environment, make_log, parse_server_log  # noqa: E402
+from gpu_common import environment, make_log  # noqa: E402
+from sglang_mixed_precision.serving.client import parse_server_log  # noqa: E402
 
 log = make_log("bench")
 

@@ -1,10 +1,9 @@
-"""What the GPU scripts share: a timestamped log and a description of the machine they ran on."""
+"""What the GPU benchmarks share: a timestamped log and a description of the machine they ran on."""
 
 from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -61,21 +60,3 @@ def environment(cpu_check: bool) -> dict:
         "jit_cache": os.environ.get("TVM_FFI_CACHE_DIR"),
         "versions": f"torch {torch.__version__}, CUDA {torch.version.cuda}, sglang {version}",
     }
-
-
-def parse_server_log(text: str) -> dict:
-    """SGLang's weight-load line (every rank: the slowest and largest kept) and the mixed loader's
-    audit line (method classes per layer) and parameter-memory line (bytes held vs the plan's)."""
-    out = {}
-    loads = re.findall(r"Load weight end\. elapsed=([\d.]+) s.*?mem usage=([\d.]+) GB", text)
-    if loads:
-        out["weight_load_s"] = max(float(s) for s, _ in loads)
-        out["weight_mem_gib"] = max(float(m) for _, m in loads)  # SGLang's "GB" is GiB (bytes / 2**30)
-    memory = re.findall(r"mixed_precision: weight memory (\d+) bytes in parameters; plan (\d+) bytes", text)
-    if memory:
-        out["param_bytes"] = max(int(p) for p, _ in memory)
-        out["logged_plan_bytes"] = max(int(q) for _, q in memory)
-    audit = re.findall(r"mixed_precision audit: .*", text)
-    if audit:
-        out["layers"] = audit[-1].split("layers: ", 1)[-1]
-    return out

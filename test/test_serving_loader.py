@@ -11,6 +11,7 @@ import torch
 
 from serving_harness import init_sglang_cpu, load_on_cpu, methods_by_prefix, mix_config, read_source_tensor
 from sglang_mixed_precision.core.errors import MixedPrecisionError
+from sglang_mixed_precision.serving.client import parse_server_log
 from sglang_mixed_precision.serving.plandir import make_plan_dir
 
 
@@ -170,28 +171,11 @@ def test_fp8_and_bf16_mix_loads_and_postprocesses(tiny_qwen3_moe, tmp_path, sgla
 
     planned = summary(plan)["per_rank"][0]["bytes"]
     assert abs(loader.weight_bytes - planned) <= 0.02 * planned
-    # The GPU proof reads these numbers and the audit's method list from the server log.
-    proof = _load_proof_script()
-    log = tmp_path / "server.log"
-    log.write_text(caplog.text)
-    result = proof.Result("x", "qwen3_moe", "attn-fp8")
-    proof.read_log(log, result)
-    assert (result.weight_bytes, result.plan_bytes) == (loader.weight_bytes, planned)
-    assert "4 Fp8LinearMethod" in result.layers and "2 UnquantizedFusedMoEMethod" in result.layers
+    # The GPU tests read these numbers and the audit's method list from the server log.
+    facts = parse_server_log(caplog.text)
+    assert (facts["param_bytes"], facts["logged_plan_bytes"]) == (loader.weight_bytes, planned)
+    assert "4 Fp8LinearMethod" in facts["layers"] and "2 UnquantizedFusedMoEMethod" in facts["layers"]
     assert "mixed_precision: source 'fp8'" in caplog.text and "MiB from 1 file(s)" in caplog.text
-
-
-def _load_proof_script():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_serve_proof.py"
-    spec = importlib.util.spec_from_file_location("gpu_serve_proof", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_dummy_load_format_builds_the_mix_without_reading_weights(tiny_qwen3, tmp_path, sglang_cpu, recorded_reads):

@@ -1,13 +1,14 @@
 """Start an SGLang server process, wait for it and talk to its HTTP API (stdlib only).
 
-Used by ``sglang-mp demo``, the launcher and the GPU scripts in bench/; imports no SGLang, except
-:func:`sglang_argv_problem`, which asks SGLang's own argument parser.
+Used by ``sglang-mp demo``, the launcher, the GPU tests (test/gpu) and the benchmarks in bench/;
+imports no SGLang, except :func:`sglang_argv_problem`, which asks SGLang's own argument parser.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,10 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], log_path: str | Path) -> subprocess.Popen:
-    """Run ``cmd`` in its own process group, output to ``log_path``."""
+def start_server(cmd: list[str], log_path: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Run ``cmd`` in its own process group, output to ``log_path``; ``env`` is added to this process's."""
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+    )
 
 
 def stop_server(proc: subprocess.Popen, grace: float = 60.0) -> None:
@@ -83,6 +86,24 @@ def wait_until_ready(
             progress(f"  ... waiting for the server ({now - start:.0f}s)")
             last = now
         time.sleep(1.0)
+
+
+def parse_server_log(text: str) -> dict:
+    """SGLang's weight-load line (every rank: the slowest and largest kept) and the mixed loader's
+    audit line (method classes per layer) and parameter-memory line (bytes held vs the plan's)."""
+    out = {}
+    loads = re.findall(r"Load weight end\. elapsed=([\d.]+) s.*?mem usage=([\d.]+) GB", text)
+    if loads:
+        out["weight_load_s"] = max(float(s) for s, _ in loads)
+        out["weight_mem_gib"] = max(float(m) for _, m in loads)  # SGLang's "GB" is GiB (bytes / 2**30)
+    memory = re.findall(r"mixed_precision: weight memory (\d+) bytes in parameters; plan (\d+) bytes", text)
+    if memory:
+        out["param_bytes"] = max(int(p) for p, _ in memory)
+        out["logged_plan_bytes"] = max(int(q) for _, q in memory)
+    audit = re.findall(r"mixed_precision audit: .*", text)
+    if audit:
+        out["layers"] = audit[-1].split("layers: ", 1)[-1]
+    return out
 
 
 def post_json(url: str, payload: dict, timeout: float = 120.0) -> dict:
