@@ -143,7 +143,9 @@ def test_moe_int4_experts_land_in_fused_expert_parameters(tiny_qwen3_moe, tmp_pa
 
 
 def test_int4_experts_kernel_auto_takes_marlin_when_the_shapes_allow(tiny_qwen3_moe, tmp_path, sglang_cpu):
-    plan, path = make_plan_dir(mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan")
+    plan, path = make_plan_dir(
+        mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", int4_moe_kernel="auto"
+    )
     assert json.loads((path / "mixed_precision_plan.json").read_text())["int4_moe_kernels"] == {
         "model.layers.0.mlp.experts": "marlin",
         "model.layers.1.mlp.experts": "marlin",

@@ -36,6 +36,9 @@ MIXES = {
     "all-fp8": ("fp8", []),
     "all-int4": ("int4", []),
 }
+# Every int4 MoE kernel passes the same correctness checks: the mixes with int4 experts run each one
+# (--int4-moe-kernel; dense models ignore it: their int4 linears run GPTQ-Marlin).
+INT4_MOE_KERNEL = {"attn-fp8+experts-int4": "wna16", "attn-bf16+experts-int4": "marlin", "all-int4": "auto"}
 # The mix whose plan directory is also served by SGLang's own entry points (launch_server, Engine).
 ENTRYPOINT_MIX = "attn-fp8+experts-int4"
 # The converter's outputs served by stock SGLang, compared with the reference of the uniform mix.
@@ -370,6 +373,7 @@ def available_specs(serve: ServeWork | None, reload: ReloadWork | None) -> dict[
                         str(serve.source(arch, "fp16")),
                         "--plan-dir",
                         str(serve.plan_dir(arch, mix)),
+                        *(("--int4-moe-kernel", INT4_MOE_KERNEL[mix]) if mix in INT4_MOE_KERNEL else ()),
                         *common,
                     ),
                 )

@@ -59,9 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--int4-moe-kernel",
         choices=INT4_MOE_KERNELS,
         default=None,
-        help="int4 experts: auto (default: the fastest kernel that runs the experts' shapes), marlin "
-        "(GPTQ-Marlin MoE, scales in the model dtype) or wna16 (Triton W4A16); a plan directory given as "
-        "--model-path keeps its own",
+        help="int4 experts: wna16 (default: SGLang's Triton W4A16 method), marlin (GPTQ-Marlin MoE, scales in "
+        "the model dtype) or auto (marlin when the experts' per-rank shapes allow, else wna16); a plan "
+        "directory given as --model-path keeps its own",
     )
     g.add_argument(
         "--print-command",

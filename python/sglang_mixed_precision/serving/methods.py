@@ -28,8 +28,9 @@ from ..core.formats.gptq import MOE_KERNEL_RULES
 
 LINEAR, MOE, EMBEDDING = "linear", "moe", "embedding"
 
-# Fastest first, as measured on an H200 (bench/results/gpu_bench_mix_h200.md): Marlin's CUDA kernel
-# reads the packed int4 weights once; the Triton method dequantizes in fp32 with untuned tiles.
+# What `auto` tries first: Marlin's CUDA kernel reads the packed int4 weights once and dequantizes in
+# registers; SGLang's Triton method dequantizes in fp32 with untuned tiles on Hopper (no int4 config
+# ships for H100 / H200). To be confirmed by bench/gpu_bench_mix.py on the GPU.
 INT4_MOE_PREFERENCE = ("marlin", "wna16")
 AUTO = "auto"
 

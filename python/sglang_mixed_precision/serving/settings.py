@@ -6,10 +6,13 @@ from dataclasses import dataclass
 
 from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
-from .methods import AUTO, INT4_MOE_CHOICES
+from .methods import INT4_MOE_CHOICES
 
 INT4_MOE_KERNELS = INT4_MOE_CHOICES
-DEFAULT_INT4_MOE_KERNEL = AUTO  # the fastest kernel that runs the experts' shapes (serving/methods.py)
+# The kernel proven on the GPU (H100 and H200 serve proofs). `auto` (GPTQ-Marlin MoE with model-dtype
+# scales when the shapes allow) becomes the default once a GPU run has proven and measured it
+# (test/gpu, bench/gpu_bench_mix.py); until then it is chosen explicitly.
+DEFAULT_INT4_MOE_KERNEL = "wna16"
 
 
 @dataclass(frozen=True)
