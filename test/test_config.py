@@ -215,3 +215,84 @@ def test_model_path_picks_or_adds_the_skeleton():
     assert cfg.skeleton == "fp16" and set(cfg.sources) == {"fp16", "fp8"}
     cfg = parse_config("mixed_precision:\n  fp8_path: /b\n  model_path: /m\n")
     assert cfg.skeleton == "model" and str(cfg.sources["model"].path) == "/m"
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["model.x.weight: fp16", "model.x: fp8"],
+        ["model.x: fp8", "model.x.weight: fp16"],
+        ["model.x.bias: fp16", "model.x.weight: fp8"],
+    ],
+)
+def test_a_tensor_and_its_module_conflict_whatever_the_order(lines):
+    text = "mixed_precision:\n  fp16_path: /a\n  fp8_path: /b\n  weight_mapping:\n" + "".join(
+        f"    {x}\n" for x in lines
+    )
+    with pytest.raises(MixedPrecisionError) as e:
+        parse_config(text, "c.yaml")
+    assert e.value.code == "config_conflict"
+    first, second = (x.split(": ") for x in lines)
+    assert f"module model.x is mapped to {first[1]!r} by {first[0]!r} (c.yaml:5) and to {second[1]!r}" in str(e.value)
+    assert e.value.where == "c.yaml:6 (" + second[0] + ")"
+
+
+def _explicit_mapping(n_layers: int, bad_at: dict[int, str]) -> tuple[str, dict[int, tuple[int, str]]]:
+    """A per-tensor mapping of a MoE model (4 tensors x 3 projections x 64 experts per layer); the
+    entries numbered in ``bad_at`` get that label. Returns (text, {entry number: (its line, its key)})."""
+    head = "mixed_precision:\n  fp16_path: /a\n  int4_path: /b\n  weight_mapping:\n"
+    out, lines, n = [head], {}, 0
+    for layer in range(n_layers):
+        for e in range(64):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                    key = f"model.layers.{layer}.mlp.experts.{e}.{proj}.{suffix}"
+                    out.append(f"    {key}: {bad_at.get(n, 'int4')}\n")
+                    lines[n] = (5 + n, key)
+                    n += 1
+    return "".join(out), lines
+
+
+def test_a_large_explicit_mapping_keeps_its_line_numbers():
+    """200k entries (about 11 MB): the C loader composes it, and a bad label near the end and one
+    in the middle are still reported at their lines."""
+    text, lines = _explicit_mapping(260, {100_000: "fp9", 199_000: "int5"})
+    assert len(lines) > 199_000 and len(text) > 11_000_000
+    with pytest.raises(ValidationErrors) as e:
+        parse_config(text, "big.yaml")
+    assert e.value.codes == ["config_bad_label", "config_bad_label"]
+    first, second = e.value.errors
+    assert first.where == "big.yaml:{} (weight_mapping['{}'])".format(*lines[100_000])
+    assert lines[100_000] == (100_005, "model.layers.130.mlp.experts.13.up_proj.qweight")
+    assert "uses label 'fp9'" in str(first) and "use one of: 16bit, bf16, fp16, int4" in first.fix
+    assert second.where == "big.yaml:{} (weight_mapping['{}'])".format(*lines[199_000]) and "'int5'" in str(second)
+    cfg = parse_config(text.replace(": fp9\n", ": int4\n").replace(": int5\n", ": int4\n"), "big.yaml")
+    entry = cfg.weight_mapping["model.layers.259.mlp.experts.63.down_proj"]
+    assert entry.label == "int4" and entry.origin == f"big.yaml:{lines[len(lines) - 1][0]}"
+
+
+def test_the_c_loader_is_used_when_installed():
+    import yaml
+
+    from sglang_mixed_precision.core import yaml_compose
+
+    assert yaml_compose.LOADER is (yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader)
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("mixed_precision:\n  fp16_path: *nope\n", "found undefined alias 'nope'"),
+        ("mixed_precision: &a\n  fp16_path: &a /x\n", "duplicate anchor 'a'"),
+        ("mixed_precision:\n  fp16_path: /a\n---\nother: 1\n", "expected a single document, but found another"),
+    ],
+)
+def test_composer_errors_are_syntax_errors(text, needle):
+    with pytest.raises(MixedPrecisionError) as e:
+        parse_config(text, "c.yaml")
+    assert e.value.code == "config_syntax" and needle in str(e.value) and "c.yaml:" in str(e.value)
+
+
+def test_anchors_and_aliases_resolve_like_yaml_compose():
+    cfg = parse_config("mixed_precision:\n  fp16_path: &m /a\n  sources: {copy: *m}\n", "c.yaml")
+    assert str(cfg.sources["copy"].path) == "/a" and str(cfg.sources["fp16"].path) == "/a"

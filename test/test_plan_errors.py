@@ -136,8 +136,11 @@ def test_mixed_precision_inside_fused_groups(moe_sources):
 
 
 def test_architecture_mismatch(tiny_qwen3, tiny_llama):
-    e = only(plan_errors(yaml_for({"fp16": tiny_qwen3, "fp8": tiny_llama})), "architecture_mismatch")
+    err = plan_errors(yaml_for({"fp16": tiny_qwen3, "fp8": tiny_llama}))
+    e = only(err, "architecture_mismatch")
     assert "model_type: 'llama' vs 'qwen3'" in str(e) and str(tiny_llama / "config.json") in str(e)
+    # and fp8_path holds a 16-bit checkpoint: reported in the same pass
+    assert "fp8_path promises an FP8 checkpoint" in str(only(err, "source_label_mismatch"))
 
 
 @pytest.mark.parametrize("override,needle", [({"sym": False}, "asymmetric"), ({"group_size": 256}, "group_size=256")])
@@ -256,7 +259,7 @@ def test_config_json_without_model_dimensions(moe_sources, tmp_path):
     with pytest.raises(MixedPrecisionError) as e:
         build_plan(parse_config(yaml_for({"fp16": broken})))
     assert e.value.code == "corrupt_config"
-    assert f"{broken / 'config.json'} lacks a model dimension ('hidden_size')" in str(e.value)
+    assert f"{broken / 'config.json'}: lacks a model dimension ('hidden_size')" in str(e.value)
 
 
 def test_header_entry_that_does_not_fit_its_bytes(tiny_qwen3, tmp_path):
@@ -278,3 +281,77 @@ def test_header_entry_that_does_not_fit_its_bytes(tiny_qwen3, tmp_path):
         f.truncate(8 + len(new) + data_end)
     e = only(plan_errors(yaml_for({"fp16": base})), "corrupt_safetensors")
     assert name in str(e) and shard.name in str(e) and f"BF16[512] does not fit bytes [{start}, {stop + 2})" in str(e)
+
+
+# ---- contradictions in the config, whatever their order --------------------------------------------
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        ("model.layers.0.self_attn.q_proj: fp16", "model.layers.0.self_attn.qkv_proj: fp8"),
+        ("model.layers.1.mlp.experts.3.gate_proj.weight: int4", "model.layers.1.mlp.experts: fp8"),
+        ("model.layers.1.mlp.experts.3: int4", "model.layers.1.mlp.experts: fp8"),
+        ("model.layers.1.mlp.experts.3: int4", "model.layers.1.mlp.experts.3.down_proj: fp8"),
+    ],
+)
+@pytest.mark.parametrize("order", ["as written", "reversed"])
+def test_member_and_fused_names_with_different_sources_conflict(moe_sources, first, second, order):
+    lines = [first, second] if order == "as written" else [second, first]
+    text = yaml_for(moe_sources, "  weight_mapping:\n" + "".join(f"    {line}\n" for line in lines))
+    err = plan_errors(text)
+    e = only(err, "config_conflict")
+    for line in lines:
+        key, label = line.split(": ")
+        assert f"{key!r} (/cfg/mix.yaml:{6 + lines.index(line)}) says {label!r}" in str(e)
+    assert "weight_mapping gives" in str(e) and "keep one of these entries" in e.fix
+    assert "mixed_group" not in err.codes  # the conflict is the one error, not a consequence of an order
+
+
+def test_member_and_fused_names_with_the_same_source_agree(moe_sources):
+    text = yaml_for(
+        moe_sources,
+        "  weight_mapping:\n    model.layers.0.self_attn.q_proj: fp8\n    model.layers.0.self_attn.qkv_proj: fp8\n"
+        "    model.layers.1.mlp.experts.2: int4\n    model.layers.1.mlp.experts: int4\n",
+    )
+    plan = build_plan(parse_config(text, "/cfg/mix.yaml"))
+    assert plan.modules["model.layers.0.self_attn.q_proj"].rule.startswith(
+        "weight_mapping 'model.layers.0.self_attn.q_proj'"
+    )
+    assert plan.group_for_prefix("model.layers.1.mlp.experts").label == "int4"
+
+
+# ---- a source whose format is not its label ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "key,given,needle",
+    [
+        ("fp8_path", "fp16", "fp8_path promises an FP8 checkpoint, but {path} is bf16"),
+        ("int4_path", "fp8", "int4_path promises a GPTQ-Int4 checkpoint, but {path} is fp8-block128"),
+        ("fp8_path", "int4", "fp8_path promises an FP8 checkpoint, but {path} is gptq-int4-g128"),
+        ("bf16_path", "int4", "bf16_path promises a 16-bit checkpoint, but {path} is gptq-int4-g128"),
+    ],
+)
+def test_seed_key_holding_another_format(moe_sources, key, given, needle):
+    text = f"mixed_precision:\n  fp16_path: {moe_sources['fp16']}\n  {key}: {moe_sources[given]}\n"
+    if key == "bf16_path":
+        text = f"mixed_precision:\n  fp8_path: {moe_sources['fp8']}\n  {key}: {moe_sources[given]}\n"
+    e = only(plan_errors(text), "source_label_mismatch")
+    assert needle.format(path=moe_sources[given]) in str(e) and f"/cfg/mix.yaml:3 ({key})" in str(e)
+    assert "under 'sources:' with a label of your choice" in e.fix
+
+
+def test_one_directory_under_two_seed_keys(moe_sources):
+    e = only(plan_errors(yaml_for({"fp16": moe_sources["fp16"], "fp8": moe_sources["fp16"]})), "source_label_mismatch")
+    assert "fp8_path promises an FP8 checkpoint" in str(e)
+
+
+def test_free_labels_that_read_like_another_format_warn(moe_sources):
+    text = (
+        f"mixed_precision:\n  fp16_path: {moe_sources['fp16']}\n"
+        f"  sources:\n    my-fp8: {moe_sources['int4']}\n    fast: {moe_sources['fp8']}\n    again: {moe_sources['fp8']}\n"
+    )
+    plan = build_plan(parse_config(text, "/cfg/mix.yaml"))
+    assert (
+        f"source label 'my-fp8' (/cfg/mix.yaml:4 (sources.my-fp8)) reads like an FP8 checkpoint, but "
+        f"{moe_sources['int4']} is gptq-int4-g128" in plan.warnings
+    )
+    assert f"sources 'fast', 'again' are the same directory {moe_sources['fp8'].resolve()}" in plan.warnings
+    assert not any("'fast'" in w and "reads like" in w for w in plan.warnings)

@@ -379,3 +379,57 @@ def test_plan_dir_refuses_sources_without_a_tokenizer(tiny_qwen3, tmp_path):
     assert e.value.where == str(bare)
     assert e.value.fix == "copy the model's tokenizer files into its 16-bit directory"
     assert not (tmp_path / "plan").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--tp-size", "0", "--tp-size '0' is not valid: it takes an integer of at least 1"),
+        ("--tp", "-2", "--tp-size '-2' is not valid"),
+        ("--dp-size", "0", "--dp-size '0' is not valid: it takes an integer of at least 1"),
+        ("--pp-size", "0", "--pp-size '0' is not valid"),
+        ("--port", "99999", "--port '99999' is not valid: it takes an integer from 1 to 65535"),
+        ("--port", "0", "--port '0' is not valid"),
+        ("--port", "http", "--port 'http' is not valid"),
+        ("--port", "80.5", "--port '80.5' is not valid"),
+        ("--max-running-requests", "0", "--max-running-requests '0' is not valid"),
+        ("--max-total-tokens", "-1", "--max-total-tokens '-1' is not valid"),
+        ("--tp-size", "two", "--tp-size 'two' is not valid"),
+        ("--dtype", "fp8", "--dtype 'fp8' is not one SGLang takes"),
+    ],
+)
+def test_bad_numbers_are_refused_before_anything_is_written(tiny_qwen3, tmp_path, capsys, flag, value, needle):
+    cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
+    plan_dir = tmp_path / "plan"
+    argv = ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--plan-dir", str(plan_dir), flag, value]
+    with pytest.raises(MixedPrecisionError) as e:
+        launcher.sglang_command(argv, out=io.StringIO())
+    assert e.value.code == "bad_argument" and needle in str(e.value) and e.value.fix
+    assert not plan_dir.exists()
+    assert launcher.main([*argv, "--print-command"]) == 2  # an error message, not a traceback or usage
+    assert needle in capsys.readouterr().err and not plan_dir.exists()
+
+
+def test_every_bad_number_is_named_at_once(tiny_qwen3, tmp_path):
+    cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
+    argv = ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--tp-size", "0", "--port", "70000"]
+    with pytest.raises(ValidationErrors) as e:
+        launcher.sglang_command(argv + ["--plan-dir", str(tmp_path / "p")], out=io.StringIO())
+    assert e.value.codes == ["bad_argument", "bad_argument"]
+    assert "--port '70000'" in str(e.value) and "--tp-size '0'" in str(e.value)
+
+
+def test_good_numbers_reach_sglang_as_integers(tiny_qwen3, tmp_path):
+    cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
+    cmd = launcher.sglang_command(
+        ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--plan-dir", str(tmp_path / "p")]
+        + ["--port", " 30001", "--tp", "2", "--max-total-tokens", "4096", "--dtype", "bfloat16"],
+        out=io.StringIO(),
+    )
+    assert cmd[cmd.index("--port") + 1] == "30001" and cmd[cmd.index("--tp-size") + 1] == "2"
+    assert cmd[cmd.index("--max-total-tokens") + 1] == "4096"
+
+
+def test_stock_sglang_gets_its_arguments_unread():
+    argv = ["--model-path", "/m", "--port", "99999", "--tp-size", "zero"]  # SGLang's own checks apply
+    assert launcher.sglang_command(argv) == SERVER + argv

@@ -1,9 +1,11 @@
 """A checkpoint's tensors by role (attention, dense MLP, shared / routed experts, router, norms,
 embeddings, lm_head) and a mapping YAML choosing a precision per role.
 
-Exported configs use the seed keys (``fp16_path`` / ``fp8_path`` / ``int4_path``) and compact
-``rules`` (one glob per role, verified to reproduce the per-module choice), or, with
-``explicit=True``, one ``weight_mapping`` line per tensor as the seed did.
+A quantized checkpoint (GPTQ, FP8) is analyzed as what it is: each module's stored precision,
+its bytes as stored, its logical shape from config.json. Exported configs use the seed keys
+(``fp16_path`` / ``fp8_path`` / ``int4_path``; the analyzed checkpoint under the key of its own
+format) and compact ``rules`` (one glob per role, verified to reproduce the per-module choice),
+or, with ``explicit=True``, one ``weight_mapping`` line per tensor as the seed did.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import yaml
 
 from .core.config import Rule, first_matching_rule
 from .core.errors import ErrorCode, MixedPrecisionError
-from .core.formats import DTYPE_BYTES, all_formats, release_tensors, scheme_for_precision
+from .core.formats import DTYPE_BYTES, Scheme, all_formats, module_scheme, release_tensors, scheme_for_precision
+from .core.geometry import ModelGeometry
 from .core.naming import ModuleRef, Role, classify, module_name
+from .core.plan import ARCHITECTURE_KEYS
 from .core.sources import CheckpointSource
 
 PRECISIONS = tuple(name for fmt in all_formats() for name in fmt.precision_names)
@@ -47,38 +51,72 @@ class RoleStats:
 class Analysis:
     model_path: Path
     refs: dict[str, ModuleRef]  # module -> classification
-    module_bytes: dict[str, int]
-    module_params: dict[str, int]
-    module_shapes: dict[str, tuple[int, ...] | None]
+    module_bytes: dict[str, int]  # as stored
+    module_params: dict[str, int]  # logical parameters (a packed int4 weight counts its 16-bit elements)
+    module_shapes: dict[str, tuple[int, ...] | None]  # logical 16-bit weight shape
     tensor_names: list[str]
     stats: dict[Role, RoleStats] = field(default_factory=dict)
+    scheme: Scheme | None = None  # the checkpoint's format (config.json)
+    stored: dict[str, str] = field(default_factory=dict)  # module -> the label it is stored as
+    stored_schemes: dict[str, Scheme] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The label of the checkpoint itself ("fp16", "fp8", "int4"): its seed key in an export."""
+        return precision_label(self.scheme) if self.scheme is not None else "fp16"
+
+
+def precision_label(scheme: Scheme) -> str:
+    """What a config calls a scheme's precision ("fp16", "fp8", "int4", "int8")."""
+    return scheme.format.precision_name(scheme)
 
 
 def analyze(model_path: str | Path) -> Analysis:
-    """Classify every tensor of a checkpoint from its headers (index, safetensors or .bin)."""
+    """Classify every tensor of a checkpoint from its headers (index, safetensors or .bin), each
+    module as what it is stored as."""
     source = CheckpointSource("model", Path(model_path).resolve())
     names = list(source.tensor_names)
-    result = Analysis(source.path, {}, {}, {}, {}, names)
+    result = Analysis(source.path, {}, {}, {}, {}, names, scheme=source.scheme)
+    geometry = _geometry(source)
     for module in source.module_names():
         ref = classify(module)
         tensors = source.module_tensors(module)
-        weight = tensors.get("weight")
+        stored = module_scheme(source.scheme, source.module_entries(module))
+        shape = _logical_shape(geometry, ref, tensors, stored)
         stats = result.stats.setdefault(ref.role, RoleStats())
         stats.modules += 1
         stats.tensors += len(tensors)
         nbytes = sum(t.nbytes for t in tensors.values())
-        params = sum(t.numel for t in tensors.values())
+        bias = tensors.get("bias")
+        params = prod(shape) + (bias.numel if bias else 0) if shape else sum(t.numel for t in tensors.values())
         stats.parameters += params
         stats.bytes += nbytes
         result.refs[module], result.module_bytes[module], result.module_params[module] = ref, nbytes, params
-        result.module_shapes[module] = weight.shape if weight is not None else None
+        result.module_shapes[module] = shape
+        result.stored[module], result.stored_schemes[module] = precision_label(stored), stored
     return result
 
 
+def _geometry(source: CheckpointSource) -> ModelGeometry | None:
+    try:
+        return ModelGeometry.from_hf_config(source.hf_config, where=str(source.path / "config.json"))
+    except MixedPrecisionError:
+        return None  # shapes then come from the stored tensors alone
+
+
+def _logical_shape(geometry, ref: ModuleRef, tensors: dict, stored: Scheme) -> tuple[int, ...] | None:
+    """config.json's 16-bit shape; else the stored weight's (a GPTQ qweight [K / pack, N] unpacked)."""
+    shape = geometry.weight_shape(ref) if geometry is not None else None
+    if shape is not None:
+        return shape
+    return stored.format.logical_shape(stored, {suffix: info.shape for suffix, info in tensors.items()})
+
+
 def choose_precisions(
-    analysis: Analysis, *, attention="fp16", mlp="fp16", expert="fp16", shared_expert=None
+    analysis: Analysis, *, attention=None, mlp=None, expert=None, shared_expert=None
 ) -> dict[str, str]:
-    """module -> label ("fp16", "fp8", "int4") for every linear; everything else stays 16-bit."""
+    """module -> label ("fp16", "fp8", "int4") for every linear; everything else stays 16-bit. A role
+    left None keeps what the checkpoint stores (16 bits for a 16-bit model)."""
     per_role = {
         Role.ATTENTION: attention,
         Role.DENSE_MLP: mlp,
@@ -86,21 +124,33 @@ def choose_precisions(
         Role.SHARED_EXPERT: shared_expert or mlp,
     }
     for role, value in per_role.items():
-        if value not in PRECISIONS:
+        if value is not None and value not in PRECISIONS:
             raise MixedPrecisionError(
                 ErrorCode.BAD_ARGUMENT,
                 f"precision {value!r} for {role.value} is not one of {', '.join(PRECISIONS)}",
                 fix="use fp16 (= bf16 / 16bit, the unquantized source), fp8 or int4",
             )
     norm = {p: ("fp16" if p in ("bf16", "16bit") else p) for p in PRECISIONS}
-    return {m: norm[per_role[ref.role]] if ref.role in per_role else "fp16" for m, ref in analysis.refs.items()}
+    out = {}
+    for module, ref in analysis.refs.items():
+        value = per_role.get(ref.role)
+        if ref.role not in per_role:
+            out[module] = "fp16"
+        elif value is None:
+            out[module] = analysis.stored.get(module, "fp16")
+        else:
+            out[module] = norm[value]
+    return out
 
 
 def estimated_bytes(analysis: Analysis, module: str, label: str) -> int:
-    """Bytes of a module stored as ``label`` (its real size for 16 bits; the release layout otherwise)."""
+    """Bytes of a module stored as ``label``: as stored when that is its precision; its 16-bit size
+    or the official release layout otherwise."""
     shape = analysis.module_shapes.get(module)
-    if label == "fp16" or shape is None or len(shape) != 2:
+    if label == analysis.stored.get(module, "fp16") or shape is None or len(shape) != 2:
         return analysis.module_bytes[module]
+    if label == "fp16":
+        return analysis.module_params[module] * 2
     # the official releases' layout of that precision (fp8 block 128, GPTQ int4 group 128)
     specs = release_tensors(scheme_for_precision(label), shape[0], shape[1])
     return sum(prod(spec.shape) * DTYPE_BYTES[spec.dtypes[0]] for spec in specs.values())
@@ -147,16 +197,30 @@ def export_config(
     *,
     fp8_path: str | None = None,
     int4_path: str | None = None,
+    fp16_path: str | None = None,
     explicit: bool = False,
 ) -> str:
-    """The mixed-precision YAML for ``choice`` (module -> label)."""
+    """The mixed-precision YAML for ``choice`` (module -> label). The analyzed checkpoint goes under
+    the key of its own format; a quantized one needs ``fp16_path`` (the model's 16-bit release)."""
     base = analysis.model_path
-    section: dict = {"fp16_path": str(base)}
+    paths = {"fp16": fp16_path, "fp8": fp8_path, "int4": int4_path}
+    paths[analysis.label] = str(base)
+    if paths["fp16"] is None:
+        raise MixedPrecisionError(
+            ErrorCode.BAD_ARGUMENT,
+            f"{base} is a {analysis.scheme.label()} checkpoint: a mix needs the model's 16-bit checkpoint too "
+            "(its norms, embeddings, lm_head and router)",
+            fix="pass --fp16_path <the 16-bit release of this model>",
+        )
+    section: dict = {"fp16_path": str(paths["fp16"])}
     used = set(choice.values())
+    stem = str(paths["fp16"])
     if "fp8" in used:
-        section["fp8_path"] = str(fp8_path or f"{base}-FP8")
+        section["fp8_path"] = str(paths["fp8"] or f"{stem}-FP8")
     if "int4" in used:
-        section["int4_path"] = str(int4_path or f"{base}-GPTQ-Int4")
+        section["int4_path"] = str(paths["int4"] or f"{stem}-GPTQ-Int4")
+    for label in sorted(used - {"fp16", "fp8", "int4"}):  # a stored int8
+        section[f"{label}_path"] = str(base)
     rules = [] if explicit else compact_rules(analysis, choice)
     if rules:
         section["rules"] = [{"match": p, "source": label} for p, label in rules]
@@ -164,7 +228,7 @@ def export_config(
         section["weight_mapping"] = {
             t: choice[module_name(t)] for t in analysis.tensor_names if module_name(t) in choice
         }
-    header = f"# Generated by `sglang-mp analyze --model_path {base}`; check the fp8/int4 paths.\n"
+    header = f"# Generated by `sglang-mp analyze --model_path {base}`; check the paths.\n"
     return header + yaml.safe_dump({"mixed_precision": section}, sort_keys=False, width=200)
 
 
@@ -183,6 +247,7 @@ def role_table(analysis: Analysis, choice: dict[str, str]) -> list[dict]:
                 "modules": stats.modules,
                 "tensors": stats.tensors,
                 "parameters": stats.parameters,
+                "stored": "+".join(sorted({analysis.stored_schemes[m].label() for m in modules})),
                 "bytes": stats.bytes,
                 "precision": "+".join(labels),
                 "planned_bytes": sum(estimated_bytes(analysis, m, choice[m]) for m in modules),
@@ -229,6 +294,37 @@ def plot_bytes_per_layer(analysis: Analysis, choice: dict[str, str], out_png: st
     ax.legend()
     fig.tight_layout()
     out = Path(out_png)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise MixedPrecisionError(
+            ErrorCode.OUTPUT_UNWRITABLE,
+            f"cannot write the plot {out}: {e.strerror or e}",
+            where=str(out),
+            fix="choose a path in a directory you can write",
+        ) from None
+    finally:
+        plt.close(fig)
     return out
+
+
+def find_16bit_source(model_path: str | Path) -> Path | None:
+    """The 16-bit checkpoint of the same model beside a quantized one (the converter's ``fp16/`` next
+    to ``int4/``; ``Qwen3-8B`` next to ``Qwen3-8B-FP8``), if exactly one sibling directory is one."""
+    path = Path(model_path).resolve()
+    try:
+        cfg = CheckpointSource("model", path).hf_config
+        siblings = [d for d in path.parent.iterdir() if d != path and (d / "config.json").is_file()]
+    except (MixedPrecisionError, OSError):
+        return None
+    found = []
+    for d in sorted(siblings):
+        try:
+            other = CheckpointSource("candidate", d)
+            if other.scheme.quantized:
+                continue
+            if all(other.hf_config.get(k) == cfg.get(k) for k in ARCHITECTURE_KEYS if k in cfg):
+                found.append(d)
+        except MixedPrecisionError:
+            continue
+    return found[0] if len(found) == 1 else None

@@ -9,8 +9,10 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+from ..core.architectures import describe_missing_tensors, expected_modules, missing_16bit_tensors
 from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.formats import FLOAT_DTYPES
+from ..core.geometry import ModelGeometry
 from ..core.sources import CheckpointSource, TensorInfo
 from ..tensors import TensorReader
 
@@ -112,6 +114,24 @@ class InputModel:
                 f"architecture {self.architecture} is not supported by the converter",
                 where=str(self.path / "config.json"),
                 fix=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+            )
+
+    def check_complete(self) -> None:
+        """Every tensor config.json implies is in the input (or nothing is written): a missing shard or
+        layer would otherwise become an incomplete fp16/ fp8/ int4/."""
+        config = self.path / "config.json"
+        geometry = ModelGeometry.from_hf_config(self.config, where=str(config))
+        expected = expected_modules(self.config, geometry)
+        if expected is None:
+            return
+        missing = missing_16bit_tensors(expected, self.source.tensor_names)
+        if missing:
+            raise MixedPrecisionError(
+                ErrorCode.MISSING_TENSOR,
+                f"the input lacks {len(missing)} tensor(s) that its config.json ({geometry.model_type}, "
+                f"{geometry.layers} layers) implies: {describe_missing_tensors(missing, expected)}",
+                where=str(self.path),
+                fix="the model is incomplete (an interrupted download, a deleted shard?): download it again",
             )
 
     def check_not_quantized(self) -> None:

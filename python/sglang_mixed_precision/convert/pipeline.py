@@ -277,6 +277,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     model = InputModel(opts.model_path)
     model.check_supported()
     model.check_not_quantized()
+    model.check_complete()
     plan = build_plan(
         model, skip=opts.skip, group_size=opts.group_size if "int4" in opts.formats else None, fp8_block=DEFAULT_BLOCK
     )

@@ -33,20 +33,23 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from .errors import ErrorCode, MixedPrecisionError, raise_all
 from .naming import TENSOR_SUFFIXES, module_name
+from .yaml_compose import NULL_TAG, Mapping, Scalar, Sequence, compose, no_gc
 
 UNQUANTIZED_ALIASES = ("fp16", "bf16", "16bit")
 SEED_PATH_KEYS = {"fp16_path": "fp16", "bf16_path": "bf16", "fp8_path": "fp8", "int4_path": "int4", "int8_path": "int8"}
+# What each seed key's checkpoint must be (see formats.matches_format); a promise, checked by the plan.
+SEED_FORMATS = {"fp16_path": "16bit", "bf16_path": "16bit", "fp8_path": "fp8", "int4_path": "int4", "int8_path": "int8"}
 TOP_KEYS = ("mixed_precision",)
 SECTION_KEYS = (*SEED_PATH_KEYS, "sources", "default", "rules", "weight_mapping", "skeleton", "model_path")
 RULE_KEYS = ("match", "source")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 _RANGE_RE = re.compile(r"\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*")
-_NULL_TAG = "tag:yaml.org,2002:null"
 
 
 @dataclass(frozen=True)
@@ -54,14 +57,26 @@ class SourceSpec:
     label: str
     path: Path
     origin: str  # "cfg.yaml:3 (fp8_path)"
+    key: str | None = None  # the YAML key that declared it: "fp8_path", "sources.fast", "model_path"
+
+    @property
+    def promised_format(self) -> str | None:
+        """The format the seed key promises (``fp8_path`` -> ``fp8``); None for free labels."""
+        return SEED_FORMATS.get(self.key or "")
 
 
-@dataclass(frozen=True)
-class MappingEntry:
+class MappingEntry(NamedTuple):
+    """One weight_mapping line (a tuple: an explicit mapping has one per tensor, a million for big models)."""
+
     key: str  # as written (may carry a tensor suffix)
     module: str
     label: str
-    origin: str
+    file: str
+    line: int  # 1-based
+
+    @property
+    def origin(self) -> str:
+        return f"{self.file}:{self.line}"
 
     def describe(self) -> str:
         return f"weight_mapping {self.key!r} ({self.origin})"
@@ -207,7 +222,8 @@ def read_config_text(path: Path, *, missing_fix: str) -> str:
 def parse_config(text: str, path: str | Path | None = None) -> MixedConfig:
     """Parse YAML text; ``path`` names the file in messages and anchors relative source paths."""
     parser = _Parser(Path(path) if path is not None else None)
-    config = parser.parse(text)
+    with no_gc():
+        config = parser.parse(text)
     if parser.errors:
         raise_all(parser.errors)
     return config
@@ -222,7 +238,7 @@ class _Parser:
 
     # -- helpers
     def at(self, node, key: str | None = None) -> str:
-        line = f"{self.file}:{node.start_mark.line + 1}"
+        line = f"{self.file}:{node.line + 1}"
         return f"{line} ({key})" if key else line
 
     def resolve(self, raw: str) -> Path:
@@ -235,7 +251,7 @@ class _Parser:
 
     def mapping(self, node, what: str, known: tuple[str, ...]) -> dict[str, tuple]:
         """{key: (key node, value node)} of a YAML mapping, reporting unknown / duplicate keys."""
-        if not isinstance(node, yaml.MappingNode):
+        if not isinstance(node, Mapping):
             self.fail(
                 ErrorCode.CONFIG_SYNTAX,
                 f"{what} must be a mapping, found {_kind(node)}",
@@ -245,9 +261,12 @@ class _Parser:
             return {}
         out = {}
         for key_node, value_node in node.value:
-            key = self.string(key_node, f"a key of {what}")
-            if key is None:
-                continue
+            if type(key_node) is Scalar and key_node.value and key_node.tag != NULL_TAG:  # the usual key, fast
+                key = key_node.value
+            else:
+                key = self.string(key_node, f"a key of {what}")
+                if key is None:
+                    continue
             if known and key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
@@ -272,7 +291,7 @@ class _Parser:
         return out
 
     def string(self, node, what: str) -> str | None:
-        if not isinstance(node, yaml.ScalarNode) or node.tag == _NULL_TAG or node.value == "":
+        if not isinstance(node, Scalar) or node.tag == NULL_TAG or node.value == "":
             self.fail(
                 ErrorCode.CONFIG_SYNTAX,
                 f"{what} must be a non-empty string, found {_kind(node)}",
@@ -298,7 +317,7 @@ class _Parser:
     def parse(self, text: str) -> MixedConfig:
         empty = MixedConfig(self.path, {})
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = compose(text)
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             where = f"{self.file}:{mark.line + 1}:{mark.column + 1}" if mark else self.file
@@ -381,7 +400,7 @@ class _Parser:
                     key,
                 )
                 return
-            out[label] = SourceSpec(label, self.resolve(raw), self.at(key_node, key))
+            out[label] = SourceSpec(label, self.resolve(raw), self.at(key_node, key), key)
 
         for key, label in SEED_PATH_KEYS.items():
             if key in section:
@@ -433,11 +452,11 @@ class _Parser:
                 "model_path",
             )
             return None
-        config.sources["model"] = SourceSpec("model", path, self.at(key_node, "model_path"))
+        config.sources["model"] = SourceSpec("model", path, self.at(key_node, "model_path"), "model_path")
         return "model"
 
     def rules(self, node, known: set[str]) -> list[Rule]:
-        if not isinstance(node, yaml.SequenceNode):
+        if not isinstance(node, Sequence):
             self.fail(
                 ErrorCode.CONFIG_SYNTAX,
                 f"rules must be a list, found {_kind(node)}",
@@ -472,10 +491,12 @@ class _Parser:
     def weight_mapping(self, node, known: set[str]) -> dict[str, MappingEntry]:
         out: dict[str, MappingEntry] = {}
         for key, (key_node, value_node) in self.mapping(node, "weight_mapping", ()).items():
-            label = self.known_label(value_node, f"weight_mapping[{key!r}]", known)
+            label = value_node.value if _is_known(value_node, known) else None  # the common case, checked fast
+            if label is None:
+                label = self.known_label(value_node, f"weight_mapping[{key!r}]", known)
             if label is None:
                 continue
-            entry = MappingEntry(key, module_name(key), label, self.at(key_node))
+            entry = MappingEntry(key, module_name(key), label, self.file, key_node.line + 1)
             previous = out.get(entry.module)
             if previous is not None and previous.label != label:
                 self.fail(
@@ -491,16 +512,21 @@ class _Parser:
         return out
 
 
+def _is_known(node, known: set[str]) -> bool:
+    """A scalar naming a known label (labels are never empty or null-like, so no other check is due)."""
+    return type(node) is Scalar and node.value in known and node.tag != NULL_TAG
+
+
 def _is_null(node) -> bool:
     """An empty section (``weight_mapping:`` with nothing under it) is an empty mapping."""
-    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
+    return isinstance(node, Scalar) and node.tag == NULL_TAG
 
 
 def _kind(node) -> str:
-    if isinstance(node, yaml.MappingNode):
+    if isinstance(node, Mapping):
         return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
+    if isinstance(node, Sequence):
         return "a list"
-    if isinstance(node, yaml.ScalarNode):
-        return "nothing" if node.tag == _NULL_TAG or node.value == "" else f"{node.value!r}"
+    if isinstance(node, Scalar):
+        return "nothing" if node.tag == NULL_TAG or node.value == "" else f"{node.value!r}"
     return type(node).__name__

@@ -37,17 +37,35 @@ class ErrorCode(str, Enum):
     CONFIG_DUPLICATE_LABEL = ("config_duplicate_label", 400, "two sources under one label")
     CONFIG_CONFLICT = ("config_conflict", 400, "one module mapped to two sources")
     CONFIG_NO_SOURCES = ("config_no_sources", 400, "the config names no checkpoint")
+    SOURCE_LABEL_MISMATCH = (
+        "source_label_mismatch",
+        400,
+        "a seed key's checkpoint is not in its format (fp8_path holding a GPTQ or 16-bit model, ...)",
+    )
     # ---- checkpoints (directories, config.json, headers)
     MISSING_SOURCE = ("missing_source", 400, "a source directory is absent, or no 16-bit source gives the model")
     MISSING_FILE = ("missing_file", 400, "a file the plan or command needs does not exist")
-    CORRUPT_CONFIG = ("corrupt_config", 400, "config.json (or another JSON side file) is invalid or lacks a dimension")
+    UNREADABLE_FILE = (
+        "unreadable_file",
+        400,
+        "a file or directory exists but cannot be read (permissions, a directory or device in its place)",
+    )
+    CORRUPT_CONFIG = (
+        "corrupt_config",
+        400,
+        "config.json (or another JSON side file) is invalid, or lacks or misstates a model dimension",
+    )
     CORRUPT_INDEX = ("corrupt_index", 400, "the index file's weight_map is malformed")
     CORRUPT_SAFETENSORS = ("corrupt_safetensors", 400, "a safetensors file is truncated or its header malformed")
     CORRUPT_CHECKPOINT = ("corrupt_checkpoint", 400, "a PyTorch .bin file cannot be read without executing code")
     UNSUPPORTED_SCHEME = ("unsupported_scheme", 400, "a quantization format or setting SGLang cannot run in a mix")
     UNSUPPORTED_ARCHITECTURE = ("unsupported_architecture", 400, "a model family the command does not handle")
     # ---- the plan
-    ARCHITECTURE_MISMATCH = ("architecture_mismatch", 400, "sources are checkpoints of different models")
+    ARCHITECTURE_MISMATCH = (
+        "architecture_mismatch",
+        400,
+        "sources are checkpoints of different models, or a checkpoint holds layers its config.json lacks",
+    )
     SKELETON_QUANTIZED = ("skeleton_quantized", 400, "the source that gives the model is quantized")
     UNKNOWN_MODULE = ("unknown_module", 400, "a weight_mapping name matches no module of the model")
     MISSING_TENSOR = ("missing_tensor", 400, "a tensor the model needs is not in the source that provides it")
@@ -56,6 +74,11 @@ class ErrorCode(str, Enum):
     TP_INDIVISIBLE = ("tp_indivisible", 400, "a per-rank shape the kernel cannot run at this tensor-parallel size")
     QUANTIZED_VOCAB = ("quantized_vocab", 400, "a quantized embedding or lm_head (SGLang serves them in 16 bits)")
     BAD_ARGUMENT = ("bad_argument", 400, "a command-line or API argument out of range")
+    OUTPUT_UNWRITABLE = (
+        "output_unwritable",
+        400,
+        "an output path cannot be written (no such directory, no permission, or it would replace another file)",
+    )
     MISSING_DEPENDENCY = ("missing_dependency", 400, "an optional Python package the command needs is absent")
     VALIDATION_FAILED = ("validation_failed", 400, "several problems found in one pass (listed under errors)")
     # ---- the converter

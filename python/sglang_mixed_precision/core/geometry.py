@@ -10,20 +10,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .architectures import architecture_for
+from .errors import ErrorCode, MixedPrecisionError
 from .naming import ModuleRef, Role
 
-# The names config.json files use for the same quantity, across architectures and versions.
-_ALIASES = {
-    "num_experts": ("num_experts", "num_local_experts", "n_routed_experts"),
-    "shared_intermediate": ("shared_expert_intermediate_size",),
-}
+# The names config.json files of families the architecture table does not know use for the expert count.
+_NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def _first(cfg: dict, keys: tuple[str, ...], default=None):
-    for key in keys:
-        if cfg.get(key) is not None:
-            return cfg[key]
-    return default
+def _corrupt(where: str, why: str) -> MixedPrecisionError:
+    return MixedPrecisionError(
+        ErrorCode.CORRUPT_CONFIG,
+        f"{where}: {why}",
+        where=where,
+        fix="restore the model's original config.json (every dimension a positive integer)",
+    )
+
+
+def _dimension(cfg: dict, key: str, where: str, *, required: bool = True, minimum: int = 1) -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            raise _corrupt(where, f"lacks a model dimension ('{key}')")
+        return None
+    if type(value) is not int or value < minimum:
+        raise _corrupt(where, f"{key} is {value!r}: it must be an integer of at least {minimum}")
+    return value
+
+
+def _hf_dense_layers(cfg: dict, layers: int, where: str) -> frozenset[int]:
+    """Transformers' rule for a family the architecture table does not know: experts in every
+    ``decoder_sparse_step``-th layer outside ``mlp_only_layers``."""
+    step = _dimension(cfg, "decoder_sparse_step", where, required=False) or 1
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(type(i) is int for i in only):
+        raise _corrupt(where, f"mlp_only_layers is {only!r}, not a list of layer numbers")
+    return frozenset(i for i in range(layers) if i in only or (i + 1) % step)
 
 
 @dataclass(frozen=True)
@@ -58,29 +80,52 @@ class ModelGeometry:
     num_experts: int | None
     vocab: int
     tie_word_embeddings: bool
-    mlp_only_layers: tuple[int, ...] = field(default=())
-    decoder_sparse_step: int = 1
+    dense_layers: frozenset[int] = field(default=frozenset())  # layers with a dense MLP in a MoE model
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> ModelGeometry:
+    def from_hf_config(cls, cfg: dict, *, where: str = "config.json") -> ModelGeometry:
+        """The dimensions of ``cfg``; raises ``corrupt_config`` (naming ``where``) for a missing,
+        zero, negative or non-integer dimension, or one SGLang cannot build."""
         cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
+        if not isinstance(cfg, dict):
+            raise _corrupt(where, "text_config is not an object")
+        model_type = str(cfg.get("model_type", ""))
+        arch = architecture_for(model_type)
+        for key in arch.required_keys if arch else ():
+            _dimension(cfg, key, where)
+        hidden = _dimension(cfg, "hidden_size", where)
+        heads = _dimension(cfg, "num_attention_heads", where)
+        kv_heads = _dimension(cfg, "num_key_value_heads", where, required=False) or heads
+        if heads % kv_heads:
+            raise _corrupt(where, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        head_dim = _dimension(cfg, "head_dim", where, required=False)
+        if head_dim is None:
+            if hidden % heads:
+                raise _corrupt(where, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+            head_dim = hidden // heads
+        layers = _dimension(cfg, "num_hidden_layers", where)
+        tie = cfg.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool) and tie is not None:
+            raise _corrupt(where, f"tie_word_embeddings is {tie!r}, not true or false")
+        keys = arch.num_experts_keys if arch else _NUM_EXPERTS_KEYS
+        experts_key = next((k for k in keys if cfg.get(k) is not None), keys[0])
+        if arch and arch.moe_family:
+            _dimension(cfg, experts_key, where)
+        moe_key = arch.moe_intermediate_key if arch else "moe_intermediate_size"
         return cls(
-            model_type=str(cfg.get("model_type", "")),
+            model_type=model_type,
             hidden=hidden,
-            layers=int(cfg["num_hidden_layers"]),
+            layers=layers,
             heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            intermediate=cfg.get("intermediate_size"),
-            moe_intermediate=cfg.get("moe_intermediate_size"),
-            shared_intermediate=_first(cfg, _ALIASES["shared_intermediate"]),
-            num_experts=_first(cfg, _ALIASES["num_experts"]),
-            vocab=int(cfg["vocab_size"]),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
-            decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate=_dimension(cfg, "intermediate_size", where, required=False),
+            moe_intermediate=_dimension(cfg, moe_key, where, required=False),
+            shared_intermediate=_dimension(cfg, "shared_expert_intermediate_size", where, required=False, minimum=0),
+            num_experts=_dimension(cfg, experts_key, where, required=False, minimum=0),
+            vocab=_dimension(cfg, "vocab_size", where),
+            tie_word_embeddings=bool(tie),
+            dense_layers=arch.dense_mlp_layers(cfg, layers) if arch else _hf_dense_layers(cfg, layers, where),
         )
 
     @property
@@ -88,10 +133,8 @@ class ModelGeometry:
         return bool(self.num_experts) and self.moe_intermediate is not None
 
     def is_moe_layer(self, layer: int) -> bool:
-        """Qwen2/3-MoE place experts in every ``decoder_sparse_step``-th layer outside ``mlp_only_layers``."""
-        if not self.is_moe or layer in self.mlp_only_layers:
-            return False
-        return (layer + 1) % self.decoder_sparse_step == 0
+        """Whether SGLang builds ``layer`` with experts (``architectures`` says which layers are dense)."""
+        return self.is_moe and layer not in self.dense_layers
 
     # ---- logical (unsharded) shapes -------------------------------------------------------
     def weight_shape(self, ref: ModuleRef) -> tuple[int, ...] | None:

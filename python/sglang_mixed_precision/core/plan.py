@@ -19,11 +19,19 @@ from functools import cache
 from math import prod
 from pathlib import Path
 
-from .config import UNQUANTIZED_ALIASES, MixedConfig, first_matching_rule
+from .architectures import (
+    ARCHITECTURES,
+    ExpectedModule,
+    architecture_for,
+    describe_missing,
+    expected_modules,
+    layer_ranges,
+)
+from .config import UNQUANTIZED_ALIASES, MappingEntry, MixedConfig, first_matching_rule
 from .errors import EXAMPLES, ErrorCode, MixedPrecisionError, ValidationErrors, more
 from .formats import DTYPE_BYTES, Scheme, TensorSpec, expected_tensors, module_scheme, rank_problems
 from .geometry import ModelGeometry
-from .naming import ModuleRef, Role, classify
+from .naming import ModuleRef, Role, classify, layer_index
 from .report import summary
 from .sources import CheckpointSource, TensorInfo
 from .sources.safetensors import corrupt_safetensors, entry_problem
@@ -200,13 +208,22 @@ class _Planner:
         self.sources = {
             label: CheckpointSource(label, spec.path, origin=spec.origin) for label, spec in config.sources.items()
         }
+        self.warnings: list[str] = []
+        self.conflicts = 0
+        self.expected: dict[str, ExpectedModule] = {}  # what config.json implies ({} for an unknown family)
+        self.absent: set[str] = set()  # expected modules the skeleton lacks
+        self.incomplete: dict[str, list[str]] = defaultdict(list)  # label -> absent modules assigned to it
 
     def build(self) -> Plan:
-        skeleton = self._choose_skeleton(self._check_sources())
+        usable = self._check_sources()
+        skeleton = self._choose_skeleton(usable)
+        self._check_promised_formats(usable)  # also the likely cause when no 16-bit source is left
+        if skeleton and self.sources[skeleton] in usable:
+            self.skeleton = self.sources[skeleton]
+            self._check_architectures(usable)
         self.problems.raise_if_any()
         self.skeleton = self.sources[skeleton]
         self.aliases = {a: skeleton for a in UNQUANTIZED_ALIASES if a not in self.sources}
-        self._check_architectures()
         self._scan_headers()
         self.problems.raise_if_any()
         self.geometry = self._geometry()
@@ -214,7 +231,14 @@ class _Planner:
         groups = self._group(modules)
         self.problems.raise_if_any()
         return Plan(
-            self.config, self.tp, skeleton, self.sources, self.geometry, modules, groups, self._unused_rules(modules)
+            self.config,
+            self.tp,
+            skeleton,
+            self.sources,
+            self.geometry,
+            modules,
+            groups,
+            self.warnings + self._unused_rules(modules),
         )
 
     # ---- sources ------------------------------------------------------------------------------
@@ -233,6 +257,36 @@ class _Planner:
                 continue
             usable.append(source)
         return usable
+
+    def _check_promised_formats(self, usable: list[CheckpointSource]) -> None:
+        """A seed key promises a format (``fp8_path``: FP8): a checkpoint of another format under it is
+        an error. A free label that reads like a format (``sources: {my-fp8: ...}``) only gets a
+        warning, as does one directory under two labels."""
+        by_path: dict[Path, list[str]] = defaultdict(list)
+        for source in usable:
+            spec = self.config.sources[source.label]
+            by_path[_resolved(source.path)].append(source.label)
+            actual = _format_of(source.scheme)
+            promised = spec.promised_format
+            if promised is not None and promised != actual:
+                self.problems.add(
+                    MixedPrecisionError(
+                        ErrorCode.SOURCE_LABEL_MISMATCH,
+                        f"{spec.key} promises {_a(promised)} checkpoint, but {source.path} is "
+                        f"{source.scheme.label()} (its config.json says so)",
+                        where=spec.origin,
+                        fix=f"point {spec.key} at the model's {_FORMAT_NAMES[promised]} checkpoint, or list this one "
+                        f"under the key of its format ({_key_for(actual)}) or under 'sources:' with a label of your choice",
+                    )
+                )
+            elif promised is None and (implied := _label_format(source.label)) not in (None, actual):
+                self.warnings.append(
+                    f"source label {source.label!r} ({spec.origin}) reads like {_a(implied)} checkpoint, but "
+                    f"{source.path} is {source.scheme.label()}"
+                )
+        for path, labels in by_path.items():
+            if len(labels) > 1:
+                self.warnings.append(f"sources {', '.join(map(repr, labels))} are the same directory {path}")
 
     def _choose_skeleton(self, usable: list[CheckpointSource]) -> str:
         unquantized = [s.label for s in usable if not s.scheme.quantized]
@@ -268,9 +322,9 @@ class _Planner:
             )
         return ""
 
-    def _check_architectures(self) -> None:
+    def _check_architectures(self, usable: list[CheckpointSource]) -> None:
         base = self.skeleton.hf_config
-        for source in self.sources.values():
+        for source in usable:
             if source is self.skeleton:
                 continue
             cfg = source.hf_config
@@ -297,15 +351,7 @@ class _Planner:
 
     def _geometry(self) -> ModelGeometry:
         cfg_path = self.skeleton.path / "config.json"
-        try:
-            geometry = ModelGeometry.from_hf_config(self.skeleton.hf_config)
-        except (KeyError, TypeError, ValueError) as e:
-            raise MixedPrecisionError(
-                ErrorCode.CORRUPT_CONFIG,
-                f"{cfg_path} lacks a model dimension ({e})",
-                where=str(cfg_path),
-                fix="restore the model's original config.json",
-            ) from None
+        geometry = ModelGeometry.from_hf_config(self.skeleton.hf_config, where=str(cfg_path))
         for problem in geometry.tp_problems(self.tp):
             self.problems.add(
                 MixedPrecisionError(
@@ -319,10 +365,12 @@ class _Planner:
 
     # ---- module assignment --------------------------------------------------------------------
     def _assign_modules(self) -> dict[str, ModuleAssignment]:
-        names = self.skeleton.module_names()
+        names = self._model_modules()
         classify_fast = _TemplateClassifier()
         refs = {m: classify_fast(m) for m in names}
         explicit = self._explicit(refs)
+        if self.conflicts:  # the rest would follow one of the contradicting entries: report them alone
+            self.problems.raise_if_any()
         default = self.config.default
         default_rule = f"default {default!r} ({self.config.default_origin})" if default else None
         skeleton_rule = f"unquantized source {self.skeleton.label!r} (not mapped)"
@@ -341,15 +389,72 @@ class _Planner:
             assignment = self._assign(ref, self.aliases.get(label, label), why)
             if assignment is not None:
                 modules[name] = assignment
+        self._incomplete_sources()
         return modules
 
+    # ---- completeness -------------------------------------------------------------------------
+    def _model_modules(self) -> dict[str, None]:
+        """The skeleton's modules and every module config.json implies that it lacks (each must then
+        come from the source assigned to it)."""
+        names = dict(self.skeleton.module_names())
+        cfg = self.skeleton.hf_config
+        expected = expected_modules(cfg, self.geometry)
+        if expected is None:
+            self.warnings.append(
+                f"model_type {self.geometry.model_type!r} is not one whose modules the plan knows "
+                f"({', '.join(ARCHITECTURES)}): it plans the modules the checkpoint holds, "
+                "but cannot check that none is missing"
+            )
+            return names
+        self.expected = expected
+        self._extra_layers(names, architecture_for(self.geometry.model_type).extra_layers(cfg))
+        self.absent = {name for name in expected if name not in names}
+        names.update(dict.fromkeys(n for n in expected if n in self.absent))  # in the model's order
+        return names
+
+    def _extra_layers(self, names: dict[str, None], allowed: int) -> None:
+        """Layers the checkpoint holds beyond num_hidden_layers: SGLang would skip them silently,
+        so the weights and config.json are of different models."""
+        limit = self.geometry.layers + allowed
+        extra = sorted({i for i in map(layer_index, names) if i is not None and i >= limit})
+        if extra:
+            self.problems.add(
+                MixedPrecisionError(
+                    ErrorCode.ARCHITECTURE_MISMATCH,
+                    f"source {self.skeleton.label!r} holds {layer_ranges(extra)}, but its config.json says "
+                    f"num_hidden_layers={self.geometry.layers}",
+                    where=f"{self.skeleton.path} ({self.skeleton.path / 'config.json'})",
+                    fix="use the config.json that came with these weights (or the weights of this config.json)",
+                )
+            )
+
+    def _incomplete_sources(self) -> None:
+        for label, missing in self.incomplete.items():
+            source = self.sources[label]
+            g = self.geometry
+            self.problems.add(
+                MixedPrecisionError(
+                    ErrorCode.MISSING_TENSOR,
+                    f"source {label!r} lacks {len(missing)} module(s) that its config.json ({g.model_type}, "
+                    f"{g.layers} layers{', MoE' if g.is_moe else ''}) implies: {describe_missing(missing, self.expected)}",
+                    where=str(source.path),
+                    fix="the checkpoint is incomplete (an interrupted download, a deleted shard?) or config.json "
+                    "describes a bigger model: download the missing files again, or map these modules to a "
+                    "source that has them",
+                )
+            )
+
     def _explicit(self, refs: dict[str, ModuleRef]) -> dict[str, tuple[str, str]]:
-        """weight_mapping entries per module; a fused name (qkv_proj, experts) maps all its members."""
+        """weight_mapping entries per module; a fused name (qkv_proj, experts) maps all its members and an
+        expert's name (``...experts.3``) its projections. Entries that give one module two sources are
+        ``config_conflict`` whatever their order."""
         members: dict[str, list[str]] = defaultdict(list)
         for name, ref in refs.items():
             if ref.group != name:
                 members[ref.group].append(name)
-        out = {}
+            if ref.expert is not None:
+                members[f"{ref.group}.{ref.expert}"].append(name)
+        claims: dict[str, list[MappingEntry]] = defaultdict(list)
         for module, entry in self.config.weight_mapping.items():
             targets = [module] if module in refs else members.get(module)
             if not targets:
@@ -365,12 +470,37 @@ class _Planner:
                 )
                 continue
             for target in targets:
-                out[target] = (entry.label, entry.describe())
+                claims[target].append(entry)
+        out = {}
+        for target, entries in claims.items():
+            if len({self.aliases.get(e.label, e.label) for e in entries}) > 1:
+                self._conflict(target, entries)
+                continue
+            entry = next((e for e in entries if e.module == target), entries[0])  # the most specific name
+            out[target] = (entry.label, entry.describe())
         return out
+
+    def _conflict(self, module: str, entries: list[MappingEntry]) -> None:
+        self.conflicts += 1
+        said = "; ".join(f"{e.key!r} ({e.origin}) says {e.label!r}" for e in entries)
+        self.problems.add_similar(
+            ("config_conflict", said),
+            module,
+            lambda ex, n: MixedPrecisionError(
+                ErrorCode.CONFIG_CONFLICT,
+                f"weight_mapping gives {n} module(s) two sources -- {said}: {more(ex, n)}",
+                where=self.config.where(),
+                fix="a module comes from one source: keep one of these entries (a fused name such as qkv_proj or "
+                "experts maps every member, whatever order the entries are in)",
+            ),
+        )
 
     def _assign(self, ref: ModuleRef, label: str, why: str) -> ModuleAssignment | None:
         source = self.sources[label]
         entries = source.module_entries(ref.name)
+        if not entries and ref.name in self.absent:
+            self.incomplete[label].append(ref.name)
+            return None
         if not entries:
             self.problems.add_similar(
                 ("missing_tensor", label, why),
@@ -396,6 +526,11 @@ class _Planner:
         assignment = ModuleAssignment(ref, label, scheme, why, shape, nbytes, params, source)
         if shape is not None:
             self._check_tensors(assignment, entries)
+        expected = self.expected.get(ref.name)
+        if expected is not None and len(expected.tensors) > 1:
+            for suffix in expected.tensors:
+                if suffix != "weight" and suffix not in entries:
+                    self._missing_part(assignment, suffix)
         return assignment
 
     def _logical_shape(self, ref: ModuleRef) -> tuple[int, ...] | None:
@@ -552,6 +687,49 @@ class _Planner:
 
 
 _UNSET = object()
+
+# A source's format as labels and seed keys speak of it (formats finer than these are not promised).
+_FORMAT_NAMES = {"16bit": "16-bit", "fp8": "FP8", "int4": "GPTQ-Int4", "int8": "GPTQ-Int8"}
+_FORMAT_KEYS = {"16bit": "fp16_path", "fp8": "fp8_path", "int4": "int4_path", "int8": "int8_path"}
+# Words of a free label that name a format ("bf16", "my-fp8", "gptq-int4", ...).
+_LABEL_WORDS = {
+    "fp8": "fp8",
+    "int4": "int4",
+    "w4a16": "int4",
+    "int8": "int8",
+    "bf16": "16bit",
+    "fp16": "16bit",
+    "16bit": "16bit",
+    "fp32": "16bit",
+}
+
+
+def _a(fmt: str) -> str:
+    """``an FP8``, ``a 16-bit``: the format's name with its article."""
+    name = _FORMAT_NAMES[fmt]
+    return ("an " if name[0] in "AEFHILMNORSX" else "a ") + name
+
+
+def _format_of(scheme: Scheme) -> str:
+    return scheme.format.precision_name(scheme) if scheme.quantized else "16bit"
+
+
+def _key_for(fmt: str) -> str:
+    return _FORMAT_KEYS.get(fmt, "sources")
+
+
+def _label_format(label: str) -> str | None:
+    """The format a free label names, if exactly one: ``my-fp8`` -> fp8; ``a`` -> None."""
+    words = set(re.split(r"[^a-z0-9]+", label.lower()))
+    found = {fmt for word, fmt in _LABEL_WORDS.items() if word in words}
+    return found.pop() if len(found) == 1 else None
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare as written
+        return path
 
 
 class _TemplateClassifier:

@@ -22,7 +22,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from ..core.errors import ErrorCode, MixedPrecisionError
+from ..core.errors import ErrorCode, MixedPrecisionError, raise_all
 from .client import stop_server
 from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 
@@ -42,6 +42,16 @@ SHARED_FLAGS = (
     ("max_total_tokens", "--max-total-tokens", ()),
     ("dtype", "--dtype", ()),
 )
+# The numbers among them: dest -> (smallest, largest accepted). SGLang uses port..port+N itself.
+NUMERIC_FLAGS = {
+    "port": (1, 65535),
+    "tp_size": (1, None),
+    "dp_size": (1, None),
+    "pp_size": (1, None),
+    "max_running_requests": (1, None),
+    "max_total_tokens": (1, None),
+}
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # SGLang's --dtype choices
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,12 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s = p.add_argument_group("SGLang server arguments the plan depends on")
     for dest, flag, aliases in SHARED_FLAGS:
-        kind = (
-            int
-            if dest in ("port", "tp_size", "dp_size", "pp_size", "max_running_requests", "max_total_tokens")
-            else str
-        )
-        s.add_argument(flag, *aliases, dest=dest, type=kind, default=None)
+        # read as text: check_flags refuses bad values with the project's errors (argparse would exit)
+        s.add_argument(flag, *aliases, dest=dest, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +109,49 @@ def shared_argv(args: argparse.Namespace, model_path: str) -> list[str]:
         if dest != "model_path" and value is not None:
             out += [flag, str(value)]
     return out
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Turn the numeric flags into ints, refusing (all at once, naming each flag) what SGLang cannot
+    serve with: before the plan directory is written or SGLang is started."""
+    flags = {dest: flag for dest, flag, _ in SHARED_FLAGS}
+    problems = []
+    for dest, (low, high) in NUMERIC_FLAGS.items():
+        text = getattr(args, dest)
+        if text is None:
+            continue
+        value = _integer(text)
+        if value is None or value < low or (high is not None and value > high):
+            accepted = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            problems.append(
+                MixedPrecisionError(
+                    ErrorCode.BAD_ARGUMENT,
+                    f"{flags[dest]} {text!r} is not valid: it takes an integer {accepted}",
+                    where=flags[dest],
+                    fix=f"pass {flags[dest]} with an integer {accepted}",
+                )
+            )
+            continue
+        setattr(args, dest, value)
+    if args.dtype is not None and args.dtype not in DTYPES:
+        problems.append(
+            MixedPrecisionError(
+                ErrorCode.BAD_ARGUMENT,
+                f"--dtype {args.dtype!r} is not one SGLang takes",
+                where="--dtype",
+                fix=f"pass one of {', '.join(DTYPES)}",
+            )
+        )
+    raise_all(problems)
+
+
+def _integer(text) -> int | None:
+    if isinstance(text, int):  # already checked (a supervisor's restart reuses the arguments)
+        return text
+    try:
+        return int(str(text).strip(), 10)
+    except ValueError:
+        return None
 
 
 def check_plugin_installed() -> None:
@@ -212,6 +261,7 @@ def sglang_command(argv: list[str], out=sys.stdout) -> list[str]:
 
 def mixed_command(args: argparse.Namespace, rest: list[str], out=sys.stdout) -> list[str]:
     """Validate and write the plan of ``args``; the SGLang command serving it."""
+    check_flags(args)
     check_plugin_installed()
     plan_dir = prepare_mixed(args, out)
     return [sys.executable, *SGLANG_SERVER, *shared_argv(args, str(plan_dir)), *rest]

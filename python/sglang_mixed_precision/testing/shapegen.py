@@ -2,8 +2,8 @@
 
 Planning reads headers only, so a 470 GB model can be planned from files that take a few MB of
 disk: each shard is a real header followed by a hole (``truncate`` to the size the header
-promises), which passes the header-vs-file-size check. Tensor names follow the Qwen3 / Qwen3-MoE /
-Llama layouts; quantized shards store exactly what the format modules expect (FP8 block weight
+promises), which passes the header-vs-file-size check. Tensor names are those ``core.architectures``
+expects of the config's family; quantized shards store exactly what the format modules expect (FP8 block weight
 + ``weight_scale_inv``; GPTQ ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``).
 """
 
@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from math import prod
 from pathlib import Path
 
+from ..core.architectures import ARCHITECTURES, ExpectedModule, expected_modules
+from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.formats import DTYPE_BYTES, Scheme, config_dtype, quantization_config, release_tensors
 from ..core.geometry import ModelGeometry
 from ..core.naming import classify
@@ -21,47 +23,40 @@ from ..core.naming import classify
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
+def expected(hf_config: dict) -> dict[str, ExpectedModule]:
+    """Every module (and its tensors) a checkpoint of ``hf_config`` holds, from the architecture table."""
+    g = ModelGeometry.from_hf_config(hf_config)
+    modules = expected_modules(hf_config, g)
+    if modules is None:
+        raise MixedPrecisionError(
+            ErrorCode.UNSUPPORTED_ARCHITECTURE,
+            f"no shape-only checkpoint for model_type {g.model_type!r}: its module names are not known",
+            fix=f"use one of: {', '.join(ARCHITECTURES)}",
+        )
+    return modules
+
+
 def module_names(hf_config: dict) -> Iterator[str]:
     """Checkpoint module names of a decoder-only model, in HF order."""
-    g = ModelGeometry.from_hf_config(hf_config)
-    qk_norm = g.model_type.startswith("qwen3")
-    yield "model.embed_tokens"
-    for i in range(g.layers):
-        p = f"model.layers.{i}"
-        yield f"{p}.input_layernorm"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            yield f"{p}.self_attn.{proj}"
-        if qk_norm:
-            yield f"{p}.self_attn.q_norm"
-            yield f"{p}.self_attn.k_norm"
-        if g.is_moe_layer(i):
-            yield f"{p}.mlp.gate"
-            for e in range(g.num_experts):
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    yield f"{p}.mlp.experts.{e}.{proj}"
-        else:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                yield f"{p}.mlp.{proj}"
-        yield f"{p}.post_attention_layernorm"
-    yield "model.norm"
-    if not g.tie_word_embeddings:
-        yield "lm_head"
+    yield from expected(hf_config)
 
 
 def tensor_specs(hf_config: dict, scheme: Scheme | None = None) -> Iterator[tuple[str, str, tuple[int, ...]]]:
     """(name, safetensors dtype, shape) of every tensor a checkpoint of ``scheme`` stores."""
     g = ModelGeometry.from_hf_config(hf_config)
     dense_dtype = (scheme and scheme.format.release_dense_dtype) or config_dtype(hf_config)
-    for module in module_names(hf_config):
-        ref = classify(module)
+    for module in expected(hf_config).values():
+        ref = classify(module.name)
         shape = g.weight_shape(ref)
         if shape is None:
-            raise ValueError(f"no shape for {module} in a {g.model_type} config")
+            raise ValueError(f"no shape for {module.name} in a {g.model_type} config")
         if scheme is not None and scheme.quantized and ref.role.quantizable:
             for suffix, spec in release_tensors(scheme, *shape).items():
-                yield f"{module}.{suffix}", spec.dtypes[0], spec.shape
+                yield f"{module.name}.{suffix}", spec.dtypes[0], spec.shape
         else:
-            yield f"{module}.weight", dense_dtype, shape
+            yield f"{module.name}.weight", dense_dtype, shape
+        if "bias" in module.tensors:
+            yield f"{module.name}.bias", dense_dtype, shape[:1]
 
 
 def write_shape_checkpoint(
@@ -71,8 +66,11 @@ def write_shape_checkpoint(
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
+    drop=None,
+    index: bool = True,
 ) -> Path:
-    """Write config.json, sparse safetensors shards and model.safetensors.index.json."""
+    """Write config.json, sparse safetensors shards and model.safetensors.index.json (unless not
+    ``index``). ``drop(name)`` leaves tensors out: an incomplete checkpoint, for tests."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(hf_config)
@@ -83,6 +81,8 @@ def write_shape_checkpoint(
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, dtype, shape in tensor_specs(hf_config, scheme):
+        if drop is not None and drop(name):
+            continue
         n = DTYPE_BYTES[dtype] * prod(shape)
         if size + n > shard_bytes and shards[-1]:
             shards.append([])
@@ -96,8 +96,9 @@ def write_shape_checkpoint(
         weight_map.update(dict.fromkeys((t[0] for t in tensors), fname))
         if progress:
             progress(f"{out.name}: wrote {fname} ({len(tensors)} tensors)")
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    if index:
+        index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index_json))
     return out
 
 

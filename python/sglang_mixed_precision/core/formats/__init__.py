@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import ErrorCode, MixedPrecisionError
-from ..jsonfiles import read_json_object
+from ..files import read_json_object
 
 # safetensors dtype name -> bytes per element
 DTYPE_BYTES = {
@@ -115,6 +115,15 @@ class Format:
 
     def expected_tensors(self, scheme: Scheme, n: int, k: int) -> dict[str, TensorSpec]:
         raise NotImplementedError
+
+    def precision_name(self, scheme: Scheme) -> str:
+        """The word a config uses for this scheme's precision (an analyzer export's source key)."""
+        return self.precision_names[0]
+
+    def logical_shape(self, scheme: Scheme, shapes: dict[str, tuple]) -> tuple[int, ...] | None:
+        """The 16-bit [N, K] of a module from its stored tensors' shapes ({suffix: shape})."""
+        weight = shapes.get("weight")
+        return tuple(weight) if weight is not None else None
 
     def stores_quantized(self, entries: dict[str, dict]) -> bool:
         """Whether a module's header entries ({suffix: {"dtype": ...}}) are stored in this format (a

@@ -54,12 +54,16 @@ class Fp8(Format):
     def _parse_compressed_tensors(self, qc: dict, dtype: str, where: str) -> Scheme:
         """compressed-tensors ``float-quantized`` 8-bit weights (one config group for all linears)."""
         groups = qc.get("config_groups") or {}
+        if not isinstance(groups, dict):
+            raise _unsupported(f"compressed-tensors config_groups is {type(groups).__name__}, not a mapping", where)
         weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
         if len(weights) != 1:
             raise _unsupported(
                 f"compressed-tensors config with {len(weights)} weight groups (one FP8 group expected)", where
             )
         w = weights[0]
+        if not isinstance(w, dict):
+            raise _unsupported(f"compressed-tensors weights is {type(w).__name__}, not a mapping", where)
         if w.get("num_bits") != 8 or w.get("type") != "float":
             raise _unsupported(
                 f"compressed-tensors weights num_bits={w.get('num_bits')} type={w.get('type')} are not 8-bit float",

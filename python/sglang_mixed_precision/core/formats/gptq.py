@@ -112,6 +112,15 @@ class Gptq(Format):
     def stores_quantized(self, entries: dict[str, dict]) -> bool:
         return "qweight" in entries
 
+    def precision_name(self, scheme: Scheme) -> str:
+        return f"int{scheme.bits}"
+
+    def logical_shape(self, scheme: Scheme, shapes: dict[str, tuple]) -> tuple[int, ...] | None:
+        if "qweight" not in shapes:
+            return super().logical_shape(scheme, shapes)
+        k_packed, n = shapes["qweight"]
+        return (n, k_packed * (32 // scheme.bits))
+
     # -- serving
     def rank_problems(self, scheme: Scheme, rs) -> list[str]:
         """Dense layers run GPTQ-Marlin; experts run if any int4 MoE kernel can (the server picks one)."""

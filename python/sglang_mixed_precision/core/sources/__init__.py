@@ -10,14 +10,16 @@ tensor data is read by :mod:`sglang_mixed_precision.tensors` (torch), never here
 from __future__ import annotations
 
 import os
+import re
+from collections import defaultdict
 from functools import cached_property
 from math import prod
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import ErrorCode, MixedPrecisionError, raise_all
+from ..errors import ErrorCode, MixedPrecisionError, more, raise_all
+from ..files import read_json_object, unreadable
 from ..formats import DTYPE_BYTES, Scheme, detect_scheme, side_quantization_config
-from ..jsonfiles import read_json_object
 from ..naming import TENSOR_SUFFIXES
 from .safetensors import corrupt_safetensors, entry_problem, json_loads, read_header
 from .torch_bin import read_bin_tensors
@@ -42,7 +44,8 @@ class TensorInfo(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
+        start, stop = self.data_offsets  # checked against dtype x shape when the header was read
+        return stop - start
 
 
 # (path, size, mtime_ns) -> raw header entries; headers of big checkpoints are parsed once.
@@ -52,7 +55,10 @@ _HEADER_CACHE: dict[tuple[str, int, int], dict] = {}
 
 def _file_entries(path: Path) -> dict:
     """{tensor name: raw header entry (dtype, shape, data_offsets; .bin adds storage)} of one weight file."""
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise unreadable(path, e) from None
     key = (str(path), st.st_size, st.st_mtime_ns)
     cached = _HEADER_CACHE.get(key)
     if cached is None:
@@ -79,6 +85,67 @@ def _info(name: str, path: Path, entry: dict) -> TensorInfo:
     )
 
 
+def _corrupt_index(index: Path, why: str) -> MixedPrecisionError:
+    return MixedPrecisionError(
+        ErrorCode.CORRUPT_INDEX,
+        f"{index} {why}",
+        where=str(index),
+        fix="restore the checkpoint's index file (it maps each tensor to its file)",
+    )
+
+
+def _is_file_name(value) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and not value.endswith(("/", "\\"))
+
+
+def _kind(value) -> str:
+    return "a list" if isinstance(value, list) else "null" if value is None else f"a {type(value).__name__}"
+
+
+def _not_a_file(path: Path) -> MixedPrecisionError:
+    """Why ``path`` is not a readable regular file (missing, a dangling link, a directory, ...);
+    the caller adds which source it belongs to."""
+    if path.is_symlink() and not path.exists():
+        return MixedPrecisionError(
+            ErrorCode.MISSING_FILE, f"{path} is a symbolic link to {os.readlink(path)}, which does not exist"
+        )
+    if path.is_dir():
+        return MixedPrecisionError(ErrorCode.UNREADABLE_FILE, f"{path} is a directory, not a file")
+    if path.exists():
+        return MixedPrecisionError(ErrorCode.UNREADABLE_FILE, f"{path} is not a regular file")
+    return MixedPrecisionError(ErrorCode.MISSING_FILE, f"{path} is missing")
+
+
+# HF's shard names: model-00002-of-00005.safetensors, pytorch_model-00001-of-00003.bin
+_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>safetensors|bin)$")
+
+
+def _missing_shards(files: list[Path], index: Path | None) -> list[MixedPrecisionError]:
+    """Shards that numbered names imply but nothing names (one deleted from a set without index)."""
+    groups: dict[tuple[str, str, int, int], set[int]] = defaultdict(set)
+    for file in files:
+        m = _SHARD_RE.match(file.name)
+        if m:
+            groups[m["stem"], m["ext"], len(m["i"]), int(m["n"])].add(int(m["i"]))
+    problems = []
+    for (stem, ext, width, n), present in groups.items():
+        count = n - len(present & set(range(1, n + 1))) if n <= 100_000 else 0
+        if count <= 0:
+            continue
+        absent = [f"{stem}-{i:0{width}d}-of-{n:0{width}d}.{ext}" for i in range(1, n + 1) if i not in present]
+        folder = files[0].parent
+        names = f"{index.name} names" if index else "the directory holds"
+        problems.append(
+            MixedPrecisionError(
+                ErrorCode.MISSING_FILE,
+                f"{count} of {n} shards are missing from {folder} ({names} {n - count}): {more(absent, count)}",
+                where=str(folder),
+                fix="download the missing shards (or the whole checkpoint) again",
+            )
+        )
+    return problems
+
+
 class CheckpointSource:
     """One checkpoint directory under a label of the mixed config.
 
@@ -99,21 +166,27 @@ class CheckpointSource:
 
     # ---- directory and config ---------------------------------------------------------------
     def check_exists(self) -> MixedPrecisionError | None:
-        if not self.path.is_dir():
-            what = "is not a directory" if self.path.exists() else "does not exist"
-            return MixedPrecisionError(
-                ErrorCode.MISSING_SOURCE,
-                f"source {self.label!r}: checkpoint directory {self.path} {what}",
-                where=self.origin,
-                fix=f"point {self.label!r} at a model directory (or create it with `sglang-mp convert`)",
-            )
-        if not (self.path / "config.json").is_file():
-            return MixedPrecisionError(
-                ErrorCode.MISSING_FILE,
-                f"source {self.label!r}: {self.path / 'config.json'} is missing",
-                where=self.origin,
-                fix="copy the model's config.json into the directory (it says the architecture and quantization)",
-            )
+        try:
+            if not self.path.is_dir():
+                what = "is not a directory" if self.path.exists() else "does not exist"
+                return MixedPrecisionError(
+                    ErrorCode.MISSING_SOURCE,
+                    f"source {self.label!r}: checkpoint directory {self.path} {what}",
+                    where=self.origin,
+                    fix=f"point {self.label!r} at a model directory (or create it with `sglang-mp convert`)",
+                )
+            os.listdir(self.path)  # a directory without read permission looks empty to glob
+            config = self.path / "config.json"
+            if not config.is_file():
+                problem = _not_a_file(config)
+                return MixedPrecisionError(
+                    problem.code,
+                    f"source {self.label!r}: {problem.detail}",
+                    where=self.origin,
+                    fix="copy the model's config.json into the directory (it says the architecture and quantization)",
+                )
+        except OSError as e:
+            return unreadable(self.path, e, "checkpoint directory")
         return None
 
     def _require(self) -> None:
@@ -158,16 +231,28 @@ class CheckpointSource:
 
     def _read_index(self, index: Path) -> dict[str, str]:
         try:
-            weight_map = json_loads(index.read_bytes())["weight_map"]
+            raw = index.read_bytes()
+        except OSError as e:
+            raise unreadable(index, e) from None
+        try:
+            weight_map = json_loads(raw)["weight_map"]
             if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise MixedPrecisionError(
-                ErrorCode.CORRUPT_INDEX,
-                f"{index} has no valid weight_map ({e})",
-                where=str(index),
-                fix="restore the checkpoint's index file (it maps each tensor to its file)",
-            ) from None
+                raise TypeError(f"weight_map is {_kind(weight_map)}, not an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise _corrupt_index(index, f"has no valid weight_map ({type(e).__name__}: {e})") from None
+        if not weight_map:
+            raise _corrupt_index(index, "has an empty weight_map: it names no tensor")
+        try:
+            named = set(weight_map.values())  # a few shard names for 100k tensors: check each once
+        except TypeError:  # an unhashable value (a list, an object) is no file name
+            named = None
+        if named is not None and all(_is_file_name(f) for f in named):
+            return weight_map
+        bad = [f"{name!r}: {file!r}" for name, file in weight_map.items() if not _is_file_name(file)]
+        if bad:
+            raise _corrupt_index(
+                index, f"maps {len(bad)} tensor(s) to something that is not a file name: {more(bad, len(bad))}"
+            )
         return weight_map
 
     def scan(self) -> list[MixedPrecisionError]:
@@ -180,29 +265,52 @@ class CheckpointSource:
         except MixedPrecisionError as e:
             self._problems = [e]
             return self._problems
+        problems += _missing_shards(files, index)
         for file in files:
-            if not file.is_file():
-                n = sum(1 for f in weight_map.values() if f == file.name) if weight_map else 0
-                problems.append(
-                    MixedPrecisionError(
-                        ErrorCode.MISSING_FILE,
-                        f"source {self.label!r}: {file.name} is listed in {index.name} ({n} tensors) but missing",
-                        where=str(file),
-                        fix=f"download {file.name} into {self.path}",
-                    )
-                )
-                continue
             try:
+                if not file.is_file():
+                    problems.append(self._file_problem(file, index, weight_map))
+                    continue
                 entries = _file_entries(file)
             except MixedPrecisionError as e:
                 problems.append(e)
                 continue
+            except OSError as e:
+                problems.append(unreadable(file, e))
+                continue
+            if weight_map is None and not self._file_of.keys().isdisjoint(entries):
+                problems.append(self._duplicates(file, entries))
             self._entry.update(entries)
             self._file_of.update(dict.fromkeys(entries, file))
         if weight_map is not None and not problems:
             problems += self._index_mismatches(index, weight_map)
         self._problems = problems
         return problems
+
+    def _duplicates(self, file: Path, entries: dict) -> MixedPrecisionError:
+        """Without an index nothing says which of two files holding a tensor counts."""
+        twice = [n for n in entries if n in self._file_of]
+        other = self._file_of[twice[0]]
+        return MixedPrecisionError(
+            ErrorCode.CORRUPT_SAFETENSORS,
+            f"source {self.label!r}: {len(twice)} tensor(s) are in both {other.name} and {file.name}, and no "
+            f"index says which counts: {more(twice)}",
+            where=str(file),
+            fix="remove the file that does not belong to this checkpoint (or restore its index)",
+        )
+
+    def _file_problem(self, file: Path, index: Path | None, weight_map: dict[str, str] | None) -> MixedPrecisionError:
+        problem = _not_a_file(file)
+        listed = ""
+        if weight_map is not None:
+            n = sum(1 for f in weight_map.values() if f == file.name)
+            listed = f" (listed in {index.name} for {n} tensors)"
+        return MixedPrecisionError(
+            problem.code,
+            f"source {self.label!r}: {problem.detail}{listed}",
+            where=str(file),
+            fix=f"download {file.name} into {self.path} again" + (f" or restore {index.name}" if index else ""),
+        )
 
     def _index_mismatches(self, index: Path, weight_map: dict[str, str]) -> list[MixedPrecisionError]:
         names: dict[str, str] = {}

@@ -1,4 +1,5 @@
-"""JSON side files of a checkpoint (config.json, index files, quantize_config.json), read with a named error."""
+"""Reading a checkpoint's files with named errors: JSON side files (config.json, quantize_config.json)
+and the error for a file that exists but cannot be read."""
 
 from __future__ import annotations
 
@@ -8,11 +9,22 @@ from pathlib import Path
 from .errors import ErrorCode, MixedPrecisionError
 
 
+def unreadable(path: Path, error: OSError, what: str = "file") -> MixedPrecisionError:
+    return MixedPrecisionError(
+        ErrorCode.UNREADABLE_FILE,
+        f"cannot read {what} {path}: {error.strerror or error}",
+        where=str(path),
+        fix="give the serving user read access (chmod a+r on files, a+rx on directories), or copy the checkpoint",
+    )
+
+
 def read_json_object(path: Path) -> dict:
     """The JSON object in ``path``; ``corrupt_config`` naming the file if it is not one."""
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except OSError as e:
+        raise unreadable(Path(path), e) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise MixedPrecisionError(
             ErrorCode.CORRUPT_CONFIG,
             f"{path} is not valid JSON: {e}",

@@ -1,0 +1,252 @@
+"""Per model family: the modules a checkpoint of a given config.json must hold, by role.
+
+The one place for what differs between the families the plan checks for completeness. Each
+:class:`Architecture` says how a decoder layer is named (attention, dense MLP or MoE block, norms),
+which projections carry a bias, which layers SGLang builds as MoE and which config.json keys the
+family needs. Checked against SGLang 0.5.17 (``sglang/srt/models/<model_type>.py``):
+
+============ ===================================== =========================================== ==================
+model_type   attention                             MLP                                         biases
+============ ===================================== =========================================== ==================
+llama        self_attn.{q,k,v,o}_proj              mlp.{gate,up,down}_proj                     q/k/v/o if
+mistral                                                                                        attention_bias
+qwen2        self_attn.{q,k,v,o}_proj              mlp.{gate,up,down}_proj                     q/k/v (always)
+qwen3        + self_attn.{q,k}_norm                mlp.{gate,up,down}_proj                     q/k/v/o if
+                                                                                               attention_bias
+qwen2_moe    as qwen2                              every layer MoE: mlp.gate, mlp.experts.E.*, q/k/v (qkv_bias,
+                                                   mlp.shared_expert.*, mlp.shared_expert_gate default true)
+qwen3_moe    as qwen3                              every layer MoE: mlp.gate, mlp.experts.E.*  as qwen3
+mixtral      self_attn.{q,k,v,o}_proj              every layer MoE: block_sparse_moe.gate,     none
+                                                   block_sparse_moe.experts.E.{w1,w2,w3}
+============ ===================================== =========================================== ==================
+
+Every layer also has ``input_layernorm`` and ``post_attention_layernorm``; the model has
+``model.embed_tokens``, ``model.norm`` and ``lm_head`` (not when ``tie_word_embeddings``: SGLang
+then uses the embedding). Qwen2-MoE and Qwen3-MoE make *every* layer a MoE layer in SGLang
+0.5.17, whatever ``mlp_only_layers`` and ``decoder_sparse_step`` say.
+
+A new family (DeepSeek-V3, say) subclasses :class:`Architecture`: ``attention_modules`` for MLA
+(``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
+``kv_b_proj``, ``o_proj``), ``dense_mlp_layers`` for ``first_k_dense_replace`` /
+``moe_layer_freq``, ``shared_expert = "shared_experts"``, ``extra_layers`` for the MTP layers
+(``num_nextn_predict_layers``), and registers it in :data:`ARCHITECTURES`. ``naming.classify``
+must give each new name its role (a test checks every family).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Container, Iterable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
+
+from .errors import more
+from .naming import Role, layer_index
+
+if TYPE_CHECKING:
+    from .geometry import ModelGeometry
+
+
+class ExpectedModule(NamedTuple):
+    name: str
+    role: Role
+    # what a 16-bit checkpoint stores; a quantized source stores its format's tensors in place of "weight"
+    tensors: tuple[str, ...] = ("weight",)
+
+
+class Architecture:
+    """A decoder-only family whose checkpoint names follow HF's ``model.layers.N.<block>.<proj>``."""
+
+    model_types: tuple[str, ...] = ()
+    attention = "self_attn"
+    attention_projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    layer_norms = ("input_layernorm", "post_attention_layernorm")
+    mlp = "mlp"
+    mlp_projections = ("gate_proj", "up_proj", "down_proj")
+    moe_family = False  # SGLang builds MoE blocks (in every layer unless dense_mlp_layers says otherwise)
+    moe = "mlp"
+    router = "gate"
+    expert_projections = ("gate_proj", "up_proj", "down_proj")
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    moe_intermediate_key = "moe_intermediate_size"
+    # the expert count's names, first found wins (transformers 5 writes Qwen-MoE's as num_local_experts)
+    num_experts_keys = ("num_experts", "num_local_experts")
+    # config.json keys the family needs besides hidden_size, num_hidden_layers, num_attention_heads,
+    # vocab_size (and, for MoE families, one of num_experts_keys)
+    required_keys: tuple[str, ...] = ("intermediate_size",)
+
+    def attention_biases(self, cfg: dict) -> tuple[str, ...]:
+        """Attention projections SGLang builds with a bias (the checkpoint must hold it)."""
+        return ()
+
+    def attention_norms(self, cfg: dict) -> tuple[str, ...]:
+        return ()
+
+    def dense_mlp_layers(self, cfg: dict, layers: int) -> frozenset[int]:
+        """Layers SGLang builds with a dense MLP (the others get a MoE block)."""
+        return frozenset() if self.moe_family else frozenset(range(layers))
+
+    def has_shared_expert(self, cfg: dict) -> bool:
+        return self.shared_expert is not None and (cfg.get("shared_expert_intermediate_size") or 0) > 0
+
+    def extra_layers(self, cfg: dict) -> int:
+        """Decoder layers a checkpoint may hold beyond num_hidden_layers (MTP heads SGLang skips)."""
+        return 0
+
+    # ---- module names -----------------------------------------------------------------------------
+    def attention_modules(self, prefix: str, cfg: dict) -> Iterator[ExpectedModule]:
+        biased = set(self.attention_biases(cfg))
+        for proj in self.attention_projections:
+            yield ExpectedModule(
+                f"{prefix}.{proj}", Role.ATTENTION, ("weight", "bias") if proj in biased else ("weight",)
+            )
+        for norm in self.attention_norms(cfg):
+            yield ExpectedModule(f"{prefix}.{norm}", Role.NORM)
+
+    def moe_modules(self, prefix: str, cfg: dict, geometry: ModelGeometry) -> Iterator[ExpectedModule]:
+        yield ExpectedModule(f"{prefix}.{self.router}", Role.ROUTER)
+        for e in range(geometry.num_experts or 0):
+            for proj in self.expert_projections:
+                yield ExpectedModule(f"{prefix}.experts.{e}.{proj}", Role.ROUTED_EXPERT)
+        if self.has_shared_expert(cfg):
+            for proj in self.mlp_projections:
+                yield ExpectedModule(f"{prefix}.{self.shared_expert}.{proj}", Role.SHARED_EXPERT)
+            if self.shared_expert_gate:
+                yield ExpectedModule(f"{prefix}.{self.shared_expert_gate}", Role.ROUTER)
+
+    def modules(self, cfg: dict, geometry: ModelGeometry) -> Iterator[ExpectedModule]:
+        """Every module a checkpoint of ``cfg`` holds, in Hugging Face's order."""
+        input_norm, *other_norms = self.layer_norms
+        yield ExpectedModule("model.embed_tokens", Role.EMBEDDING)
+        for i in range(geometry.layers):
+            p = f"model.layers.{i}"
+            yield ExpectedModule(f"{p}.{input_norm}", Role.NORM)
+            yield from self.attention_modules(f"{p}.{self.attention}", cfg)
+            if geometry.is_moe_layer(i):
+                yield from self.moe_modules(f"{p}.{self.moe}", cfg, geometry)
+            else:
+                for proj in self.mlp_projections:
+                    yield ExpectedModule(f"{p}.{self.mlp}.{proj}", Role.DENSE_MLP)
+            for norm in other_norms:
+                yield ExpectedModule(f"{p}.{norm}", Role.NORM)
+        yield ExpectedModule("model.norm", Role.NORM)
+        if not geometry.tie_word_embeddings:
+            yield ExpectedModule("lm_head", Role.LM_HEAD)
+
+
+class Llama(Architecture):
+    model_types = ("llama", "mistral")
+
+    def attention_biases(self, cfg: dict) -> tuple[str, ...]:
+        # llama.py: bias = attention_bias or bias (llamafied Qwen2.5, InternLM)
+        return self.attention_projections if cfg.get("attention_bias") or cfg.get("bias") else ()
+
+
+class Qwen2(Architecture):
+    model_types = ("qwen2",)
+
+    def attention_biases(self, cfg: dict) -> tuple[str, ...]:
+        return ("q_proj", "k_proj", "v_proj")  # qwen2.py: QKVParallelLinear(bias=True), o_proj without
+
+
+class Qwen3(Architecture):
+    model_types = ("qwen3",)
+
+    def attention_biases(self, cfg: dict) -> tuple[str, ...]:
+        return self.attention_projections if cfg.get("attention_bias") else ()
+
+    def attention_norms(self, cfg: dict) -> tuple[str, ...]:
+        return ("q_norm", "k_norm")
+
+
+class Qwen2Moe(Qwen2):
+    model_types = ("qwen2_moe",)
+    moe_family = True
+    shared_expert = "shared_expert"
+    shared_expert_gate = "shared_expert_gate"
+    required_keys = ("moe_intermediate_size",)
+
+    def attention_biases(self, cfg: dict) -> tuple[str, ...]:
+        return ("q_proj", "k_proj", "v_proj") if cfg.get("qkv_bias", True) else ()
+
+
+class Qwen3Moe(Qwen3):
+    model_types = ("qwen3_moe",)
+    moe_family = True
+    required_keys = ("moe_intermediate_size",)
+
+
+class Mixtral(Architecture):
+    model_types = ("mixtral",)
+    moe_family = True
+    moe = "block_sparse_moe"
+    expert_projections = ("w1", "w2", "w3")
+    moe_intermediate_key = "intermediate_size"  # Mixtral's intermediate_size is each expert's
+    num_experts_keys = ("num_local_experts", "num_experts")
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    t: arch() for arch in (Llama, Qwen2, Qwen3, Qwen2Moe, Qwen3Moe, Mixtral) for t in arch.model_types
+}
+
+
+def architecture_for(model_type: str) -> Architecture | None:
+    return ARCHITECTURES.get(model_type)
+
+
+def expected_modules(cfg: dict, geometry: ModelGeometry) -> dict[str, ExpectedModule] | None:
+    """{name: ExpectedModule} a checkpoint of ``cfg`` must hold; None for a family not in the table."""
+    arch = architecture_for(geometry.model_type)
+    if arch is None:
+        return None
+    return {m.name: m for m in arch.modules(_text_config(cfg), geometry)}
+
+
+def _text_config(cfg: dict) -> dict:
+    return cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+
+
+def missing_16bit_tensors(expected: dict[str, ExpectedModule], tensor_names: Container[str]) -> list[str]:
+    """The tensors a 16-bit checkpoint holding ``tensor_names`` lacks (weights, required biases)."""
+    return [f"{m.name}.{t}" for m in expected.values() for t in m.tensors if f"{m.name}.{t}" not in tensor_names]
+
+
+def describe_missing_tensors(missing: list[str], expected: dict[str, ExpectedModule]) -> str:
+    """Like :func:`describe_missing`, for tensor names: modules missing whole, then single tensors."""
+    by_module: dict[str, list[str]] = defaultdict(list)
+    for name in missing:
+        by_module[name.rpartition(".")[0]].append(name)
+    whole = [m for m, names in by_module.items() if len(names) == len(expected[m].tensors)]
+    partial = [n for m, names in by_module.items() if m not in set(whole) for n in names]
+    return "; ".join(
+        filter(None, [describe_missing(whole, expected) if whole else "", more(partial) if partial else ""])
+    )
+
+
+def describe_missing(missing: Iterable[str], expected: dict[str, ExpectedModule]) -> str:
+    """``layers 24-31 (every module), model.layers.3.self_attn.q_proj and 2 more``: whole layers
+    collapsed into ranges, other names listed."""
+    per_layer: dict[int | None, int] = defaultdict(int)
+    for name in expected:
+        per_layer[layer_index(name)] += 1
+    absent: dict[int | None, list[str]] = defaultdict(list)
+    for name in missing:
+        absent[layer_index(name)].append(name)
+    whole = sorted(layer for layer, names in absent.items() if layer is not None and len(names) == per_layer[layer])
+    named = [n for layer, names in absent.items() if layer not in whole for n in names]
+    parts = [f"{layer_ranges(whole)} (every module)"] if whole else []
+    if named:
+        parts.append(more(named, len(named)))
+    return "; ".join(parts)
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """``layers 3, 24-31``"""
+    spans: list[list[int]] = []
+    for layer in layers:
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return ("layer " if len(layers) == 1 else "layers ") + text
