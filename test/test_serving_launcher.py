@@ -97,7 +97,7 @@ def test_enabled_launch_validates_prints_and_serves_the_plan_dir(tiny_qwen3_moe,
         "quant_method": "mixed_precision",
         "config_path": str(cfg.resolve()),
         "tp_size": 2,
-        "int4_moe_kernel": "wna16",
+        "int4_moe_kernel": "auto",
         "skeleton": "fp16",
     }
 
@@ -236,7 +236,7 @@ def test_plan_dir_settings_round_trip():
 
     settings = PlanSettings("/m/mix.yaml", 2, "fp16", "marlin")
     assert PlanSettings.from_quantization_config(settings.to_quantization_config()) == settings
-    assert PlanSettings.from_quantization_config({"config_path": "m.yaml"}).int4_moe_kernel == "wna16"
+    assert PlanSettings.from_quantization_config({"config_path": "m.yaml"}).int4_moe_kernel == "auto"
 
 
 def test_plugin_must_be_installed_and_allowed(monkeypatch):

@@ -69,8 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--int4-moe-kernel",
         choices=INT4_MOE_KERNELS,
         default=None,
-        help="int4 experts: wna16 (default: SGLang's Triton W4A16 method), marlin (GPTQ-Marlin MoE, scales in "
-        "the model dtype) or auto (marlin when the experts' per-rank shapes allow, else wna16); a plan "
+        help="int4 experts: auto (default: marlin when the experts' per-rank shapes allow, else wna16), marlin "
+        "(GPTQ-Marlin MoE, scales in the model dtype) or wna16 (SGLang's Triton W4A16 method); a plan "
         "directory given as --model-path keeps its own",
     )
     g.add_argument(
