@@ -331,7 +331,7 @@ def _request_restart_when_running(sup, config: Path):
     import threading
     import time as _time
 
-    from sglang_mixed_precision.serving.runtime import request_restart
+    from sglang_mixed_precision.serving.restart import request_restart
 
     def later():
         while sup.proc is None:

@@ -297,7 +297,7 @@ class Supervisor:
         self.proc: subprocess.Popen | None = None
 
     def run(self) -> int:
-        from .runtime import RESTART_FILE_ENV
+        from .restart import RESTART_FILE_ENV
 
         env = {**os.environ, RESTART_FILE_ENV: str(self.restart_file)}
         self.restart_file.unlink(missing_ok=True)
@@ -328,7 +328,7 @@ class Supervisor:
         return subprocess.Popen(self.command, env=env, start_new_session=True)
 
     def _maybe_restart(self, env: dict) -> None:
-        from .runtime import read_restart_request
+        from .restart import read_restart_request
 
         try:
             request = read_restart_request(self.restart_file)
