@@ -237,9 +237,14 @@ def test_other_rank_failing_to_apply_rolls_this_rank_back(mix):
 # ---- the SGLang hook and the reply encoding -------------------------------------------------------
 def test_hook_passes_ordinary_updates_to_sglang(tmp_path):
     seen = []
-    req = SimpleNamespace(model_path=str(tmp_path))
-    result = hooks.around_update_weights_from_disk(lambda w, r: seen.append(r) or (True, "sglang"), object(), req)
-    assert result == (True, "sglang") and seen == [req]
+    result = hooks.around_update_weights_from_disk(
+        lambda u, path, fmt, **kw: seen.append((path, fmt, kw)) or (True, "sglang"),
+        object(),
+        str(tmp_path),
+        "auto",
+        recapture_cuda_graph=False,
+    )
+    assert result == (True, "sglang") and seen == [(str(tmp_path), "auto", {"recapture_cuda_graph": False})]
 
 
 def test_hook_runs_the_executor_for_reload_requests(mix, tmp_path, monkeypatch):
@@ -249,10 +254,10 @@ def test_hook_runs_the_executor_for_reload_requests(mix, tmp_path, monkeypatch):
     model, config = FakeModel(active), SimpleNamespace(plan=active)
     monkeypatch.setattr(loader, "mixed_config_of", lambda m: config)
     (tmp_path / messages.RELOAD_MARKER).write_text(json.dumps(reload_plan.worker_request()))
-    worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
+    updater = SimpleNamespace(get_model=lambda: model)  # SGLang's WeightUpdater, as far as the hook reads it
     sglang_called = []
     ok, message = hooks.around_update_weights_from_disk(
-        lambda *a: sglang_called.append(a), worker, SimpleNamespace(model_path=str(tmp_path))
+        lambda *a: sglang_called.append(a), updater, str(tmp_path), "auto", recapture_cuda_graph=False
     )
     assert ok and not sglang_called
     assert "|" not in message
@@ -284,9 +289,7 @@ class InProcessBackend(service.Backend):
     async def send_reload(self, request_dir):
         self.sent += 1
         return hooks.around_update_weights_from_disk(
-            None,
-            SimpleNamespace(model_runner=SimpleNamespace(model=self.model)),
-            SimpleNamespace(model_path=request_dir),
+            None, SimpleNamespace(get_model=lambda: self.model), request_dir, "auto"
         )
 
     async def worker_info(self):
@@ -480,22 +483,72 @@ def test_active_mix_whose_yaml_is_gone_is_a_missing_file(tmp_path):
     assert "sglang-mp plandir" in e.value.fix
 
 
-def test_worker_hooks_register_once():
+def test_hooks_register_once():
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     saved = {k: list(v) for k, v in HookRegistry._hooks.items()}
     try:
-        hooks.register_worker_hooks()
-        hooks.register_worker_hooks()
-        assert [h for _, h, _ in HookRegistry._hooks[hooks.WORKER_TARGET]].count(
-            hooks.around_update_weights_from_disk
-        ) == 1
-        assert [h for _, h, _ in HookRegistry._hooks[hooks.INTERNAL_STATE_TARGET]].count(
-            hooks.after_get_internal_state
-        ) == 1
+        hooks.register_hooks()
+        hooks.register_hooks()
+        for hook in hooks.HOOKS:
+            assert [h for _, h, _ in HookRegistry._hooks[hook.target]].count(hook.function) == 1, hook.target
     finally:
         HookRegistry._hooks.clear()
         HookRegistry._hooks.update(saved)
+
+
+def scheduler_weight_updater(model):
+    """SGLang's own scheduler-side path for a disk update, with the model runner replaced by ``model``:
+    ``SchedulerWeightUpdaterManager.update_weights_from_disk`` -> (``TpModelWorker`` up to 0.5.20) ->
+    the runner's ``WeightUpdater.update_weights_from_disk`` (hooked). Every method on the way is
+    SGLang's, bound to stand-ins for the objects a real scheduler holds."""
+    import types
+
+    from sglang.srt.managers import tp_worker
+    from sglang.srt.managers.scheduler_components.weight_updater import SchedulerWeightUpdaterManager
+    from sglang.srt.model_executor.model_runner_components.weight_updater import WeightUpdater
+
+    updater = SimpleNamespace(get_model=lambda: model)
+    runner = SimpleNamespace(model=model)
+    runner.weight_updater = SimpleNamespace(
+        update_weights_from_disk=types.MethodType(WeightUpdater.update_weights_from_disk, updater)
+    )
+    worker = SimpleNamespace(model_runner=runner, weight_update_runners=lambda: [("target", runner)])
+    if hasattr(tp_worker.TpModelWorker, "update_weights_from_disk"):  # 0.5.20 and earlier
+        worker.update_weights_from_disk = types.MethodType(tp_worker.TpModelWorker.update_weights_from_disk, worker)
+    manager = SimpleNamespace(
+        tp_worker=worker,
+        draft_worker=None,
+        metrics_collector=None,
+        flush_cache=lambda **kw: True,
+        scheduler=SimpleNamespace(record_weight_version_change=lambda **kw: None),
+    )
+    for name, member in vars(SchedulerWeightUpdaterManager).items():
+        if callable(member) and name != "__init__":
+            setattr(manager, name, types.MethodType(member, manager))
+    return manager
+
+
+def test_a_reload_reaches_the_hook_through_sglangs_scheduler(mix, tmp_path, monkeypatch):
+    """The request SGLang's tokenizer sends is handled by SGLang's scheduler code, which ends in the hook."""
+    from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput
+
+    from serving_harness import init_sglang_cpu
+    from sglang_mixed_precision.serving import loader
+
+    init_sglang_cpu()  # plugin registered and SGLang's hooks applied
+    active, reload_plan = fp8_mlp_request(mix, mix.fp8_b)
+    model, config = FakeModel(active), SimpleNamespace(plan=active)
+    monkeypatch.setattr(loader, "mixed_config_of", lambda m: config)
+    messages.write_worker_request(tmp_path, reload_plan.worker_request())
+    before = model.state()
+    manager = scheduler_weight_updater(model)
+    out = manager.update_weights_from_disk(
+        UpdateWeightFromDiskReqInput(model_path=str(tmp_path), load_format="auto", flush_cache=False)
+    )
+    reply = messages.decode_worker_reply(out.success, out.message)
+    assert out.success and reply["layers"] == 4, out.message
+    assert changed(before, model.state()) == MLP_PARAMS
 
 
 SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"  # F32 [4, 8]: one per 128x128 block of [512, 1024]

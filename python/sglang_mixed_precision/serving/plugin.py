@@ -17,17 +17,25 @@ from __future__ import annotations
 import logging
 import multiprocessing
 
-from . import QUANT_METHOD
-from .hooks import register_loader_hook, register_worker_hooks
+from ..core.errors import MixedPrecisionError
+from . import QUANT_METHOD, compat
+from .hooks import register_hooks
 
 logger = logging.getLogger(__name__)
 
 
 def register() -> None:
     """Idempotent: safe to call in every process and more than once."""
+    try:
+        register_hooks()  # resolves every SGLang target first: a missing one is an error naming it
+    except MixedPrecisionError as e:
+        # SGLang only logs what register() raises: keep the method registered so that a plan directory
+        # still reaches MixedPrecisionConfig, whose from_config raises this error and stops the server.
+        logger.error("mixed_precision: %s", e)
+        compat.remember_incompatibility(e)
+        register_quantization_method()
+        raise
     register_quantization_method()
-    register_loader_hook()
-    register_worker_hooks()
     if multiprocessing.parent_process() is not None:
         return  # a spawned SGLang subprocess: no HTTP server here
     from .routes import install
