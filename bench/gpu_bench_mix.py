@@ -107,7 +107,7 @@ SERVER_FLAGS = [
     "pytorch",
     "--skip-tokenizer-init",  # requests carry token ids: no tokenizer work on either side
     "--disable-radix-cache",  # repeated prompts must prefill every time
-    "--cuda-graph-max-bs",
+    "--cuda-graph-max-bs-decode",  # every supported SGLang (the --cuda-graph-max-bs alias is gone since 0.5.20)
     str(max(BATCHES)),
     "--max-running-requests",
     str(max(BATCHES)),
