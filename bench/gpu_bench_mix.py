@@ -689,15 +689,29 @@ def _fmt(c: dict | None, ttft: bool = False) -> str:
     return f"**{c['ratio']:.3f}**{flag} ({fmt(med_a)} [{fmt(lo_a)}..{fmt(hi_a)}], n={n_a}/{n_b}{invalid})"
 
 
+def rebuilt_note(results: dict) -> list[str]:
+    note = results.get("rebuilt_from_logs")
+    if not note:
+        return []
+    return [
+        f"Rebuilt from the saved server logs by `--from-logs` ({note['at']}): load time, weight memory and "
+        f"decode tok/s from the servers' own lines (decode_log_interval {note.get('decode_log_interval', '?')}: "
+        "each round's decode tok/s is the median of that run's lines past its first); the client-side rates "
+        "of the run are the 'client' cross-checks, invalid samples marked. The original JSON: bench_mix.raw.json.",
+        "",
+    ]
+
+
 def markdown(results: dict) -> str:
     env = results.get("environment", {})
     lines = [
         f"# Mixed vs stock SGLang: {env.get('card', '?')}",
         "",
-        f"{env.get('versions', '')}; model: {results.get('model', '?')}; flags: `{' '.join(SERVER_FLAGS)}` "
+        f"{env.get('versions', '')}; model: {results.get('model', '?')}; flags: `{' '.join(results.get('flags', ['?']))}` "
         f"(CUDA graphs on); {len(results.get('starts', []))} server start(s) per configuration, "
         "rounds interleaved across servers, the others idle while one is measured.",
         "",
+        *rebuilt_note(results),
         "Ratios are medians of the valid samples of rounds (first vs second); in brackets the first's median "
         "and spread, then n = valid samples of each side and how many were invalid (never counted as numbers). "
         "'differs' only where the two spreads do not overlap. Decode tok/s: the server's own decode lines "
@@ -758,6 +772,13 @@ def cpu_check(work: Path, names: list[str], args) -> int:
             problem = sglang_argv_problem(cmd[3:])
             if problem:
                 problems.append(f"{name}: {problem}")
+    need = serve_estimate_s(len(names), args.rounds, args.stagger)
+    log(f"serve phase of {len(names)} server(s) x {args.rounds} round(s), --stagger {args.stagger}: ~{need:.0f} s "
+        f"of --deadline-s {args.deadline_s:.0f}")  # fmt: skip
+    if need > args.deadline_s:
+        problems.append(
+            f"the serve phase needs ~{need:.0f} s, over --deadline-s {args.deadline_s:.0f}: fewer --servers"
+        )
     for p in problems:
         log("PROBLEM " + p)
     print(f"cpu check: {len(names)} server commands, {len(problems)} problem(s)")
@@ -830,7 +851,18 @@ def from_logs(src: Path, out: Path) -> dict:
             entry.pop("ready_since_start_s", None)
             rounds_from_log(text, entry.get("rounds", []))
         mark_load_overlaps(st["servers"])
-    results["rebuilt_from_logs"] = {"logs": sorted(logs), "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    import re
+
+    intervals = {int(m) for text in logs.values() for m in re.findall(r"decode_log_interval=(\d+)", text)}
+    results["rebuilt_from_logs"] = {
+        "logs": sorted(logs),
+        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "decode_log_interval": sorted(intervals)[0] if len(intervals) == 1 else sorted(intervals),
+    }
+    # the run's flags were not recorded in its JSON: those of the script at the time (SGLang's default
+    # decode_log_interval, as its logs say)
+    at = SERVER_FLAGS.index("--decode-log-interval")
+    results.setdefault("flags", SERVER_FLAGS[:at] + SERVER_FLAGS[at + 2 :])
     out.mkdir(parents=True, exist_ok=True)
     write_results(out, results)
     return results
@@ -892,6 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["environment"] = environment(False)
     results["model"] = f"qwen3_moe, Qwen3-30B-A3B widths, {args.layers} layers, random weights"
+    results["flags"] = SERVER_FLAGS
     phases = [p.strip() for p in args.phase.split(",")]
     if "prepare" in phases:
         results.setdefault("prepare", {}).update(prepare(work, args.layers, False, "cuda", args.convert_device))
