@@ -19,21 +19,31 @@ All servers share the flags in SERVER_FLAGS (CUDA graphs on, SGLang's default) a
 the GPU; each is measured while the others sit idle (nothing else is sent to them). Per --phase:
 
   prepare  generate and convert the model (kept in --workdir; skipped when there), time the conversion
-  serve    start the servers (one start; run the phase again for another start), then:
+  serve    start the servers --stagger seconds apart (--starts starts in this command), then:
            greedy tokens (8 prompts x 64), a profile of decode steps (torch.profiler through SGLang's
-           /start_profile, CUDA graphs on) of every server, and --rounds interleaved rounds
-           (A B C ... A B C ...) of: decode tok/s at batch 1, 8, 64; TTFT of a 2,048-token prompt
-  report   JSON + markdown from everything measured so far (also written after every phase)
+           /start_profile, CUDA graphs on) of every server not yet profiled, and --rounds interleaved
+           rounds (A B C ... A B C ...) of: decode tok/s at batch 1, 8, 64 (SGLang's own decode lines,
+           --decode-log-interval 10, while an N- and a 2N-token request run; the wall-clock rate
+           B*N / (t(2N) - t(N)) as a cross-check, refused below 5 ms); TTFT of a 2,048-token prompt.
+           Skipped when --deadline-s leaves too little time (after a slow prepare, say).
+  report   JSON + markdown from everything measured so far (also written after every step)
 
-Results accumulate in --out/bench_mix.json across commands (each server start is a sample); ratios
-are medians of rounds, with the spread (min..max) of each side; a ratio is called a difference only
-when the spreads do not overlap.
+Results accumulate in --out/bench_mix.json across commands (copy the last one into --out first; each
+server start is a sample); ratios are medians of the valid rounds, with the spread (min..max) and n of
+each side; a ratio is called a difference only when the spreads do not overlap. --out receives only
+bench_mix.json, bench_mix.md, kernel_tables.json and server_logs.tgz (logs and traces stay in --workdir).
+--deadline-s (from the script's start) stops the servers and writes everything before a command limit.
+
+--from-logs DIR rebuilds a saved run (bench_mix.json + server_logs.tgz) into --out: load time, weight
+memory and decode tok/s from the server logs; starts nothing.
 
 --cpu-check runs everything up to launching SGLang on CPU with a tiny model: generation, conversion,
-mix YAMLs, plans (the launcher's validation), every server command checked by SGLang's own parser.
+mix YAMLs, plans (the launcher's validation), every server command checked by SGLang's own parser, and
+the time the serve phase needs against --deadline-s.
 
-Usage (GPU machine, repository root): source bench/gpu_setup.sh &&
-    python bench/gpu_bench_mix.py --workdir /root/bm --out $OUT/bench --phase prepare,serve,report
+Usage (GPU machine, repository root; one command of at most 10 minutes, see bench/README.md):
+    source bench/gpu_setup.sh && python bench/gpu_bench_mix.py --workdir /root/bm --out $OUT/bench \
+        --phase serve,report --servers stock-bf16,mixed-bf16,stock-fp8,mixed-fp8 --starts 2
 """
 
 from __future__ import annotations
@@ -420,7 +430,7 @@ def start_servers(names: list[str], work: Path, out: Path, start_no: int, args, 
     for i, name in enumerate(names):
         port = 31000 + 10 * i
         cmd = server_command(name, work, port, args.mem_fraction, args.max_total_tokens)
-        log_path = out / "logs" / f"{name}.start{start_no}.log"
+        log_path = work / "logs" / f"{name}.start{start_no}.log"  # archived into --out: see archive_logs
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log(f"start {start_no}: {name}: {' '.join(cmd[1:])}")
         proc = client.start_server(cmd, log_path)
@@ -497,13 +507,24 @@ def stop_all(running: list, grace: float = 30.0) -> None:
         client.stop_server(r.proc, grace=max(until - time.time(), 1.0))
 
 
-def archive_logs(out: Path) -> None:
-    """The server logs as one file (the logs/ folder holds one per server and start)."""
+def archive_logs(out: Path, paths: list[Path]) -> None:
+    """The server logs as one file, --out/server_logs.tgz (a GPU command brings back few files, none
+    deeper than two folders): the logs of earlier commands already in it are kept, ``paths`` added."""
+    import io
     import tarfile
 
-    with tarfile.open(out / "server_logs.tgz", "w:gz") as tar:
-        for path in sorted((out / "logs").glob("*.log")):
-            tar.add(path, arcname=f"logs/{path.name}")
+    archive = out / "server_logs.tgz"
+    kept = {}
+    if archive.exists():
+        with tarfile.open(archive) as tar:
+            kept = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    for path in paths:
+        kept[f"logs/{path.name}"] = path.read_bytes()
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in sorted(kept.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), int(time.time())
+            tar.addfile(info, io.BytesIO(data))
 
 
 def time_left(deadline: float) -> float:
@@ -544,8 +565,10 @@ def serve_phase(names, work: Path, out: Path, results: dict, args, vocab: int, d
                 log(f"{r.name}: {entry['error'][:300]}")
         write_results(out, results)
         live = [r for r in live if "error" not in sample["servers"][r.name]]
-        if start_no == 1 or args.profile_every_start:
-            for r in live:
+        profiled = {n for st in results["starts"] for n, e in st["servers"].items() if e.get("profile")}
+        to_profile = [r for r in live if args.profile_every_start or r.name not in profiled]
+        if to_profile:  # each server once (its first start that gets there), unless --profile-every-start
+            for r in to_profile:
                 if time_left(deadline) < STOP_RESERVE_S + 60:
                     log(f"deadline: no profile of {r.name}")
                     break
@@ -582,7 +605,7 @@ def serve_phase(names, work: Path, out: Path, results: dict, args, vocab: int, d
             sample["servers"].setdefault(r.name, dict(r.info)).update(log_facts(r.log_path))
         mark_load_overlaps(sample["servers"])
         write_results(out, results)
-        archive_logs(out)
+        archive_logs(out, [r.log_path for r in running])
 
 
 # ---- results ----------------------------------------------------------------------------------------------
@@ -772,12 +795,12 @@ def cpu_check(work: Path, names: list[str], args) -> int:
             problem = sglang_argv_problem(cmd[3:])
             if problem:
                 problems.append(f"{name}: {problem}")
-    need = serve_estimate_s(len(names), args.rounds, args.stagger)
-    log(f"serve phase of {len(names)} server(s) x {args.rounds} round(s), --stagger {args.stagger}: ~{need:.0f} s "
+    need = sum(serve_plan_s(len(names), args.rounds, args.stagger, args.starts, args.profile_every_start))
+    log(f"{args.starts} serve phase(s) of {len(names)} server(s) x {args.rounds} round(s), --stagger {args.stagger}: ~{need:.0f} s "
         f"of --deadline-s {args.deadline_s:.0f}")  # fmt: skip
     if need > args.deadline_s:
         problems.append(
-            f"the serve phase needs ~{need:.0f} s, over --deadline-s {args.deadline_s:.0f}: fewer --servers"
+            f"the serve phase(s) need ~{need:.0f} s, over --deadline-s {args.deadline_s:.0f}: fewer --servers"
         )
     for p in problems:
         log("PROBLEM " + p)
@@ -868,11 +891,18 @@ def from_logs(src: Path, out: Path) -> dict:
     return results
 
 
-def serve_estimate_s(n: int, rounds: int, stagger: str) -> float:
-    """Seconds a serve phase of ``n`` servers needs (H200, run 1: ~60 s from a server's start to ready,
-    a profile ~10 s, a round ~4 s per server), STOP_RESERVE_S included."""
+def serve_estimate_s(n: int, rounds: int, stagger: str, profile: bool = True) -> float:
+    """Seconds one start of ``n`` servers needs, STOP_RESERVE_S included. From run 1 on an H200: 45-75 s
+    from a server's process start to ready (launcher, imports, CUDA graphs), warm-up and greedy tokens
+    ~5 s, a profile ~10 s, and a round (an N- and a 2N-token request at 3 batch sizes, 3 TTFTs) ~5 s
+    per server."""
     gap = 60 if stagger == "load-end" else float(stagger)
-    return gap * (n - 1) + 90 + n * (10 + 10) + rounds * n * 4 + STOP_RESERVE_S
+    return gap * (n - 1) + 75 + n * (5 + (10 if profile else 0)) + rounds * n * 5 + STOP_RESERVE_S
+
+
+def serve_plan_s(n: int, rounds: int, stagger: str, starts: int, profile_every_start: bool) -> list[float]:
+    """The estimate of each of ``starts`` starts (only the first profiles, unless every start does)."""
+    return [serve_estimate_s(n, rounds, stagger, k == 0 or profile_every_start) for k in range(starts)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -884,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default=",".join(SERVERS), help="a subset per command: e.g. 4 servers x 2 starts")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--starts", type=int, default=1, help="server starts in this command (each a sample)")
     ap.add_argument("--mem-fraction", type=float, default=0.92)
     ap.add_argument("--max-total-tokens", type=int, default=160000)
     ap.add_argument("--stagger", default="8", help="seconds between server starts, or load-end (see start_servers)")
@@ -937,10 +968,18 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("skipped", []).append({"phase": "serve", "left_s": round(time_left(deadline))})
         else:
             vocab = json.loads((work / "model" / "config.json").read_text())["vocab_size"]
-            try:
-                serve_phase(names, work, out, results, args, vocab, deadline)
-            except Exception:
-                log("serve phase failed:\n" + traceback.format_exc())
+            for k in range(args.starts):  # each a new start of every server, while the deadline allows
+                need = serve_estimate_s(len(names), args.rounds, args.stagger, k == 0 or args.profile_every_start)
+                if k and time_left(deadline) < need:
+                    log(
+                        f"deadline: {k} of {args.starts} starts done ({time_left(deadline):.0f} s left, {need:.0f} needed)"
+                    )
+                    results.setdefault("skipped", []).append({"phase": "serve", "starts_left": args.starts - k})
+                    break
+                try:
+                    serve_phase(names, work, out, results, args, vocab, deadline)
+                except Exception:
+                    log("serve phase failed:\n" + traceback.format_exc())
     write_results(out, results)
     print((out / "bench_mix.md").read_text())
     return 0

@@ -215,3 +215,27 @@ def test_profile_posts_plain_text_and_finds_a_nested_trace(bench, tmp_path):
     finally:
         server.shutdown()
     assert table["steps"] == 8 and table["gpu_us_per_step"] == pytest.approx(30.0)
+
+
+def test_log_archive_keeps_the_logs_of_earlier_commands(bench, tmp_path):
+    import tarfile
+
+    logs = tmp_path / "work" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "a.start1.log").write_text("first")
+    bench.archive_logs(tmp_path, [logs / "a.start1.log"])
+    (logs / "b.start2.log").write_text("second")
+    bench.archive_logs(tmp_path, [logs / "b.start2.log"])
+    with tarfile.open(tmp_path / "server_logs.tgz") as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == {
+            "logs/a.start1.log": b"first",
+            "logs/b.start2.log": b"second",
+        }
+    assert set(bench.saved_logs(tmp_path)) == {"a.start1.log", "b.start2.log"}
+
+
+def test_serve_estimate_fits_the_documented_commands(bench):
+    # bench/README.md: 4 servers x 2 starts, or 8 servers x 1 start, in one command of --deadline-s 540
+    assert sum(bench.serve_plan_s(4, 3, "8", 2, False)) <= 540
+    assert sum(bench.serve_plan_s(8, 3, "8", 1, False)) <= 540
+    assert sum(bench.serve_plan_s(8, 3, "load-end", 1, False)) > 540  # the run-1 way does not fit
