@@ -239,3 +239,115 @@ def test_serve_estimate_fits_the_documented_commands(bench):
     assert sum(bench.serve_plan_s(4, 3, "8", 2, False)) <= 540
     assert sum(bench.serve_plan_s(8, 3, "8", 1, False)) <= 540
     assert sum(bench.serve_plan_s(8, 3, "load-end", 1, False)) > 540  # the run-1 way does not fit
+
+
+FAKE_SERVER = r"""
+import gzip, http.server, json, sys, time
+from pathlib import Path
+
+port, tok_s = int(sys.argv[1]), float(sys.argv[2])
+def log(msg):
+    print(time.strftime("[%Y-%m-%d %H:%M:%S] ") + msg, flush=True)
+log("server_args=ServerArgs(decode_log_interval=10)")
+log("Load weight begin. avail mem=139.00 GB")
+log("Load weight end. elapsed=1.50 s, type=Qwen3MoeForCausalLM, avail mem=120.00 GB, mem usage=15.07 GB.")
+state = {}
+
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def reply(self, body, kind="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def do_GET(self):
+        if self.path == "/mixed_precision/info":
+            return self.reply({"load": {"bytes_read": {"fp16": 1000}}, "modules": {"a": {"method": "UnquantizedLinearMethod"}}})
+        self.reply({})
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/start_profile":
+            state["dir"] = Path(body["output_dir"])
+            return self.reply(b"Start profiling.\n", "text/plain")
+        b, n = len(body["input_ids"]), body["sampling_params"]["max_new_tokens"]
+        log(f"Prefill batch, #new-seq: {b}, #new-token: {b * len(body['input_ids'][0])}, #cached-token: 0")
+        for step in range(10, n, 10):
+            log(f"Decode batch, #running-req: {b}, #token: {b * step}, cuda graph: True, gen throughput (token/s): {tok_s * b if step > 10 else 1.0:.2f}, #queue-req: 0")
+        if "dir" in state:
+            nested = state.pop("dir") / "1.0"
+            nested.mkdir(parents=True, exist_ok=True)
+            ev = [{"ph": "X", "cat": "kernel", "name": "k", "dur": 5.0, "args": {"correlation": 1, "grid": [1, 1, 1], "block": [1, 1, 1]}}]
+            with gzip.open(nested / "1.0-TP-0-DECODE.trace.json.gz", "wt") as f:
+                json.dump({"traceEvents": ev}, f)
+        time.sleep(0.001 * n)
+        self.reply([{"output_ids": list(range(n))}] * b)
+
+log("The server is fired up and ready to roll!")
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def _fake_fleet(bench, tmp_path, monkeypatch, tok_s: dict):
+    """serve_phase against stand-ins for SGLang servers (same log lines, same endpoints), so that the
+    start, profile, rounds, deadline, stop and archive steps run on CPU."""
+    import argparse
+
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    names = list(tok_s)
+    monkeypatch.setattr(
+        bench, "server_command", lambda name, work, port, *a: [sys.executable, str(script), str(port), str(tok_s[name])]
+    )
+    monkeypatch.setattr(bench, "plan_numbers", lambda work, name: {"plan_total_bytes": 1000, "plan_rank_bytes": 1000})
+    args = argparse.Namespace(cold=False, stagger="0.5", mem_fraction=0.92, max_total_tokens=1000, rounds=2,
+                              profile_every_start=False)  # fmt: skip
+    return names, args
+
+
+def test_serve_phase_against_stand_in_servers(bench, tmp_path, monkeypatch):
+    import time
+
+    names, args = _fake_fleet(bench, tmp_path, monkeypatch, {"stock-bf16": 100.0, "mixed-bf16": 110.0})
+    out, results = tmp_path / "out", {}
+    out.mkdir()
+    bench.serve_phase(names, tmp_path / "work", out, results, args, 1000, time.time() + 300)
+    servers = results["starts"][0]["servers"]
+    for name, per_seq in (("stock-bf16", 100.0), ("mixed-bf16", 110.0)):
+        e = servers[name]
+        assert e["weight_load_s"] == 1.5 and e["weight_mem_gib"] == 15.07 and e["load_window"]
+        assert len(e["rounds"]) == 2 and e["profile"]["gpu_us_per_step"] == pytest.approx(5.0)
+        for m in e["rounds"]:
+            for b in bench.BATCHES:  # the first line of each request's run (1.0) never counts
+                assert m[f"decode_tok_s_b{b}"] == pytest.approx(per_seq * b) and m[f"decode_lines_b{b}"] > 0
+                assert m[f"decode_wall_tok_s_b{b}"] is None or m[f"decode_wall_tok_s_b{b}"] > 0
+    assert servers["mixed-bf16"]["bytes_read"] == {"fp16": 1000}
+    assert set(json.loads((out / "kernel_tables.json").read_text())) == {"stock-bf16.start1", "mixed-bf16.start1"}
+    assert set(bench.saved_logs(out)) == {"stock-bf16.start1.log", "mixed-bf16.start1.log"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench_mix.json",
+        "bench_mix.md",
+        "kernel_tables.json",
+        "server_logs.tgz",
+    ]
+    summary = results["summary"]["mixed-bf16 vs stock-bf16"]["decode_tok_s_b64"]
+    assert summary["ratio"] == pytest.approx(1.1)
+
+
+def test_serve_phase_stops_before_the_deadline(bench, tmp_path, monkeypatch):
+    import time
+
+    names, args = _fake_fleet(bench, tmp_path, monkeypatch, {"stock-bf16": 100.0, "mixed-bf16": 110.0})
+    monkeypatch.setattr(bench, "STOP_RESERVE_S", 5)
+    out, results = tmp_path / "out", {}
+    out.mkdir()
+    began = time.time()
+    bench.serve_phase(names, tmp_path / "work", out, results, args, 1000, began + 8)
+    assert time.time() - began < 8 + 2
+    start = results["starts"][0]
+    assert start["rounds_cut_by_deadline"] >= 1
+    assert all("profile" not in e for e in start["servers"].values())  # no time for profiles either
+    assert all(e["weight_load_s"] == 1.5 for e in start["servers"].values())  # parsed before the stop
+    assert json.loads((out / "bench_mix.json").read_text())["starts"][0]["servers"]["stock-bf16"]["weight_mem_gib"]
