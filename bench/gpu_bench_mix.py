@@ -52,6 +52,7 @@ import argparse
 import gzip
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -422,11 +423,11 @@ def wait_for_line(log_path: Path, proc, needle: str, until: float) -> bool:
     return False
 
 
-def start_servers(names: list[str], work: Path, out: Path, start_no: int, args, deadline: float):
-    """Start the servers ``args.stagger`` apart and wait until all answer (or the deadline nears)."""
+def start_servers(names: list[str], work: Path, start_no: int, args, deadline: float, running: list) -> None:
+    """Start the servers ``args.stagger`` apart, each appended to ``running`` as it starts (so that the
+    caller stops whatever started, whatever fails), and wait until all answer (or the deadline nears)."""
     from sglang_mixed_precision.serving import client
 
-    running = []
     for i, name in enumerate(names):
         port = 31000 + 10 * i
         cmd = server_command(name, work, port, args.mem_fraction, args.max_total_tokens)
@@ -448,7 +449,6 @@ def start_servers(names: list[str], work: Path, out: Path, start_no: int, args, 
         except Exception as e:
             r.info["error"] = f"{type(e).__name__}: {e}"[-1500:]
             log(f"{r.name}: FAILED to start: {r.info['error'][:400]}")
-    return running
 
 
 def startup_s(text: str) -> float | None:
@@ -494,7 +494,6 @@ def mark_load_overlaps(servers: dict) -> None:
 def stop_all(running: list, grace: float = 30.0) -> None:
     """SIGTERM every server at once, then wait for all within one ``grace`` (SIGKILL after)."""
     import contextlib
-    import signal
 
     from sglang_mixed_precision.serving import client
 
@@ -540,9 +539,10 @@ def serve_phase(names, work: Path, out: Path, results: dict, args, vocab: int, d
     page_cache = drop_page_cache(work) if args.cold else "warm (files read or written before this start)"
     sample = {"start": start_no, "page_cache": page_cache, "stagger": args.stagger, "servers": {}}
     results.setdefault("starts", []).append(sample)
-    running = start_servers(names, work, out, start_no, args, deadline)
-    live = [r for r in running if "error" not in r.info]
+    running: list[Running] = []
     try:
+        start_servers(names, work, start_no, args, deadline, running)
+        live = [r for r in running if "error" not in r.info]
         for r in running:
             entry = sample["servers"][r.name] = dict(r.info)
             entry.update(log_facts(r.log_path))
@@ -951,6 +951,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown server(s) {unknown}; known: {', '.join(SERVERS)}")
     if args.cpu_check:
         return cpu_check(work, names, args)
+    # a SIGTERM (a command limit) unwinds like an error: the servers are stopped and the results written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results_path = out / "bench_mix.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["environment"] = environment(False)
