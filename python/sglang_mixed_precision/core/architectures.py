@@ -109,6 +109,10 @@ class Architecture:
         """Why this family's SGLang model cannot serve layer ``group`` in ``precision`` (None: it can)."""
         return None
 
+    def server_flags(self) -> tuple[tuple[str, str], ...]:
+        """(SGLang server flag, why) the launcher adds when serving a mix of this family."""
+        return ()
+
     def plan_refusals(self, groups: dict) -> list[tuple[list[str], str, str]]:
         """(layers, why, fix) for mixes the model cannot serve because of a setting it reads once for
         all its layers; ``groups``: the plan's {prefix: GroupAssignment}."""
@@ -355,6 +359,16 @@ class DeepseekV3(Architecture):
                 "has qweight, no weight"
             )
         return None
+
+    def server_flags(self) -> tuple[tuple[str, str], ...]:
+        return (
+            (
+                "--disable-shared-experts-fusion",
+                "SGLang would load the shared expert as routed expert n_routed_experts of the FusedMoE (DeepSeek-V3's "
+                "256 experts on CUDA), one layer of one scheme, while the plan gives mlp.shared_experts a layer and "
+                "a source of its own",
+            ),
+        )
 
     def plan_refusals(self, groups: dict) -> list[tuple[list[str], str, str]]:
         # post_load_weights dequantizes every FP8 kv_b_proj with one weight_block_size, the one of the
