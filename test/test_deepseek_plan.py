@@ -218,3 +218,22 @@ def test_launcher_turns_shared_expert_fusion_off(capsys):
     assert family_flags("deepseek_v3") == ["--disable-shared-experts-fusion"]
     assert "shared expert" in capsys.readouterr().out
     assert family_flags("qwen3") == []
+
+
+def test_analyzer_exports_the_deepseek_mix_that_plans(tmp_path, capsys):
+    from sglang_mixed_precision.cli import main
+
+    paths = sources(tmp_path, fp8=FP8, int4=INT4)
+    out = tmp_path / "mix.yaml"
+    argv = ["analyze", "--model_path", str(paths["fp16"]), "--export_config", str(out)]
+    argv += ["--attention_precision", "fp8", "--mlp_precision", "fp8", "--shared_expert_precision", "fp8"]
+    argv += ["--expert_precision", "int4", "--fp8_path", str(paths["fp8"]), "--int4_path", str(paths["int4"])]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "shared_expert" in table and "routed_expert" in table and "router" in table
+    plan = build_plan(parse_config(out.read_text(), str(out)))
+    assert plan.groups[A + "fused_qkv_a_proj_with_mqa"].label == "fp8"
+    assert plan.groups["model.layers.1.mlp.shared_experts.gate_up_proj"].label == "fp8"
+    assert plan.groups["model.layers.1.mlp.experts"].label == "int4"
+    assert plan.groups["model.layers.0.mlp.down_proj"].label == "fp8"
+    assert plan.modules["model.layers.1.mlp.gate"].label == "fp16"
