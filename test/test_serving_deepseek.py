@@ -9,10 +9,12 @@ import torch
 
 from serving_harness import (
     converted,
+    free_port,
     init_sglang_cpu,
     load_on_cpu,
     methods_by_prefix,
     read_source_tensor,
+    tp_worker,
     write_mix,
 )
 from sglang_mixed_precision.core.errors import MixedPrecisionError
@@ -36,21 +38,31 @@ def tiny_deepseek(tmp_path_factory):
     return make_tiny_model("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3") / "bf16")
 
 
-@pytest.fixture(scope="module")
-def deepseek_cpu():
+def use_generic_rope_on_cpu():
     """SGLang's CPU rotary embedding only takes DeepSeek's yarn scaling; the tiny model has none, so
-    the generic rotary embedding (the one CUDA runs) is built on CPU too."""
+    the generic rotary embedding (the one CUDA runs) is built on CPU too. Returns the undo."""
     import sglang.srt.layers.rotary_embedding.factory as factory
 
-    init_sglang_cpu()
     original = factory.get_rope_cpu
 
     def generic_rope(*args, device=None, **kwargs):
         return factory.get_rope(*args[:8], **kwargs)
 
     factory.get_rope_cpu = generic_rope
+    return lambda: setattr(factory, "get_rope_cpu", original)
+
+
+@pytest.fixture(scope="module")
+def deepseek_cpu():
+    init_sglang_cpu()
+    undo = use_generic_rope_on_cpu()
     yield
-    factory.get_rope_cpu = original
+    undo()
+
+
+def deepseek_tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
+    use_generic_rope_on_cpu()
+    tp_worker(rank, world, port, plan_dir, queue)
 
 
 def plan_dir(model_dir, mix: str, tmp_path):
@@ -172,3 +184,45 @@ def test_the_audit_catches_a_tensor_deepseek_skips(tiny_deepseek, deepseek_cpu, 
     assert "model.layers.1.mlp.gate.e_score_correction_bias of source 'fp16' was read but the model consumed it" in msg
     assert "parameter model.layers.1.mlp.gate.e_score_correction_bias (8,) torch.float32 was never loaded" in msg
     assert msg.count("problem(s)") == 1 and "2 problem(s)" in msg
+
+
+def test_two_ranks_load_their_shards_of_the_mla_mix(tiny_deepseek, tmp_path):
+    """TP 2 on gloo: the fused q_a/kv_a layer is replicated, q_b_proj / kv_b_proj split their rows,
+    o_proj its columns, the shared experts their intermediate; every rank's audit passes."""
+    import torch.multiprocessing as mp
+
+    config = write_mix(converted(str(tiny_deepseek)), "tp2", "fp16", MIXES["fp8_attn_fp8_shared_int4_experts"])
+    plan, path = make_plan_dir(config, tmp_path / "plan", tp_size=2)
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=deepseek_tp_worker, args=(r, 2, port, str(path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted((queue.get(timeout=400) for _ in procs), key=lambda r: r[0])
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    for rank, ok, summary, _ in results:
+        assert ok, f"rank {rank}: {summary}"
+        assert "10 Fp8LinearMethod, 1 MoeWNA16Method" in summary  # 2 x 4 attention layers, 2 shared-expert ones
+
+    src = lambda name: read_source_tensor(plan, name)  # noqa: E731
+    m = "model.layers.1.mlp.shared_experts."
+    for rank, _, _, shards_file in results:
+        shards = torch.load(shards_file)
+        rows = lambda n, r=rank: slice(r * n // 2, (r + 1) * n // 2)  # noqa: E731
+        fused = torch.cat([src(A1 + "q_a_proj.weight"), src(A1 + "kv_a_proj_with_mqa.weight")])
+        assert torch.equal(fp8_bits(shards[A1 + "fused_qkv_a_proj_with_mqa.weight"]), fp8_bits(fused))
+        assert torch.equal(fp8_bits(shards[A1 + "q_b_proj.weight"]), fp8_bits(src(A1 + "q_b_proj.weight"))[rows(768)])
+        assert torch.equal(shards[A1 + "q_b_proj.weight_scale_inv"], src(A1 + "q_b_proj.weight_scale_inv")[rows(6)])
+        assert torch.equal(
+            fp8_bits(shards[A1 + "kv_b_proj.weight"]), fp8_bits(src(A1 + "kv_b_proj.weight"))[rows(1024)]
+        )
+        assert torch.equal(fp8_bits(shards[A1 + "o_proj.weight"]), fp8_bits(src(A1 + "o_proj.weight"))[:, rows(512)])
+        gate_up = torch.cat([src(m + "gate_proj.weight")[rows(256)], src(m + "up_proj.weight")[rows(256)]])
+        assert torch.equal(fp8_bits(shards[m + "gate_up_proj.weight"]), fp8_bits(gate_up))
+        bias = shards["model.layers.1.mlp.gate.e_score_correction_bias"]
+        assert torch.equal(bias, src("model.layers.1.mlp.gate.e_score_correction_bias"))
