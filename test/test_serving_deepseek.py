@@ -226,3 +226,18 @@ def test_two_ranks_load_their_shards_of_the_mla_mix(tiny_deepseek, tmp_path):
         assert torch.equal(fp8_bits(shards[m + "gate_up_proj.weight"]), fp8_bits(gate_up))
         bias = shards["model.layers.1.mlp.gate.e_score_correction_bias"]
         assert torch.equal(bias, src("model.layers.1.mlp.gate.e_score_correction_bias"))
+
+
+def test_shared_experts_fused_into_the_routed_layer_are_refused(tiny_deepseek, deepseek_cpu, tmp_path, monkeypatch):
+    """On CUDA, SGLang fuses DeepSeek-V3's shared expert into the FusedMoE (256 experts) unless told not
+    to: the loader refuses before reading a weight, naming the flag."""
+    from sglang.srt.models.deepseek_v2 import DeepseekV2ForCausalLM
+
+    def fused(self, *args, **kwargs):
+        self.num_fused_shared_experts = 1
+
+    monkeypatch.setattr(DeepseekV2ForCausalLM, "determine_num_fused_shared_experts", fused)
+    _, path = plan_dir(tiny_deepseek, "bf16_attn_fp8_experts", tmp_path)
+    with pytest.raises(MixedPrecisionError) as e:
+        load_on_cpu(path, postprocess=False)
+    assert e.value.code == "shared_experts_fused" and "--disable-shared-experts-fusion" in str(e.value)

@@ -347,9 +347,9 @@ class DeepseekV3(Architecture):
 
     def serving_refusal(self, group: str, role: Role, precision: str) -> str | None:
         """Why SGLang 0.5.17's DeepseekV3ForCausalLM cannot load or run a layer of this precision
-        (``precision``: the format's word, "fp8" / "int4"), None if it can."""
+        (``precision``: the format's word, "fp8" / "int4" / "int8"), None if it can."""
         leaf = group.rsplit(".", 1)[-1]
-        if precision != "int4":
+        if precision not in ("int4", "int8"):  # GPTQ: packed qweight, no weight
             return None
         if role is Role.ATTENTION:
             return _DEEPSEEK_INT4_ATTENTION.get(leaf, _DEEPSEEK_INT4_ATTENTION["o_proj"])

@@ -126,6 +126,11 @@ class ErrorCode(str, Enum):
     LOAD_FORMAT_UNSUPPORTED = ("load_format_unsupported", 400, "a --load-format the mixed loader cannot serve")
     LOADER_WITHOUT_PLAN = ("loader_without_plan", 500, "the mixed loader got a model built without the mixed config")
     LOADER_STREAM = ("loader_stream", 500, "the mixed loader was handed another weight stream")
+    SHARED_EXPERTS_FUSED = (
+        "shared_experts_fused",
+        500,
+        "SGLang fused the shared experts into the routed experts' layer, which a mix gives a source of its own",
+    )
     LOAD_AUDIT_FAILED = ("load_audit_failed", 500, "after loading, the model is not exactly the plan")
     # ---- runtime: info and reload
     NOT_MIXED_PRECISION = ("not_mixed_precision", 404, "the server does not serve a mixed-precision plan")
