@@ -102,9 +102,10 @@ def deepseek_fleet(request, deepseek_work, recorder, ports, progress):
         env=h.SERVER_ENV,
         log=progress,
     )
+    others = recorder.servers  # a callable: the session fleet's summary, when it runs
+    recorder.servers = lambda: [*others(), *fleet.summary()]
     with fleet:
         yield fleet
-        recorder.servers = [*(recorder.servers or []), *fleet.summary()]
 
 
 @pytest.fixture(scope="module")
