@@ -738,9 +738,9 @@ def scored_sequence(g: Generation):
     position that predicts it (reference.logprob_deviation's input)."""
     from sglang_mixed_precision.reference import scored_continuation
 
-    ids, scored = scored_continuation(g.prompt_ids, g.output_ids, g.output_logprobs)
+    ids, scored, prompt_len = scored_continuation(g.prompt_ids, g.output_ids, g.output_logprobs)
     prompt = [(i - 1, t, lp) for i, (lp, t) in enumerate(g.input_logprobs) if lp is not None and i > 0]
-    return ids, prompt + scored
+    return ids, prompt + scored, prompt_len
 
 
 def plan_rank_bytes(config: Path) -> int:

@@ -276,7 +276,20 @@ def prepare_mixed(args: argparse.Namespace, out=sys.stdout) -> Path:
         file=out,
         flush=True,
     )
+    args.family_flags = family_flags(plan.geometry.model_type, out)
     return path
+
+
+def family_flags(model_type: str, out=sys.stdout) -> list[str]:
+    """SGLang flags the served family needs with a mix (architectures.py says which and why)."""
+    from ..core.architectures import architecture_for
+
+    arch = architecture_for(model_type)
+    flags = []
+    for flag, why in arch.server_flags() if arch else ():
+        print(f"adding {flag}: {why}", file=out, flush=True)
+        flags.append(flag)
+    return flags
 
 
 def sglang_command(argv: list[str], out=sys.stdout) -> list[str]:
@@ -299,7 +312,8 @@ def mixed_command(args: argparse.Namespace, rest: list[str], out=sys.stdout) -> 
     check_flags(args)
     check_plugin_installed()
     plan_dir = prepare_mixed(args, out)
-    return [*server_program(args.sglang_entry), *shared_argv(args, str(plan_dir)), *rest]
+    extra = [f for f in args.family_flags if f not in rest]
+    return [*server_program(args.sglang_entry), *shared_argv(args, str(plan_dir)), *rest, *extra]
 
 
 class _Stop(Exception):
