@@ -146,6 +146,11 @@ class ErrorCode(str, Enum):
     REFERENCE_NO_PARAMETER = ("reference_no_parameter", 500, "a planned tensor has no parameter in the reference model")
     REFERENCE_SHAPE = ("reference_shape", 500, "a planned tensor's shape differs from the reference parameter's")
     REFERENCE_ACT_GROUP = ("reference_act_group", 500, "fp8 activation groups do not divide a layer's input")
+    AUTOPLAN_BUDGET_TOO_SMALL = (
+        "autoplan_budget_too_small",
+        400,
+        "no mix of the sources fits the memory budget per rank (the message gives the smallest that does)",
+    )
 
 
 class MixedPrecisionError(ValueError):
