@@ -22,6 +22,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .config import MixedConfig
 from .errors import ErrorCode, MixedPrecisionError, more
@@ -268,18 +269,26 @@ def mix_yaml(config: MixedConfig, picks: dict[str, Choice], baseline_label: str,
     free = {}
     for label, spec in config.sources.items():
         if spec.key and spec.key.endswith("_path") and "." not in spec.key:
-            lines.append(f"  {spec.key}: {_quote(str(spec.path))}")
+            lines.append(f"  {spec.key}: {_quote(_absolute(config, spec.path))}")
         else:
             free[label] = spec
     if free:
         lines.append("  sources:")
-        lines += [f"    {label}: {_quote(str(spec.path))}" for label, spec in free.items()]
+        lines += [f"    {label}: {_quote(_absolute(config, spec.path))}" for label, spec in free.items()]
     lines.append(f"  default: {baseline_label}")
     rules = compact_rules(picks, baseline_label)
     if rules:
         lines.append("  rules:")
         lines += [f'    - {{match: "{glob}", source: {label}}}' for glob, label in rules]
     return "\n".join(lines) + "\n"
+
+
+def _absolute(config: MixedConfig, path) -> str:
+    """A source path as the config resolves it (relative to the YAML's directory)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and config.path is not None:
+        p = Path(config.path).parent / p
+    return str(p.absolute())
 
 
 def _quote(text: str) -> str:
@@ -293,6 +302,16 @@ def assigned_labels(plan: Plan) -> dict[str, str]:
         if a.ref.role in UNIT_ROLES:
             out[unit_name(a.ref)].add(a.label)
     return {name: "+".join(sorted(labels)) for name, labels in out.items()}
+
+
+def unmeasured(inv_all: Inventory, kld: dict[str, dict[str, float]]) -> list[str]:
+    """ "unit <- label" for every runnable non-16-bit choice the table has no measurement of."""
+    return [
+        f"{u.name} <- {c.label}"
+        for u in inv_all.units
+        for c in u.choices
+        if c.label != inv_all.baseline_label and c.label not in kld.get(u.name, {})
+    ]
 
 
 def describe_units(units: list[Unit], limit: int = 5) -> str:
