@@ -31,12 +31,14 @@ import numpy as np
 from ..core.errors import ErrorCode, MixedPrecisionError
 from .metrics import TokenScores
 
-# Server settings for scoring: CUDA graphs off (prefill-only requests do not use them), a small KV
-# cache (texts of a few hundred tokens) so that several servers fit side by side on one GPU.
+# Server settings for scoring: CUDA graphs off (prefill-only requests do not use them), no radix
+# cache (every scoring prefills the whole text), a small KV cache (texts of a few hundred tokens) so
+# that several servers fit side by side on one GPU.
 SERVER_FLAGS = (
     "--attention-backend", "triton",
     "--sampling-backend", "pytorch",
     "--disable-cuda-graph",
+    "--disable-radix-cache",
     "--mem-fraction-static", "0.5",
     "--max-total-tokens", "8192",
     "--dtype", "bfloat16",
@@ -105,7 +107,8 @@ def parse_scores(
     target = []
     for pos in range(1, n):
         (lp, tid), *_ = _triples([tokens[pos]], "input_token_logprobs", pos, where)
-        if tid != ids[pos]:
+        # SGLang reports the ids of the last vocabulary entry and above as 0 (its image-token clip)
+        if tid != ids[pos] and tid != 0:
             raise _bad(f"input_token_logprobs[{pos}] scores token {tid}, the text has {ids[pos]} there", where)
         target.append(lp)
     own_top = [_triples(tops[pos], "input_top_logprobs", pos, where) for pos in range(1, n)]
@@ -229,22 +232,7 @@ class ServerBackend:
         with self._lock:
             port, nccl = client.free_port(), client.free_port()
             name = f"{len(self.servers) + len(self.events):03d}-{config.stem}"
-        cmd = [
-            *launcher_command(),
-            "--enable-mixed-precision",
-            "--mixed-precision-config",
-            str(config),
-            "--plan-dir",
-            str(self.workdir / f"plan-{name}"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--nccl-port",
-            str(nccl),
-            *SERVER_FLAGS,
-            *self.extra_flags,
-        ]
+        cmd = [*launcher_command(), *server_argv(config, self.workdir / f"plan-{name}", port, nccl, self.extra_flags)]
         log = self.workdir / f"server-{name}.log"
         started = time.time()
         self.log(f"starting a server for {config.name} (log: {log})")
@@ -273,6 +261,25 @@ class ServerBackend:
     def close(self) -> None:
         for server in list(self.servers):
             self.stop(server)
+
+
+def server_argv(config: Path, plan_dir: Path, port: int, nccl_port: int, extra=()) -> list[str]:
+    """The launcher's arguments for a scoring server of ``config``."""
+    return [
+        "--enable-mixed-precision",
+        "--mixed-precision-config",
+        str(config),
+        "--plan-dir",
+        str(plan_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--nccl-port",
+        str(nccl_port),
+        *SERVER_FLAGS,
+        *extra,
+    ]
 
 
 def launcher_command() -> list[str]:
