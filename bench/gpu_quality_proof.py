@@ -44,14 +44,14 @@ def budgets(inv) -> list[int]:
     return [int(light + f * (heavy - light)) for f in BUDGET_FRACTIONS]
 
 
-def write_autoplan_mixes(config_path: Path, inv, out_dir: Path) -> list[dict]:
+def write_autoplan_mixes(config_path: Path, inv, out_dir: Path, beta: float) -> list[dict]:
     from sglang_mixed_precision.core.autoplan import choose, mix_yaml
     from sglang_mixed_precision.core.config import load_config
 
     config = load_config(config_path)
     mixes = []
     for budget in budgets(inv):
-        plan = choose(inv, budget)
+        plan = choose(inv, budget, 0, beta)
         path = out_dir / f"autoplan-{budget}.yaml"
         header = f"autoplan at {budget} bytes per rank\npredicted_kld_mean: {plan.solution.kld:.8g}"
         path.write_text(mix_yaml(config, plan.solution.picks, inv.baseline_label, header))
@@ -61,6 +61,7 @@ def write_autoplan_mixes(config_path: Path, inv, out_dir: Path) -> list[dict]:
                 "budget_bytes": budget,
                 "rank_bytes": plan.rank_bytes,
                 "predicted_kld_mean": plan.solution.kld,
+                "predicted_additive": plan.solution.additive,
                 "units": {label: len(v) for label, v in sorted(plan.by_label().items())},
                 "picks": {u: c.label for u, c in plan.solution.picks.items()},
             }
@@ -145,13 +146,16 @@ def markdown(result: dict) -> str:
         "",
         "## Autoplan",
         "",
-        "| budget per rank (bytes) | weights per rank | units per source | predicted KLD | measured KLD | top-1 |",
-        "|---|---|---|---|---|---|",
+        f"Predicted: the units' KLDs summed, x (1 - beta (m - 1) / (N - 1)) for m of N units moved, beta "
+        f"{result['interaction_beta']:.4f} fitted on the uniform mixes (core/autoplan.py).",
+        "",
+        "| budget per rank (bytes) | weights per rank | units per source | sum of units | predicted KLD | measured KLD | top-1 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in result["autoplan"]:
         units = ", ".join(f"{k} {v}" for k, v in m["units"].items())
         lines.append(
-            f"| {m['budget_bytes']} | {m['rank_bytes']} | {units} | {m['predicted_kld_mean']:.6f} "
+            f"| {m['budget_bytes']} | {m['rank_bytes']} | {units} | {m['predicted_additive']:.6f} | {m['predicted_kld_mean']:.6f} "
             f"| {m['measured']['kld_mean']:.6f} | {100 * m['measured']['top1_agreement']:.2f} % |"
         )
     if result.get("reference"):
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="conversions and plan directories (default: a temp dir)")
     args = p.parse_args(argv)
 
-    from sglang_mixed_precision.core.autoplan import inventory
+    from sglang_mixed_precision.core.autoplan import fitted_interaction, inventory
     from sglang_mixed_precision.core.config import load_config
     from sglang_mixed_precision.core.plan import build_plan
     from sglang_mixed_precision.quality.cpu import CpuBackend
@@ -209,7 +213,9 @@ def main(argv=None) -> int:
         table, _ = run_sensitivity(sources, backend, tokens=args.tokens, cache_dir=work / "sensitivity", log=log)
         result["sensitivity"], result["uniform"] = table.units, table.uniform
         inv = inventory(load_config(sources), 1, table.kld())
-        mixes = write_autoplan_mixes(sources, inv, work)
+        beta = fitted_interaction(table.kld(), {label: s["kld_mean"] for label, s in table.uniform.items()})
+        result["interaction_beta"] = beta
+        mixes = write_autoplan_mixes(sources, inv, work, beta)
         baseline_plan = build_plan(load_config(work / "sensitivity" / table.key / f"all--{table.baseline}.yaml"))
         keep_only(backend, baseline_plan)
         if hasattr(backend, "prefetch"):

@@ -12,17 +12,19 @@ from sglang_mixed_precision.core.autoplan import (
     Unit,
     choose,
     compact_rules,
+    fitted_interaction,
+    interaction_factor,
     layer_ranges,
     optimize,
 )
 from sglang_mixed_precision.core.errors import ErrorCode, MixedPrecisionError
 
 
-def brute_force(units, capacity):
+def brute_force(units, capacity, beta=0.0):
     best = None
     for combo in itertools.product(*(u.choices for u in units)):
         b = sum(c.bytes for c in combo)
-        k = sum(c.kld for c in combo)
+        k = interaction_factor(sum(c.moved for c in combo), len(units), beta) * sum(c.kld for c in combo)
         if b <= capacity and (best is None or k < best[1] - 1e-12):
             best = (b, k)
     return best
@@ -32,18 +34,21 @@ def random_units(rng, n):
     units = []
     for i in range(n):
         m = rng.randint(1, 4)
-        choices = [Choice(f"s{j}", rng.randint(1, 40), round(rng.random(), 3)) for j in range(m)]
+        # choice 0 is the 16-bit source: it costs nothing and counts as not moved
+        choices = [Choice("bf16", rng.randint(1, 40), 0.0, moved=False)]
+        choices += [Choice(f"s{j}", rng.randint(1, 40), round(rng.random(), 3)) for j in range(1, m)]
         units.append(Unit(f"model.layers.{i}.self_attn", "attention", i, choices))
     return units
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3])
 @pytest.mark.parametrize("seed", range(60))
-def test_optimizer_equals_brute_force(seed):
+def test_optimizer_equals_brute_force(seed, beta):
     rng = random.Random(seed)
     units = random_units(rng, rng.randint(1, 6))
     capacity = rng.randint(0, 150)
-    expected = brute_force(units, capacity)
-    got = optimize(units, capacity)
+    expected = brute_force(units, capacity, beta)
+    got = optimize(units, capacity, beta)
     if expected is None:
         assert got is None
         return
@@ -51,7 +56,9 @@ def test_optimizer_equals_brute_force(seed):
     assert got.kld == pytest.approx(expected[1], abs=1e-9)
     # the picks are consistent with the totals and within capacity
     assert sum(c.bytes for c in got.picks.values()) == got.bytes <= capacity
-    assert sum(c.kld for c in got.picks.values()) == pytest.approx(got.kld)
+    moved = sum(c.moved for c in got.picks.values())
+    assert got.moved == moved and sum(c.kld for c in got.picks.values()) == pytest.approx(got.additive)
+    assert got.kld == pytest.approx(interaction_factor(moved, len(units), beta) * got.additive)
     assert set(got.picks) == {u.name for u in units}
 
 
@@ -109,3 +116,11 @@ def test_layer_ranges_and_compact_rules():
         ("model.layers.[0-5].mlp.experts.*", "int4"),
         ("model.layers.[0-1,5].self_attn.*", "fp8"),
     ]
+
+
+def test_interaction_is_fitted_on_the_uniform_mixes():
+    units = {"a": {"fp8": 1.0, "int4": 4.0}, "b": {"fp8": 1.0, "int4": 4.0}}
+    assert fitted_interaction(units, {"fp8": 1.5, "int4": 6.0}) == pytest.approx(0.25)
+    assert fitted_interaction(units, {}) == 0.0
+    assert fitted_interaction(units, {"fp8": 5.0}) == 0.0  # super-additive: no correction
+    assert interaction_factor(1, 8, 0.25) == 1.0 and interaction_factor(8, 8, 0.25) == pytest.approx(0.75)

@@ -46,7 +46,7 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
-    from ..core.autoplan import choose, inventory, mix_yaml, unmeasured
+    from ..core.autoplan import choose, fitted_interaction, interaction_factor, inventory, mix_yaml, unmeasured
     from ..core.config import load_config
     from ..core.errors import ErrorCode, MixedPrecisionError, more
     from ..quality.sensitivity import load_table
@@ -78,12 +78,16 @@ def run(args) -> int:
             where=str(table_path),
             fix=f"run `sglang-mp sensitivity --config {args.config}` again: it resumes where it stopped",
         )
-    plan = choose(inv, int(args.budget_gib * GIB), int(args.kv_cache_gib * GIB))
+    beta = fitted_interaction(table.kld(), {label: s["kld_mean"] for label, s in table.uniform.items()})
+    plan = choose(inv, int(args.budget_gib * GIB), int(args.kv_cache_gib * GIB), beta)
+    factor = interaction_factor(plan.solution.moved, len(inv.units), beta)
     header = "\n".join(
         [
             f"written by sglang-mp autoplan --budget-gib {args.budget_gib} --tp-size {args.tp_size} "
             f"--kv-cache-gib {args.kv_cache_gib}",
             f"predicted_kld_mean: {plan.solution.kld:.8g}",
+            f"sum of the units' KLDs {plan.solution.additive:.8g} x interaction factor {factor:.4f} "
+            f"({plan.solution.moved} of {len(inv.units)} units moved, beta {beta:.4f})",
             f"weights per rank: {plan.rank_bytes} bytes ({plan.rank_bytes / GIB:.4f} GiB); "
             f"with KV reserve {(plan.rank_bytes + plan.kv_reserve_bytes) / GIB:.4f} GiB of {args.budget_gib} GiB",
             f"sensitivity table: {table_path}",
@@ -91,7 +95,11 @@ def run(args) -> int:
     )
     text = mix_yaml(config, plan.solution.picks, inv.baseline_label, header)
     counts = {label: len(units) for label, units in sorted(plan.by_label().items())}
-    print(f"predicted KLD mean: {plan.solution.kld:.6f} nats (sum of the units' measured increases)")
+    print(
+        f"predicted KLD mean: {plan.solution.kld:.6f} nats (the units' measured increases summed, "
+        f"{plan.solution.additive:.6f}, x {factor:.4f} for {plan.solution.moved} of {len(inv.units)} units moved; "
+        f"beta {beta:.4f} fitted on the uniform mixes)"
+    )
     print(
         f"per rank: weights {plan.rank_bytes / GIB:.4f} GiB + KV reserve {plan.kv_reserve_bytes / GIB:.4f} GiB "
         f"of {args.budget_gib} GiB (tp_size {args.tp_size})"

@@ -39,7 +39,8 @@ _LAYER_IN_NAME = re.compile(r"(?<=\.layers\.)(\d+)(?=\.)")
 class Choice:
     label: str  # source label
     bytes: int  # bytes on one rank
-    kld: float  # predicted KL divergence increase over the 16-bit model
+    kld: float  # predicted KL divergence increase over the 16-bit model (the unit moved alone)
+    moved: bool = True  # False for the 16-bit source: the unit stays as in the baseline
 
 
 @dataclass
@@ -54,51 +55,83 @@ class Unit:
 class Solution:
     picks: dict[str, Choice]  # unit name -> choice
     bytes: int  # the units' bytes on one rank (fixed bytes not included)
-    kld: float
+    kld: float  # predicted KLD of the mix: the sum, corrected for interaction (see interaction_factor)
+    additive: float = 0.0  # the plain sum of the units' KLDs
+    moved: int = 0  # units not from the 16-bit source
 
 
-def optimize(units: list[Unit], capacity: int) -> Solution | None:
-    """The choice per unit with the least summed KLD whose summed bytes <= ``capacity``; None if none fits.
+def interaction_factor(moved: int, units: int, beta: float) -> float:
+    """KLDs of units add to first order; measured, the uniform mixes come out lower than the sum of
+    their units by a share ``beta`` (errors of different layers partly cancel). One coefficient per
+    pair of moved units: the sum is scaled by 1 - beta * (m - 1) / (N - 1) for m of N units moved,
+    exact for one unit alone (1) and for all of them (the uniform mixes, 1 - beta)."""
+    if moved <= 1 or units <= 1:
+        return 1.0
+    return 1.0 - beta * (moved - 1) / (units - 1)
 
-    Exact: states are (bytes, kld) pairs of partial solutions; after each unit only the Pareto
-    frontier (strictly less KLD for more bytes) is kept, and states over capacity are dropped.
+
+def optimize(units: list[Unit], capacity: int, beta: float = 0.0) -> Solution | None:
+    """The choice per unit with the least predicted KLD, ``interaction_factor(m) * sum``, whose
+    summed bytes <= ``capacity``; None if none fits.
+
+    Exact: a state is a partial solution's (moved units, bytes, summed KLD); after each unit only
+    the Pareto frontier of (bytes, KLD) per count of moved units is kept (a state heavier and no
+    better than another with the same count can never lead to a better mix, since both get the same
+    factor at the end), and states that cannot fit the remaining units' lightest choices are dropped.
     """
-    # frontier entries: (bytes, kld, index of the parent state in the previous frontier, choice index)
-    frontiers: list[list[tuple[int, float, int, int]]] = []
-    frontier: list[tuple[int, float, int, int]] = [(0, 0.0, -1, -1)]
-    # lightest[i]: the least bytes units i.. need; a state that cannot fit them is dropped early
+    # entries: (moved, bytes, kld, index of the parent state in the previous list, choice index)
+    steps: list[list[tuple[int, int, float, int, int]]] = []
+    states: list[tuple[int, int, float, int, int]] = [(0, 0, 0.0, -1, -1)]
     lightest = [0] * (len(units) + 1)
     for i in range(len(units) - 1, -1, -1):
         lightest[i] = lightest[i + 1] + min(c.bytes for c in units[i].choices)
+    count_matters = beta > 0
     for i, unit in enumerate(units):
         room = capacity - lightest[i + 1]
         candidates = [
-            (b + c.bytes, k + c.kld, parent, ci)
-            for parent, (b, k, _, _) in enumerate(frontier)
+            ((m + c.moved) if count_matters else 0, b + c.bytes, k + c.kld, parent, ci)
+            for parent, (m, b, k, _, _) in enumerate(states)
             for ci, c in enumerate(unit.choices)
             if b + c.bytes <= room
         ]
         if not candidates:
             return None
-        candidates.sort(key=lambda s: (s[0], s[1]))
-        kept, best = [], math.inf
+        candidates.sort(key=lambda s: (s[0], s[1], s[2]))
+        kept, best, count = [], math.inf, -1
         for state in candidates:
-            if state[1] < best:
+            if state[0] != count:
+                count, best = state[0], math.inf
+            if state[2] < best:
                 kept.append(state)
-                best = state[1]
-        frontiers.append(kept)
-        frontier = kept
+                best = state[2]
+        steps.append(kept)
+        states = kept
     if not units:
         return Solution({}, 0, 0.0)
-    # the lightest state of least KLD is the last kept one (KLD falls strictly along the frontier)
-    index = len(frontier) - 1
+    n = len(units)
+
+    def predicted(state) -> float:
+        moved = state[0] if count_matters else 0
+        return interaction_factor(moved, n, beta) * state[2]
+
+    index = min(range(len(states)), key=lambda j: (predicted(states[j]), states[j][1]))
+    end = states[index]
     picks: dict[str, Choice] = {}
-    for unit, states in zip(reversed(units), reversed(frontiers)):
-        _, _, parent, ci = states[index]
+    for unit, kept in zip(reversed(units), reversed(steps)):
+        _, _, _, parent, ci = kept[index]
         picks[unit.name] = unit.choices[ci]
         index = parent
-    end = frontier[-1]
-    return Solution({u.name: picks[u.name] for u in units}, end[0], end[1])
+    moved = sum(c.moved for c in picks.values())
+    return Solution({u.name: picks[u.name] for u in units}, end[1], predicted(end), end[2], moved)
+
+
+def fitted_interaction(units: dict[str, dict[str, float]], uniform: dict[str, float]) -> float:
+    """beta of :func:`interaction_factor` from the sensitivity table: 1 - (the uniform mixes' KLDs)
+    / (the sums of their units' KLDs), pooled over the sources; 0 when not measured, at most 0.9."""
+    summed = sum(by[label] for by in units.values() for label in uniform if label in by)
+    if not uniform or summed <= 0:
+        return 0.0
+    return min(0.9, max(0.0, 1.0 - sum(uniform.values()) / summed))
 
 
 def smallest_bytes(units: list[Unit]) -> int:
@@ -173,8 +206,9 @@ def inventory(config: MixedConfig, tp_size: int, kld: dict[str, dict[str, float]
                 excluded[label].append(name)
                 continue
             if is_baseline:
-                cost = 0.0
-            elif kld is not None and label in kld.get(name, {}):
+                choices[name].append(Choice(label, int(math.ceil(nbytes)), 0.0, moved=False))
+                continue
+            if kld is not None and label in kld.get(name, {}):
                 cost = max(0.0, float(kld[name][label]))  # a measured decrease is noise: never a gain
             elif kld is None:
                 cost = 0.0
@@ -208,11 +242,11 @@ class AutoPlan:
         return dict(out)
 
 
-def choose(inv: Inventory, budget_bytes: int, kv_reserve_bytes: int = 0) -> AutoPlan:
+def choose(inv: Inventory, budget_bytes: int, kv_reserve_bytes: int = 0, beta: float = 0.0) -> AutoPlan:
     """The best mix within ``budget_bytes`` per rank (weights + KV reserve); a named error with the
-    smallest budget that fits when nothing does."""
+    smallest budget that fits when nothing does. ``beta``: see :func:`interaction_factor`."""
     capacity = budget_bytes - kv_reserve_bytes - inv.fixed_bytes
-    solution = optimize(inv.units, capacity) if capacity >= 0 else None
+    solution = optimize(inv.units, capacity, beta) if capacity >= 0 else None
     if solution is None:
         need = inv.fixed_bytes + kv_reserve_bytes + smallest_bytes(inv.units)
         raise MixedPrecisionError(

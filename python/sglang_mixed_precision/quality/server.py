@@ -39,6 +39,7 @@ SERVER_FLAGS = (
     "--sampling-backend", "pytorch",
     "--disable-cuda-graph",
     "--disable-radix-cache",
+    "--skip-server-warmup",
     "--mem-fraction-static", "0.5",
     "--max-total-tokens", "8192",
     "--dtype", "bfloat16",
