@@ -106,3 +106,55 @@ def test_scoring_server_command_passes_the_launcher_and_sglangs_parser(moe_sourc
     args = cmd[cmd.index("sglang.launch_server") + 1 :]
     assert client.sglang_argv_problem(args) is None
     assert "--disable-radix-cache" in args and args[args.index("--port") + 1] == "30001"
+
+
+class _Recording:
+    """ServerBackend's decisions without processes: what it would start and what it would reload."""
+
+    def __init__(self, workdir):
+        from sglang_mixed_precision.quality.server import ServerBackend
+
+        outer = self
+        self.started, self.reloaded = [], []
+
+        class Backend(ServerBackend):
+            def start(self, config, plan):
+                from sglang_mixed_precision.quality.server import RunningServer
+
+                outer.started.append(config.name)
+                server = RunningServer(config, plan, None, "http://stand-in", config)
+                self.servers.append(server)
+                return server
+
+            def reload(self, server, config, plan):
+                outer.reloaded.append(config.name)
+                server.config, server.plan = config, plan
+
+        self.backend = Backend(workdir, log=lambda m: None)
+
+
+def test_a_mix_of_the_same_schemes_reloads_a_running_server_in_place(moe_sources, tmp_path):
+    """fp8 attention from a second release (same scheme, other files) reloads the fp8 server in
+    place; a scheme change needs a server of its own; a mix already served is reused as it is."""
+    import shutil
+
+    from sglang_mixed_precision.core.config import load_config
+    from sglang_mixed_precision.core.plan import build_plan
+
+    other = tmp_path / "fp8b"
+    shutil.copytree(moe_sources["fp8"], other)
+    sources = {**moe_sources, "fp8b": other}
+    lines = "\n".join(f"    {k}: {v}" for k, v in sources.items())
+
+    def mix(name, attention):
+        # attention only: fp8 block linears take new bytes in place, fused fp8 experts do not
+        path = tmp_path / f"{name}.yaml"
+        rule = f'  rules:\n    - {{match: "model.layers.*.self_attn.*", source: {attention}}}\n'
+        path.write_text(f"mixed_precision:\n  sources:\n{lines}\n  default: fp16\n{rule}")
+        return build_plan(load_config(path))
+
+    rec = _Recording(tmp_path / "servers")
+    for name, attention in [("a-fp8", "fp8"), ("b-fp8b", "fp8b"), ("c-int4", "int4"), ("d-fp8b", "fp8b")]:
+        rec.backend.server_for(mix(name, attention))
+    assert rec.started == ["a-fp8.yaml", "c-int4.yaml"]
+    assert rec.reloaded == ["b-fp8b.yaml"]  # d-fp8b: the reloaded server already serves it

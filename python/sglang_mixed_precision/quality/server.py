@@ -162,6 +162,7 @@ class ServerBackend:
     servers: list[RunningServer] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)  # what each score cost: a start or a reload
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _started: int = 0
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -232,7 +233,8 @@ class ServerBackend:
 
         with self._lock:
             port, nccl = client.free_port(), client.free_port()
-            name = f"{len(self.servers) + len(self.events):03d}-{config.stem}"
+            self._started += 1  # names unique also when servers start side by side
+            name = f"{self._started:03d}-{config.stem}"
         cmd = [*launcher_command(), *server_argv(config, self.workdir / f"plan-{name}", port, nccl, self.extra_flags)]
         log = self.workdir / f"server-{name}.log"
         started = time.time()
