@@ -99,11 +99,11 @@ def checks(result: dict) -> list[dict]:
     )
     for m in result["autoplan"]:
         pred, meas = m["predicted_kld_mean"], m["measured"]["kld_mean"]
-        err = abs(pred - meas) / meas if meas > 0 else (0.0 if pred == 0 else float("inf"))
+        err = (pred - meas) / meas if meas > 0 else (0.0 if pred == 0 else float("inf"))
         out.append(
             {
                 "check": f"predicted within {PREDICTION_TOLERANCE:.0%} of measured at {m['budget_bytes']} bytes",
-                "ok": err <= PREDICTION_TOLERANCE,
+                "ok": abs(err) <= PREDICTION_TOLERANCE,
                 "detail": f"predicted {pred:.6f}, measured {meas:.6f} ({err:+.1%})",
             }
         )
