@@ -20,6 +20,9 @@ SUBCOMMANDS = {
     "demo": "Generate a small model, convert it, plan a mix and serve or run it",
     "plandir": "Write a plan directory servable by plain `python -m sglang.launch_server`",
     "errors": "List every error code with its HTTP status and meaning",
+    "eval": "Quality of a mix against the 16-bit model: KL divergence, top-1 agreement, perplexity",
+    "sensitivity": "Measure the KL divergence each unit adds in each lower-precision source (cached, resumable)",
+    "autoplan": "Choose the mix of least predicted KL divergence that fits a memory budget per rank",
 }
 
 

@@ -1,7 +1,9 @@
 """`sglang-mp demo`: a small model, converted, planned as a mix, then served (or run on CPU).
 
-1. generate a tiny random-weight model (Qwen3-MoE by default) in ``--workdir``;
-2. convert it to fp16/ fp8/ int4/ (round-to-nearest int4: seconds);
+1. take the small Qwen3-MoE shipped in the package (trained on the Python standard library's
+   sources, see data/small_model/README.md), or with ``--arch`` generate a tiny random-weight one;
+2. convert it to fp16/ fp8/ int4/ (GPTQ int4 calibrated on held-out standard library text for the
+   trained model, round-to-nearest for a random one: seconds either way);
 3. write a mix: attention fp8, routed experts (or the dense MLP) int4, the rest bf16; plan it;
 4. with an NVIDIA GPU and SGLang: start ``launch_mixed_precision_server.py`` on it and ask ``/generate``;
    without: generate through the reference path (transformers, each layer from its source) and say
@@ -18,7 +20,10 @@ from pathlib import Path
 
 from ..testing.tinymodels import ARCHITECTURES
 
-PROMPTS = ["The capital of France is", "Once upon a time"]
+RANDOM_PROMPTS = ["The capital of France is", "Once upon a time"]
+# the trained model writes Python: prompts it can continue
+SMALL_PROMPTS = ["def read_lines(path):\n", "class Stack:\n    def __init__(self"]
+SMALL = "small"
 # What the rest of the MLP (dense layers, shared experts) comes from, where the default does not fit:
 # DeepSeek-V3 gets the mix its users ask for, int4 experts with FP8 attention and shared experts
 # (SGLang serves its MLA attention and shared experts in FP8 or 16 bits, not int4: architectures.py).
@@ -27,8 +32,13 @@ MLP_PRECISION = {"deepseek_v3": "fp8"}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="sglang-mp-demo", help="where the model, its conversions and the mix go")
-    p.add_argument("--arch", choices=ARCHITECTURES, default="qwen3_moe")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument(
+        "--arch",
+        choices=(SMALL, *ARCHITECTURES),
+        default=SMALL,
+        help="small: the trained Qwen3-MoE shipped in the package; else a tiny random-weight model",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--cpu", action="store_true", help="use the reference path even if a GPU is present")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     p.add_argument(
@@ -48,12 +58,18 @@ def step(n: int, msg: str) -> float:
     return time.time()
 
 
+def prompts(arch: str) -> list[str]:
+    return SMALL_PROMPTS if arch == SMALL else RANDOM_PROMPTS
+
+
 def prepare(workdir: Path, arch: str) -> Path:
     """Steps 1-3: model, conversions, mix config; returns the config path."""
     from ..convert.pipeline import FORMATS, ConvertOptions, convert
     from ..testing.tinymodels import make_tiny_model
     from .convert import mixed_config_yaml
 
+    if arch == SMALL:
+        return prepare_small(workdir)
     t = step(1, f"tiny {arch} model -> {workdir / 'bf16'}")
     if not (workdir / "bf16" / "config.json").is_file():
         make_tiny_model(arch, workdir / "bf16")
@@ -77,9 +93,26 @@ def prepare(workdir: Path, arch: str) -> Path:
 
 
 def describe_mix(arch: str) -> str:
+    if arch == SMALL:
+        return "attention fp8, experts int4, the rest bf16"
     if arch in MLP_PRECISION:
         return f"attention fp8, routed experts int4, dense and shared-expert MLPs {MLP_PRECISION[arch]}, the rest bf16"
     return f"attention fp8, {'experts' if 'moe' in arch else 'MLP'} int4, the rest bf16"
+
+
+def prepare_small(workdir: Path) -> Path:
+    from ..convert.pipeline import FORMATS
+    from ..testing.small_model import convert_small_model, small_model_path
+    from .convert import mixed_config_yaml
+
+    t = step(1, f"the small trained Qwen3-MoE shipped in the package: {small_model_path()}")
+    say(f"      done in {time.time() - t:.1f}s")
+    t = step(2, "converting to fp16/ fp8/ int4/ (int4: GPTQ, calibrated on held-out standard library text)")
+    convert_small_model(workdir / "converted", method="gptq")
+    say(f"      done in {time.time() - t:.1f}s")
+    config = workdir / "converted" / "mix.yaml"
+    config.write_text(mixed_config_yaml(attention="fp8", mlp="fp16", experts="int4", sources=FORMATS))
+    return config
 
 
 def gpu_ready() -> str | None:
@@ -123,7 +156,7 @@ def serve(config: Path, workdir: Path, args) -> int:
     try:
         waited = client.wait_until_ready(base, proc, args.server_timeout, log, progress=say)
         say(f"      ready after {waited:.0f}s")
-        for prompt in PROMPTS:
+        for prompt in prompts(args.arch):
             out = client.post_json(
                 f"{base}/generate",
                 {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens}},
@@ -142,7 +175,7 @@ def run_reference(config: Path, plan, args, why: str) -> int:
         "      generating through the reference path instead (transformers; every layer's weights from its source,"
         " fp8/int4 dequantized, fp8 activations quantized as the W8A8 kernels do)"
     )
-    for out in generate_reference(plan, PROMPTS, args.max_new_tokens, simulate_w8a8=True):
+    for out in generate_reference(plan, prompts(args.arch), args.max_new_tokens, simulate_w8a8=True):
         say(f"      {out.prompt!r} -> {out.text!r}")
     say(
         "\nTo serve this mix with SGLang's kernels you need an NVIDIA GPU (SM80+, e.g. A100/H100) and sglang==0.5.17:\n"

@@ -161,6 +161,22 @@ class ErrorCode(str, Enum):
     REFERENCE_NO_PARAMETER = ("reference_no_parameter", 500, "a planned tensor has no parameter in the reference model")
     REFERENCE_SHAPE = ("reference_shape", 500, "a planned tensor's shape differs from the reference parameter's")
     REFERENCE_ACT_GROUP = ("reference_act_group", 500, "fp8 activation groups do not divide a layer's input")
+    AUTOPLAN_BUDGET_TOO_SMALL = (
+        "autoplan_budget_too_small",
+        400,
+        "no mix of the sources fits the memory budget per rank (the message gives the smallest that does)",
+    )
+    SENSITIVITY_MISSING = (
+        "sensitivity_missing",
+        400,
+        "autoplan needs a unit's measured KLD increase that no sensitivity run of these sources and text holds",
+    )
+    QUALITY_TEXT_TOO_SHORT = ("quality_text_too_short", 400, "the evaluation text has too few tokens to score")
+    QUALITY_BAD_RESPONSE = (
+        "quality_bad_response",
+        502,
+        "a server's log-prob answer lacks the fields or the positions the evaluation asked for",
+    )
 
 
 class MixedPrecisionError(ValueError):
