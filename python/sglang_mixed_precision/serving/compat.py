@@ -119,6 +119,7 @@ class SourceFunction:
     target: str
     file: str
     parameters: tuple[str, ...]
+    source: str = ""  # its definition's text
 
 
 def _from_source(target: str, module_name: str, attrs: list[str]) -> SourceFunction:
@@ -126,10 +127,12 @@ def _from_source(target: str, module_name: str, attrs: list[str]) -> SourceFunct
     if found is None:
         raise incompatible(target, f"does not exist (not defined in {module_name} or its base classes)")
     node, file = found
+    text = ast.get_source_segment(Path(file).read_text(encoding="utf-8"), node) or ""
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        return SourceFunction(target, file, ())
+        return SourceFunction(target, file, (), text)
     args = node.args
-    return SourceFunction(target, file, tuple(a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)))
+    names = tuple(a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs))
+    return SourceFunction(target, file, names, text)
 
 
 def _find_in_source(module_name: str, attrs: list[str], seen: set) -> tuple[ast.AST, str] | None:
