@@ -204,12 +204,14 @@ def tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
     from sglang.srt.server_args import ServerArgs
 
     from sglang_mixed_precision.serving import compat
+    from sglang_mixed_precision.serving.plugin import register
 
     try:
         # CPU groups: no NCCL / custom all-reduce communicators.
         parallel_state.init_model_parallel_group = functools.partial(
             parallel_state.init_model_parallel_group, **compat.cpu_group_options()
         )
+        register()  # before ServerArgs: some releases read the plan directory's config.json already there
         server_args = ServerArgs(model_path=plan_dir, device="cpu", tp_size=world)
         init_sglang_group(server_args, rank, port)
         config = published_model_config(server_args, rank=rank)

@@ -497,6 +497,22 @@ def test_hooks_register_once():
         HookRegistry._hooks.update(saved)
 
 
+def tp_worker_update(worker, recv_req):
+    """``TpModelWorker.update_weights_from_disk`` of 0.5.20 and earlier, which forwards to the runner's
+    weight updater. Its module needs uvicorn, which the CPU environment lacks: SGLang's source is
+    checked to do just what this does."""
+    from sglang_mixed_precision.serving import compat
+
+    found = compat.resolve("sglang.srt.managers.tp_worker.TpModelWorker.update_weights_from_disk")
+    if not isinstance(found, compat.SourceFunction):
+        return found(worker, recv_req)
+    assert "self.model_runner.weight_updater.update_weights_from_disk(" in found.source, found.source
+    assert "recv_req.model_path" in found.source and "recv_req.load_format" in found.source, found.source
+    return worker.model_runner.weight_updater.update_weights_from_disk(
+        recv_req.model_path, recv_req.load_format, recapture_cuda_graph=recv_req.recapture_cuda_graph
+    )
+
+
 def scheduler_weight_updater(model):
     """SGLang's own scheduler-side path for a disk update, with the model runner replaced by ``model``:
     ``SchedulerWeightUpdaterManager.update_weights_from_disk`` -> (``TpModelWorker`` up to 0.5.20) ->
@@ -504,9 +520,10 @@ def scheduler_weight_updater(model):
     SGLang's, bound to stand-ins for the objects a real scheduler holds."""
     import types
 
-    from sglang.srt.managers import tp_worker
     from sglang.srt.managers.scheduler_components.weight_updater import SchedulerWeightUpdaterManager
     from sglang.srt.model_executor.model_runner_components.weight_updater import WeightUpdater
+
+    from sglang_mixed_precision.serving import compat
 
     updater = SimpleNamespace(get_model=lambda: model)
     runner = SimpleNamespace(model=model)
@@ -514,8 +531,8 @@ def scheduler_weight_updater(model):
         update_weights_from_disk=types.MethodType(WeightUpdater.update_weights_from_disk, updater)
     )
     worker = SimpleNamespace(model_runner=runner, weight_update_runners=lambda: [("target", runner)])
-    if hasattr(tp_worker.TpModelWorker, "update_weights_from_disk"):  # 0.5.20 and earlier
-        worker.update_weights_from_disk = types.MethodType(tp_worker.TpModelWorker.update_weights_from_disk, worker)
+    if compat._release(compat.installed_version()) < (0, 5, 21):  # the scheduler calls its TP worker
+        worker.update_weights_from_disk = types.MethodType(tp_worker_update, worker)
     manager = SimpleNamespace(
         tp_worker=worker,
         draft_worker=None,

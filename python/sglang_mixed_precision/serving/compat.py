@@ -13,6 +13,7 @@ that backports a change keeps working. Known differences:
   weight updater directly). The reload hook targets ``WeightUpdater.update_weights_from_disk``, which
   every supported release calls for a disk update (:mod:`.hooks`).
 * 0.5.20: the ``--cuda-graph-max-bs`` alias is gone; ``--cuda-graph-max-bs-decode`` works in all.
+* 0.5.23: ``ServerArgs`` is no longer a dataclass; its constructor still names every field.
 
 :func:`resolve` finds a dotted target the way SGLang's ``HookRegistry`` does and raises
 ``sglang_incompatible`` naming the target, the installed version and the supported range. SGLang's
@@ -119,6 +120,7 @@ class SourceFunction:
     target: str
     file: str
     parameters: tuple[str, ...]
+    source: str = ""  # its definition's text
 
 
 def _from_source(target: str, module_name: str, attrs: list[str]) -> SourceFunction:
@@ -126,10 +128,12 @@ def _from_source(target: str, module_name: str, attrs: list[str]) -> SourceFunct
     if found is None:
         raise incompatible(target, f"does not exist (not defined in {module_name} or its base classes)")
     node, file = found
+    text = ast.get_source_segment(Path(file).read_text(encoding="utf-8"), node) or ""
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        return SourceFunction(target, file, ())
+        return SourceFunction(target, file, (), text)
     args = node.args
-    return SourceFunction(target, file, tuple(a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)))
+    names = tuple(a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs))
+    return SourceFunction(target, file, names, text)
 
 
 def _find_in_source(module_name: str, attrs: list[str], seen: set) -> tuple[ast.AST, str] | None:
@@ -203,6 +207,14 @@ def check_parameters(target: str, function, leading: Sequence[str]) -> None:
             raise incompatible(target, "is not a function") from None
     if names[: len(leading)] != list(leading):
         raise incompatible(target, f"takes ({', '.join(names)}), the plugin calls it with ({', '.join(leading)}, ...)")
+
+
+def server_args_fields() -> set[str]:
+    """The keywords ``ServerArgs`` (and so ``sglang.Engine``) takes: a dataclass up to 0.5.22's
+    predecessors, a class assembled from field namespaces in newer releases; both keep the constructor."""
+    from sglang.srt.server_args import ServerArgs
+
+    return set(inspect.signature(ServerArgs).parameters)
 
 
 # ---- parallel state (the CPU test harness sets up SGLang's groups as a scheduler does) -------------------
