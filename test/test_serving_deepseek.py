@@ -192,7 +192,7 @@ def test_two_ranks_load_their_shards_of_the_mla_mix(tiny_deepseek, tmp_path):
     import torch.multiprocessing as mp
 
     config = write_mix(converted(str(tiny_deepseek)), "tp2", "fp16", MIXES["fp8_attn_fp8_shared_int4_experts"])
-    plan, path = make_plan_dir(config, tmp_path / "plan", tp_size=2)
+    plan, path = make_plan_dir(config, tmp_path / "plan", tp_size=2, int4_moe_kernel="wna16")
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=deepseek_tp_worker, args=(r, 2, port, str(path), queue)) for r in range(2)]
