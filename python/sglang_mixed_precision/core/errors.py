@@ -112,6 +112,11 @@ class ErrorCode(str, Enum):
     )
     PLUGIN_NOT_INSTALLED = ("plugin_not_installed", 400, "SGLang cannot see the plugin's entry point")
     PLUGIN_DISABLED = ("plugin_disabled", 400, "SGLANG_PLUGINS excludes the mixed_precision plugin")
+    SGLANG_INCOMPATIBLE = (
+        "sglang_incompatible",
+        500,
+        "the installed SGLang lacks a function, method or argument the plugin hooks or calls",
+    )
     PLAN_DIR_INVALID = ("plan_dir_invalid", 400, "a plan directory's quantization_config is malformed")
     PLAN_DIR_TARGET = ("plan_dir_target", 400, "the plan directory cannot be written there")
     PLAN_DIR_NO_TOKENIZER = ("plan_dir_no_tokenizer", 400, "the model has no tokenizer to put in the plan directory")

@@ -116,6 +116,9 @@ class MixedPrecisionConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MixedPrecisionConfig:
+        from .compat import raise_if_incompatible
+
+        raise_if_incompatible()  # a hook target this SGLang lacks: the server must not start without the hook
         settings = PlanSettings.from_quantization_config(config)
         plan = load_plan(settings, runtime_tp_size(settings.tp_size))
         return cls(plan, settings, config.get("packed_modules_mapping"))
