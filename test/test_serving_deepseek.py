@@ -61,6 +61,9 @@ def deepseek_cpu():
 
 
 def deepseek_tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
+    from sglang_mixed_precision.serving.plugin import register_quantization_method
+
+    register_quantization_method()  # before the rotary module is imported and ServerArgs reads the plan dir
     use_generic_rope_on_cpu()
     tp_worker(rank, world, port, plan_dir, queue)
 
