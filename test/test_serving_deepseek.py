@@ -61,6 +61,9 @@ def deepseek_cpu():
 
 
 def deepseek_tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
+    from sglang_mixed_precision.serving.plugin import register_quantization_method
+
+    register_quantization_method()  # before the rotary module is imported and ServerArgs reads the plan dir
     use_generic_rope_on_cpu()
     tp_worker(rank, world, port, plan_dir, queue)
 
@@ -192,7 +195,7 @@ def test_two_ranks_load_their_shards_of_the_mla_mix(tiny_deepseek, tmp_path):
     import torch.multiprocessing as mp
 
     config = write_mix(converted(str(tiny_deepseek)), "tp2", "fp16", MIXES["fp8_attn_fp8_shared_int4_experts"])
-    plan, path = make_plan_dir(config, tmp_path / "plan", tp_size=2)
+    plan, path = make_plan_dir(config, tmp_path / "plan", tp_size=2, int4_moe_kernel="wna16")
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=deepseek_tp_worker, args=(r, 2, port, str(path), queue)) for r in range(2)]

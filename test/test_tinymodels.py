@@ -49,11 +49,14 @@ def test_clear_margins_refuse_tied_embeddings(tmp_path):
 
 
 def test_an_unknown_architecture_is_named():
+    import re
+
     import pytest
 
-    from sglang_mixed_precision.testing.tinymodels import tiny_config
+    from sglang_mixed_precision.testing.tinymodels import ARCHITECTURES, tiny_config
 
+    assert {"qwen3", "qwen3_moe", "llama", "deepseek_v3"} <= set(ARCHITECTURES)
     with pytest.raises(
-        ValueError, match=r"unknown tiny architecture 'mistral'; choose one of \('qwen3', 'qwen3_moe', 'llama'\)"
+        ValueError, match=re.escape(f"unknown tiny architecture 'gpt_neox'; choose one of {ARCHITECTURES}")
     ):
-        tiny_config("mistral")
+        tiny_config("gpt_neox")

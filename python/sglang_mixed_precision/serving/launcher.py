@@ -280,14 +280,14 @@ def prepare_mixed(args: argparse.Namespace, out=sys.stdout) -> Path:
     return path
 
 
-def family_flags(model_type: str, out=sys.stdout) -> list[str]:
+def family_flags(model_type: str, out=None) -> list[str]:
     """SGLang flags the served family needs with a mix (architectures.py says which and why)."""
     from ..core.architectures import architecture_for
 
     arch = architecture_for(model_type)
     flags = []
     for flag, why in arch.server_flags() if arch else ():
-        print(f"adding {flag}: {why}", file=out, flush=True)
+        print(f"adding {flag}: {why}", file=out or sys.stdout, flush=True)
         flags.append(flag)
     return flags
 
