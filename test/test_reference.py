@@ -181,4 +181,4 @@ def test_demo_runs_a_mix_on_cpu_through_the_reference_path(tmp_path, capsys):
     assert "gptq-int4-g128" in out and "fp8-block128" in out  # the plan's tables
     assert "generating through the reference path" in out and "'Once upon a time' -> " in out
     assert "NVIDIA GPU" in out and "launch_mixed_precision_server.py --enable-mixed-precision" in out
-    assert (tmp_path / "demo" / "converted" / "mix.yaml").is_file()
+    assert (tmp_path / "demo" / "converted" / "mixed_precision_config.yaml").is_file()

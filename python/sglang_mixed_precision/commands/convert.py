@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max_shard_size", default="2GB")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace the converter's outputs in a non-empty --output_dir"
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier conversion in --output_dir (removes only what the converter wrote there)",
     )
     p.add_argument("--verify", action="store_true", help="fail unless every module reloads within the error bounds")
     p.add_argument("--no_check", action="store_true", help="skip reloading and measuring the outputs")
@@ -56,7 +58,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
         model_path=args.model_path,
         output_dir=args.output_dir,
-        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+        formats=tuple(dict.fromkeys(f.strip() for f in args.formats.split(",") if f.strip())),
         method=args.method,
         group_size=args.group_size,
         desc_act=args.desc_act,
@@ -106,13 +108,13 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
 
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
-    if args.create_config:  # check the flags before hours of conversion
-        text = mixed_config_yaml(args.attention_precision, args.mlp_precision, args.expert_precision, opts.formats)
+    if args.create_config:  # checked before hours of conversion; written (and owned) by the converter
+        opts.mixed_config = mixed_config_yaml(
+            args.attention_precision, args.mlp_precision, args.expert_precision, opts.formats
+        )
     report = convert(opts)
     if args.create_config:
-        path = Path(opts.output_dir) / CONFIG_NAME
-        path.write_text(text)
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {Path(opts.output_dir) / CONFIG_NAME}", file=sys.stderr)
     print(summary(report))
     return 0
 
