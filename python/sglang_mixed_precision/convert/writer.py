@@ -206,8 +206,13 @@ class ShardedWriter:
     def close_shard(self) -> None:
         if self._shard is None:
             return
-        shard, self._shard = self._shard, None
-        shard.close()
+        shard = self._shard
+        try:
+            shard.close()
+        except BaseException:
+            self.abort()  # its body goes too: a full disk needs the space back before the rerun
+            raise
+        self._shard = None
         self.state["shards"].append(
             {
                 "file": shard.path.name,
