@@ -157,6 +157,23 @@ def test_output_overlapping_the_input_is_refused_before_anything_is_touched(mode
         assert r != suggested and suggested not in r.parents and r not in suggested.parents
 
 
+@pytest.mark.parametrize(
+    "kind,says",
+    [
+        ("input_inside_output", "is inside the output directory"),
+        ("output_inside_input", "the output directory is inside the input model directory"),
+        ("output_is_input", "the output directory is the input model directory"),
+        ("output_entry_links_to_input", "fp16 in the output leads into the input"),
+        ("input_links_into_output", "the input's model.safetensors is"),
+    ],
+)
+def test_overlap_message_says_how(model, tmp_path, kind, says):
+    inp, out = _layout(kind, model, tmp_path)
+    with pytest.raises(MixedPrecisionError) as e:
+        convert(opts(inp, out))
+    assert says in e.value.detail
+
+
 def test_overlap_refused_on_the_command_line_without_a_traceback(model, tmp_path, capsys):
     inp, out = _layout("input_inside_output", model, tmp_path)
     before = tree(tmp_path)

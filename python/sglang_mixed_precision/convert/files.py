@@ -80,13 +80,14 @@ def human(n: float) -> str:
 
 def disk_full_error(out: Path, needed: int, what: str) -> MixedPrecisionError:
     free = free_bytes(out)
+    need = f"the outputs need about {human(needed)} more, " if needed > 0 else ""
+    more = f"at least {human(max(needed - free, 0) or needed)}" if needed > 0 else "space"
     return MixedPrecisionError(
         ErrorCode.DISK_FULL,
-        f"no space left on the output's filesystem {what}: the outputs need about {human(needed)} "
-        f"more, {human(free)} is free",
+        f"no space left on the output's filesystem {what}: {need}{human(free)} is free",
         where=str(out),
-        fix=f"free at least {human(max(needed - free, 0) or needed)} there (or raise the quota), then rerun the "
-        "same command: it resumes, keeping the shards already finished",
+        fix=f"free {more} there (or raise the quota), then rerun the same command: it resumes, keeping the "
+        "shards already finished",
     )
 
 

@@ -81,10 +81,10 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def input_locations(model_dir: Path) -> list[Path]:
-    """Where the input's bytes really are: its directory and every entry in it, links followed."""
+def input_locations(model_dir: Path) -> list[tuple[Path, Path]]:
+    """(path as named, where it leads) for the input directory and every entry in it: where its bytes are."""
     root = Path(model_dir)
-    return [_real(root), *(_real(p) for p in sorted(root.iterdir()))]
+    return [(root, _real(root)), *((p, _real(p)) for p in sorted(root.iterdir()))]
 
 
 def output_locations(out: Path) -> list[tuple[Path, Path]]:
@@ -99,15 +99,22 @@ def output_locations(out: Path) -> list[tuple[Path, Path]]:
     return found
 
 
-def overlap_error(model_dir: Path, out: Path, named: Path, target: Path, source: Path) -> MixedPrecisionError:
-    if named == out and target == source:
-        how = "the output directory is the input model directory"
-    elif named == out and source in target.parents:
-        how = "the output directory is inside the input model directory"
-    elif named == out:
-        how = f"the input ({source}) is inside the output directory"
-    else:
-        how = f"{named} in the output leads into the input ({target})"
+def _how(model_dir: Path, out: Path, named: Path, target: Path, entry: Path, source: Path) -> str:
+    if named != out:
+        return f"{named} in the output leads into the input ({target})"
+    if entry != model_dir:
+        return f"the input's {entry.name} is {source}, inside the output"
+    if target == source:
+        return "the output directory is the input model directory"
+    if source in target.parents:
+        return "the output directory is inside the input model directory"
+    return f"the input ({source}) is inside the output directory"
+
+
+def overlap_error(
+    model_dir: Path, out: Path, named: Path, target: Path, entry: Path, source: Path
+) -> MixedPrecisionError:
+    how = _how(model_dir, out, named, target, entry, source)
     outer = min((source, target), key=lambda p: len(p.parts))
     return MixedPrecisionError(
         ErrorCode.OUTPUT_OVERLAPS_INPUT,
@@ -120,11 +127,11 @@ def overlap_error(model_dir: Path, out: Path, named: Path, target: Path, source:
 
 def check_separate(model_dir: Path, out: Path) -> None:
     """Refuse an output that is, holds, lies in, or links into the input (and an input linking into it)."""
-    sources = input_locations(model_dir)
+    sources = input_locations(Path(model_dir))
     for named, target in output_locations(Path(out)):
-        for source in sources:
+        for entry, source in sources:
             if _overlap(target, source):
-                raise overlap_error(Path(model_dir), Path(out), named, target, source)
+                raise overlap_error(Path(model_dir), Path(out), named, target, entry, source)
 
 
 # -- what is in the output ------------------------------------------------------------------------

@@ -281,7 +281,8 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     model, plan = checked_input(opts)
     fingerprint = opts.fingerprint(model)
     int4 = make_int4(opts, model)
-    out, record, needed = prepare_output_dir(opts, model, plan, fingerprint)  # the first write is here
+    with files.output_errors(Path(opts.output_dir), 0):  # an unreadable or read-only output is named too
+        out, record, needed = prepare_output_dir(opts, model, plan, fingerprint)  # the first write is here
     with files.output_errors(out, needed):
         report = write_outputs(opts, model, plan, fingerprint, int4, out, record)
     report.seconds = time.time() - t0
