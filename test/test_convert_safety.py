@@ -360,6 +360,33 @@ def test_resume_redoes_missing_or_damaged_shards(tiny_qwen3, tmp_path, clean, ho
     assert_same_outputs(clean, out)
 
 
+def test_resume_of_gptq_redoes_a_deleted_shard_in_the_middle(tiny_qwen3, tmp_path):
+    """Calibration flows through the kept layers (replayed from their written weights) into the redone one."""
+    kw = dict(method="gptq", nsamples=2, seqlen=64, formats=("int4",))
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    convert(opts(tiny_qwen3, clean, **kw))
+    convert(opts(tiny_qwen3, out, **kw))
+    shards = sorted((out / "int4").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[len(shards) // 2].unlink()
+    report = convert(opts(tiny_qwen3, out, **kw))
+    assert report.resumed_shards["int4"] == len(shards) - 1
+    assert_same_outputs(clean, out, formats=("int4",))
+
+
+@pytest.mark.parametrize("state", ['{"fingerprint": {}, "shards": 3}', '{"shards": [{"file": 1}]}', "[]"])
+def test_a_malformed_state_file_redoes_the_output(tiny_qwen3, tmp_path, clean, state):
+    out = tmp_path / "out"
+    convert(opts(tiny_qwen3, out))
+    fingerprint = json.loads((out / "fp8" / writer_mod.STATE_FILE).read_text())["fingerprint"]
+    doc = json.loads(state)
+    if isinstance(doc, dict):
+        doc["fingerprint"] = fingerprint  # the same conversion, so the broken entries are read
+    (out / "fp8" / writer_mod.STATE_FILE).write_text(json.dumps(doc))
+    convert(opts(tiny_qwen3, out))
+    assert_same_outputs(clean, out)
+
+
 def test_kill_before_the_first_shard_closed_resumes(tiny_qwen3, tmp_path, clean, monkeypatch):
     """As after SIGKILL: fp16/ and the owner record written, shard bodies and temporary files left behind."""
 

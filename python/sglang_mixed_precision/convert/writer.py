@@ -135,7 +135,10 @@ class ShardedWriter:
             return fresh  # none yet, or torn: every shard is redone
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             return fresh
-        return self._verified(state)
+        try:
+            return self._verified(state)
+        except (KeyError, TypeError, AttributeError):
+            return fresh  # a state file edited by hand or torn mid-entry: trust none of it
 
     def _verified(self, state: dict) -> dict:
         """Keep the recorded shards that are intact; drop the others (and the completion) so they are redone."""
