@@ -218,6 +218,25 @@ def test_a_foreign_file_inside_a_converted_output_blocks_overwrite(model, tmp_pa
     )
 
 
+@pytest.mark.parametrize("replace", ["fp8", "convert_report.json"])
+def test_an_owned_entry_replaced_by_the_user_is_not_owned(model, tmp_path, replace):
+    out = tmp_path / "out"
+    convert(opts(model, out, formats=("fp16", "fp8")))
+    p = out / replace
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if replace == "fp8":
+        p.write_text("user data")  # a file where the converter made a directory
+    else:
+        p.mkdir()  # a directory where the converter wrote a file
+        (p / "precious.bin").write_bytes(b"user data")
+    refused(
+        lambda: convert(opts(model, out, formats=("fp16", "fp8"), group_size=64, overwrite=True)),
+        code="output_not_empty",
+        says=(replace,),
+        untouched=(out, model),
+    )
+
+
 def test_overwrite_removes_only_what_the_record_lists(model, tmp_path):
     out = tmp_path / "out"
     convert(opts(model, out, formats=("fp16", "fp8")))

@@ -30,6 +30,7 @@ OWNER_FILE = ".sglang-mp-convert.json"
 RECORD_VERSION = 1
 # Names the converter writes inside its directories (fp16/ also holds the input's shard names, recorded).
 OWN_FILES = ("config.json", "model.safetensors.index.json", ".convert_state.json")
+OWN_DIRS = ("fp16", "fp8", "int4")  # the owned entries that are directories (the others are files)
 OWN_GLOBS = ("model-*-of-*.safetensors", "part-*.safetensors", "part-*.safetensors.body", "*" + files.TMP_SUFFIX)
 
 
@@ -148,8 +149,8 @@ def foreign_entries(out: Path, record: OwnerRecord | None, side_files: tuple[str
     for p in sorted(Path(out).iterdir()):
         if p.name in (OWNER_FILE, OWNER_FILE + files.TMP_SUFFIX) and record is not None:
             continue
-        if p.name not in owned or p.is_symlink():
-            foreign.append(p.name)
+        if p.name not in owned or p.is_symlink() or p.is_dir() != (p.name in OWN_DIRS):
+            foreign.append(p.name)  # not created by the converter, or replaced since by something else
         elif p.is_dir():
             extra = [*side_files, *record.files.get(p.name, [])]
             for q in sorted(p.iterdir()):
