@@ -254,6 +254,25 @@ def input_intact(model: Path) -> bool:
     return len(load_file(str(model / "model.safetensors"))) > 0
 
 
+def test_an_input_edited_between_runs_does_not_resume(model, tmp_path):
+    """A fine-tune written over the input (same names, same sizes) is another conversion."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    convert(opts(model, out, formats=("fp8",)))
+    state = load_file(str(model / "model.safetensors"))
+    save_file({k: v + 1 if v.dim() == 2 else v for k, v in state.items()}, str(model / "model.safetensors"))
+    refused(
+        lambda: convert(opts(model, out, formats=("fp8",))),
+        code="output_not_empty",
+        says=("holds another conversion", "input_files", "--overwrite"),
+        untouched=(out,),
+    )
+    convert(opts(model, out, formats=("fp8",), overwrite=True))
+    written, edited = tensors(out / "fp8"), load_file(str(model / "model.safetensors"))
+    assert torch.equal(written["model.embed_tokens.weight"], edited["model.embed_tokens.weight"])
+
+
 def test_an_unreadable_owner_record_owns_nothing(model, tmp_path):
     out = tmp_path / "out"
     convert(opts(model, out, formats=("fp16",)))

@@ -48,7 +48,7 @@ from .writer import ShardedWriter
 
 CONFIG_NAME = "mixed_precision_config.yaml"  # written by `sglang-mp convert --create_config`
 REPORT_NAME = "convert_report.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the input's files (size, modification time) are part of the fingerprint
 
 
 @dataclass
@@ -84,9 +84,20 @@ class ConvertOptions:
             "version": FORMAT_VERSION,
             "input": str(Path(self.model_path).resolve()),
             "input_bytes": model.total_bytes,
+            "input_files": input_stamp(model),
             "calib_sha1": hashlib.sha1(calib).hexdigest(),
             **{k: getattr(self, k) for k in keys},
         }
+
+
+def input_stamp(model: InputModel) -> str:
+    """The input's files as they are now (name, size, modification time): an input replaced or edited
+    between two runs (a fine-tune of the same size) must not resume on the other's shards."""
+    stamp = []
+    for name in (*model.files, "config.json"):
+        st = os.stat(model.path / name)
+        stamp.append((name, st.st_size, st.st_mtime_ns))
+    return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()
 
 
 @dataclass
