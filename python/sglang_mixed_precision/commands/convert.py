@@ -20,10 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="int4 quantizer (rtn: no calibration)")
     p.add_argument("--group_size", type=int, default=128, choices=(32, 64, 128, -1))
     p.add_argument("--desc_act", action="store_true", help="GPTQ act-order (writes the permuted g_idx)")
-    p.add_argument("--damp_percent", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal")
+    p.add_argument(
+        "--damp_percent", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal (0 < d < 1)"
+    )
     p.add_argument("--calib_file", help="calibration text (default: the corpus shipped in the package)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (>= 1)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (>= 8)")
     p.add_argument(
         "--min_expert_tokens",
         type=int,
@@ -37,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="leave matching modules 16-bit in fp8/ and int4/ (whole fused group); repeatable",
     )
-    p.add_argument("--max_shard_size", default="2GB")
+    p.add_argument("--max_shard_size", default="2GB", help="largest output shard: 2GB, 500MB, 1.5GiB or bytes (> 0)")
     p.add_argument(
         "--overwrite",
         action="store_true",
