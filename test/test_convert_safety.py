@@ -273,6 +273,19 @@ def test_an_input_edited_between_runs_does_not_resume(model, tmp_path):
     assert torch.equal(written["model.embed_tokens.weight"], edited["model.embed_tokens.weight"])
 
 
+def test_an_owner_record_naming_paths_outside_the_output_reaches_nothing(model, tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "precious"
+    outside.mkdir()
+    (outside / "data.bin").write_bytes(b"user data")
+    convert(opts(model, out, formats=("fp8",)))
+    record = json.loads((out / ownership.OWNER_FILE).read_text())
+    record["owned"] += ["../precious", str(outside), str(model)]
+    (out / ownership.OWNER_FILE).write_text(json.dumps(record))
+    before = tree(outside), tree(model)
+    convert(opts(model, out, formats=("fp8",), group_size=64, overwrite=True))
+    assert (tree(outside), tree(model)) == before
+
+
 def test_an_unreadable_owner_record_owns_nothing(model, tmp_path):
     out = tmp_path / "out"
     convert(opts(model, out, formats=("fp16",)))

@@ -225,12 +225,17 @@ def inspect_output(
 
 
 def remove_owned(out: Path, record: OwnerRecord) -> None:
-    """--overwrite: remove what the record says the converter created (checked to hold nothing else)."""
-    for name in record.owned:
-        p = Path(out) / name
+    """--overwrite: remove the entries of ``out`` the record lists (checked to hold nothing else).
+
+    Only direct children are candidates: a record naming ``../x`` or an absolute path (edited by
+    hand) reaches nothing outside the output."""
+    owned = set(record.owned)
+    for p in sorted(Path(out).iterdir()):
+        if p.name not in owned:
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
+        else:
             p.unlink()
 
 
