@@ -74,9 +74,14 @@ def init_sglang_cpu() -> None:
     init_sglang_group(ServerArgs(model_path=topology_model_dir(), device="cpu"), 0, free_port())
 
 
-@functools.cache
 def converted(model_dir: str, max_shard_size: str = "2GB") -> Path:
-    """fp16/ fp8/ int4/ of a tiny model (RTN int4), once per test process."""
+    """fp16/ fp8/ int4/ of a tiny model (RTN int4), once per test process: the mixes are written next
+    to them, and the converter refuses an output holding files it did not write."""
+    return _converted(str(model_dir), max_shard_size)
+
+
+@functools.cache
+def _converted(model_dir: str, max_shard_size: str) -> Path:
     from sglang_mixed_precision.convert.pipeline import ConvertOptions, convert
 
     out = Path(model_dir).parent / f"converted-{max_shard_size}"

@@ -302,14 +302,17 @@ def test_shape_not_divisible_names_tensor_and_fix(tmp_path):
 def test_output_dir_not_empty_and_overwrite(moe_rtn, tiny_qwen3, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
-    with pytest.raises(MixedPrecisionError) as e:
-        convert(opts(tiny_qwen3, tmp_path / "o"))
-    assert e.value.code == "output_not_empty"
-    convert(opts(tiny_qwen3, tmp_path / "o", overwrite=True, check=False))
-    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"  # only the converter's own outputs are replaced
+    for overwrite in (False, True):  # a file the converter did not write: refused, --overwrite included
+        with pytest.raises(MixedPrecisionError) as e:
+            convert(opts(tiny_qwen3, tmp_path / "o", overwrite=overwrite))
+        assert e.value.code == "output_not_empty" and "notes.txt" in str(e.value)
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["notes.txt"]
+    convert(opts(tiny_qwen3, tmp_path / "c", check=False))
     with pytest.raises(MixedPrecisionError) as e:  # a different conversion in the same dir
-        convert(opts(tiny_qwen3, tmp_path / "o", group_size=64))
-    assert e.value.code == "output_not_empty"
+        convert(opts(tiny_qwen3, tmp_path / "c", group_size=64))
+    assert e.value.code == "output_not_empty" and "group_size" in str(e.value)
+    convert(opts(tiny_qwen3, tmp_path / "c", group_size=64, overwrite=True, check=False))
+    assert qconfig(tmp_path / "c" / "int4")["group_size"] == 64
 
 
 @pytest.mark.parametrize(

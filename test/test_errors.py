@@ -72,3 +72,29 @@ def test_more_lists_examples_and_counts_the_rest():
     assert more(["a", "b"]) == "a, b"
     assert more([str(i) for i in range(7)], limit=3) == "0, 1, 2 and 4 more"
     assert more(["a", "b"], 10, sep="; ") == "a; b and 8 more"
+
+
+def _troubleshooting_rows() -> dict[str, tuple[str, str]]:
+    """code -> (cause, fix) from the tables of the user guide's Troubleshooting section."""
+    import re
+
+    text = (ROOT / "README_MIXED_PRECISION.md").read_text()
+    section = text.split("\n## Troubleshooting\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) != 3 or cells[0] in ("code", "---"):
+            continue
+        for code in re.findall(r"`([a-z0-9_]+)`", cells[0]):
+            rows[code] = (cells[1], cells[2])
+    return rows
+
+
+def test_the_user_guide_gives_every_code_a_cause_and_a_fix():
+    rows = _troubleshooting_rows()
+    undocumented = [c.value for c in ErrorCode if c.value not in rows]
+    assert undocumented == [], "add them to README_MIXED_PRECISION.md's Troubleshooting tables"
+    empty = [code for code, (cause, fix) in rows.items() if not cause or not fix]
+    assert empty == []
+    unknown = sorted(set(rows) - {c.value for c in ErrorCode})
+    assert unknown == []  # a renamed or removed code still listed

@@ -183,4 +183,4 @@ def test_demo_runs_a_mix_on_cpu_through_the_reference_path(tmp_path, capsys):
     # the shipped model learned Python: after a `def` line comes an indented body
     assert "'def read_lines(path):\\n' -> '    " in out
     assert "NVIDIA GPU" in out and "launch_mixed_precision_server.py --enable-mixed-precision" in out
-    assert (tmp_path / "demo" / "converted" / "mix.yaml").is_file()
+    assert (tmp_path / "demo" / "converted" / "mixed_precision_config.yaml").is_file()

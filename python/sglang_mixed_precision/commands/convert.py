@@ -20,10 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="int4 quantizer (rtn: no calibration)")
     p.add_argument("--group_size", type=int, default=128, choices=(32, 64, 128, -1))
     p.add_argument("--desc_act", action="store_true", help="GPTQ act-order (writes the permuted g_idx)")
-    p.add_argument("--damp_percent", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal")
+    p.add_argument(
+        "--damp_percent", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal (0 < d < 1)"
+    )
     p.add_argument("--calib_file", help="calibration text (default: the corpus shipped in the package)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (>= 1)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (>= 8)")
     p.add_argument(
         "--min_expert_tokens",
         type=int,
@@ -37,9 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="leave matching modules 16-bit in fp8/ and int4/ (whole fused group); repeatable",
     )
-    p.add_argument("--max_shard_size", default="2GB")
+    p.add_argument("--max_shard_size", default="2GB", help="largest output shard: 2GB, 500MB, 1.5GiB or bytes (> 0)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace the converter's outputs in a non-empty --output_dir"
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier conversion in --output_dir (removes only what the converter wrote there)",
     )
     p.add_argument("--verify", action="store_true", help="fail unless every module reloads within the error bounds")
     p.add_argument("--no_check", action="store_true", help="skip reloading and measuring the outputs")
@@ -56,7 +60,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
         model_path=args.model_path,
         output_dir=args.output_dir,
-        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+        formats=tuple(dict.fromkeys(f.strip() for f in args.formats.split(",") if f.strip())),
         method=args.method,
         group_size=args.group_size,
         desc_act=args.desc_act,
@@ -109,13 +113,13 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
 
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
-    if args.create_config:  # check the flags before hours of conversion
-        text = mixed_config_yaml(args.attention_precision, args.mlp_precision, args.expert_precision, opts.formats)
+    if args.create_config:  # checked before hours of conversion; written (and owned) by the converter
+        opts.mixed_config = mixed_config_yaml(
+            args.attention_precision, args.mlp_precision, args.expert_precision, opts.formats
+        )
     report = convert(opts)
     if args.create_config:
-        path = Path(opts.output_dir) / CONFIG_NAME
-        path.write_text(text)
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {Path(opts.output_dir) / CONFIG_NAME}", file=sys.stderr)
     print(summary(report))
     return 0
 

@@ -64,7 +64,7 @@ def prompts(arch: str) -> list[str]:
 
 def prepare(workdir: Path, arch: str) -> Path:
     """Steps 1-3: model, conversions, mix config; returns the config path."""
-    from ..convert.pipeline import FORMATS, ConvertOptions, convert
+    from ..convert.pipeline import CONFIG_NAME, FORMATS, ConvertOptions, convert
     from ..testing.tinymodels import make_tiny_model
     from .convert import mixed_config_yaml
 
@@ -75,6 +75,9 @@ def prepare(workdir: Path, arch: str) -> Path:
         make_tiny_model(arch, workdir / "bf16")
     say(f"      done in {time.time() - t:.1f}s")
     t = step(2, "converting to fp16/ fp8/ int4/ (int4: round-to-nearest GPTQ format)")
+    # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router) 16-bit.
+    # The converter writes it, so a rerun of the demo may replace it (--overwrite removes only its own files).
+    mlp = MLP_PRECISION.get(arch, "fp16" if "moe" in arch else "int4")
     convert(
         ConvertOptions(
             model_path=str(workdir / "bf16"),
@@ -82,13 +85,11 @@ def prepare(workdir: Path, arch: str) -> Path:
             method="rtn",
             overwrite=True,
             progress=False,
+            mixed_config=mixed_config_yaml(attention="fp8", mlp=mlp, experts="int4", sources=FORMATS),
         )
     )
     say(f"      done in {time.time() - t:.1f}s")
-    config = workdir / "converted" / "mix.yaml"
-    # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router) 16-bit.
-    mlp = MLP_PRECISION.get(arch, "fp16" if "moe" in arch else "int4")
-    config.write_text(mixed_config_yaml(attention="fp8", mlp=mlp, experts="int4", sources=FORMATS))
+    config = workdir / "converted" / CONFIG_NAME
     return config
 
 
@@ -110,7 +111,7 @@ def prepare_small(workdir: Path) -> Path:
     t = step(2, "converting to fp16/ fp8/ int4/ (int4: GPTQ, calibrated on held-out standard library text)")
     convert_small_model(workdir / "converted", method="gptq")
     say(f"      done in {time.time() - t:.1f}s")
-    config = workdir / "converted" / "mix.yaml"
+    config = workdir / "converted" / "mix.yaml"  # written after the conversion, which reruns skip
     config.write_text(mixed_config_yaml(attention="fp8", mlp="fp16", experts="int4", sources=FORMATS))
     return config
 

@@ -4,7 +4,10 @@
 ``gptq_pack``  GPTQ v1 int4 packing (qweight / qzeros / scales / g_idx) and its symmetric grid
 ``gptq``       the GPTQ algorithm (Hessian, dampening, blocked error compensation, act-order)
 ``calibration``calibration tokens and layer-by-layer activation capture (MoE routing included)
-``writer``     streaming safetensors shards, index and resume state
+``arguments``  every argument checked before anything is read or written
+``ownership``  the output's owner record; overlap with the input and foreign files refused
+``files``      atomic writes; a full disk or a denied write as named errors
+``writer``     streaming safetensors shards, index and resume state (finished shards verified)
 ``dequant``    independent dequantizers used to verify outputs (and by the reference forward)
 ``pipeline``   the conversion driver behind ``sglang-mp convert``
 """

@@ -1,13 +1,16 @@
-"""Model-directory dressing for each output: config.json with quantization_config, side files, fp16 copy."""
+"""Model-directory dressing for each output: config.json with quantization_config, side files, fp16 copy.
+
+Every file is written atomically (files.py): a rerun never finds a half-written one under its name.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import math
 from pathlib import Path
 
 from ..core.formats import Scheme, quantization_config
+from . import files
 from .model_dir import SIDE_FILES, InputModel
 from .plan import ConversionPlan
 
@@ -35,26 +38,14 @@ def copy_side_files(src: InputModel, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in SIDE_FILES:
         if (src.path / name).exists():
-            shutil.copy2(src.path / name, dst / name)
+            files.copy_file(src.path / name, dst / name)
 
 
 def write_config(src: InputModel, dst: Path, quantization_config: dict | None) -> None:
     cfg = dict(src.config)
     if quantization_config is not None:
         cfg["quantization_config"] = quantization_config
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def link_or_copy(src: Path, dst: Path) -> str:
-    """Hard-link when on the same filesystem (no bytes copied), copy otherwise."""
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)
-        return "linked"
-    except OSError:
-        shutil.copy2(src, dst)
-        return "copied"
+    files.write_text(dst / "config.json", json.dumps(cfg, indent=2) + "\n")
 
 
 def write_fp16(src: InputModel, dst: Path, progress=print) -> None:
@@ -62,14 +53,52 @@ def write_fp16(src: InputModel, dst: Path, progress=print) -> None:
     copy_side_files(src, dst)
     how = set()
     for f in src.files:
-        how.add(link_or_copy(src.path / f, dst / f))
+        how.add(files.link_or_copy(src.path / f, dst / f))
     index = src.path / "model.safetensors.index.json"
     if index.exists():
-        shutil.copy2(index, dst / index.name)
+        files.copy_file(index, dst / index.name)
     else:
         weight_map = dict(sorted(src.weight_map.items()))
-        (dst / index.name).write_text(
-            json.dumps({"metadata": {"total_size": src.total_bytes}, "weight_map": weight_map}, indent=2)
+        files.write_text(
+            dst / index.name,
+            json.dumps({"metadata": {"total_size": src.total_bytes}, "weight_map": weight_map}, indent=2),
         )
     write_config(src, dst, None)
     progress(f"fp16: {len(src.files)} shard(s) {'/'.join(sorted(how))} into {dst}")
+
+
+# -- how much the outputs take -----------------------------------------------------------------
+def _fp8_bytes(shape: tuple[int, ...], block: tuple[int, int]) -> int:
+    n, k = shape
+    return n * k + 4 * math.ceil(n / block[0]) * math.ceil(k / block[1])  # e4m3 weight + f32 tile scales
+
+
+def _int4_bytes(shape: tuple[int, ...], group_size: int) -> int:
+    n, k = shape
+    groups = math.ceil(k / (k if group_size == -1 else group_size))
+    return n * k // 2 + groups * n * 2 + groups * n // 2 + 4 * k  # qweight, f16 scales, qzeros, g_idx
+
+
+def estimate_bytes(src: InputModel, plan: ConversionPlan, formats: tuple[str, ...], fp16_links: bool) -> int:
+    """About what fp16/ fp8/ int4/ take on disk (fp16/ nothing when its shards are hard links)."""
+    quantized = {f"{m}.weight": t.shape for m, t in plan.quantized.items()}
+    kept = sum(t.nbytes for n, t in src.tensors.items() if n not in quantized)
+    total = 0
+    if "fp16" in formats and not fp16_links:
+        total += src.total_bytes
+    if "fp8" in formats:
+        total += kept + sum(_fp8_bytes(s, plan.fp8_block) for s in quantized.values())
+    if "int4" in formats:
+        total += kept + sum(_int4_bytes(s, plan.group_size or 128) for s in quantized.values())
+    return total
+
+
+def bytes_on_disk(out: Path, formats: tuple[str, ...]) -> int:
+    """What an earlier run already wrote there (hard links to the input cost nothing)."""
+    total = 0
+    for f in formats:
+        for p in (Path(out) / f).glob("*"):
+            st = p.lstat()
+            if p.is_file() and not p.is_symlink() and st.st_nlink == 1:
+                total += st.st_size
+    return total

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,20 +27,28 @@ import torch
 
 from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.formats import config_dtype
+from . import files, ownership
 from .allocator import pin_mmap_threshold
+from .arguments import FORMATS, check_options, shard_bytes
 from .fp8_block import DEFAULT_BLOCK, quantize_fp8_block
 from .gptq_pack import GptqTensors, rtn_quantize
-from .model_dir import InputModel
-from .outputs import copy_side_files, fp8_quantization_config, gptq_quantization_config, write_config, write_fp16
+from .model_dir import SIDE_FILES, InputModel
+from .outputs import (
+    bytes_on_disk,
+    copy_side_files,
+    estimate_bytes,
+    fp8_quantization_config,
+    gptq_quantization_config,
+    write_config,
+    write_fp16,
+)
 from .plan import ConversionPlan, Unit, build_plan
 from .verify import DEFAULT_MAX_ERROR, OutputCheck, OutputReader, check_output, format_check
-from .writer import STATE_FILE, ShardedWriter, parse_size
+from .writer import ShardedWriter
 
-FORMATS = ("fp16", "fp8", "int4")
 CONFIG_NAME = "mixed_precision_config.yaml"  # written by `sglang-mp convert --create_config`
 REPORT_NAME = "convert_report.json"
-OUTPUT_NAMES = (*FORMATS, CONFIG_NAME, REPORT_NAME)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the input's files (size, modification time) are part of the fingerprint
 
 
 @dataclass
@@ -64,6 +72,7 @@ class ConvertOptions:
     max_error_fp8: float = DEFAULT_MAX_ERROR["fp8"]
     max_error_int4: float = DEFAULT_MAX_ERROR["int4"]
     progress: bool = True
+    mixed_config: str | None = None  # YAML written to OUTPUT/CONFIG_NAME (`--create_config`)
 
     def fingerprint(self, model: InputModel) -> dict:
         """What must match for a rerun to reuse finished shards."""
@@ -75,9 +84,20 @@ class ConvertOptions:
             "version": FORMAT_VERSION,
             "input": str(Path(self.model_path).resolve()),
             "input_bytes": model.total_bytes,
+            "input_files": input_stamp(model),
             "calib_sha1": hashlib.sha1(calib).hexdigest(),
             **{k: getattr(self, k) for k in keys},
         }
+
+
+def input_stamp(model: InputModel) -> str:
+    """The input's files as they are now (name, size, modification time): an input replaced or edited
+    between two runs (a fine-tune of the same size) must not resume on the other's shards."""
+    stamp = []
+    for name in (*model.files, "config.json"):
+        st = os.stat(model.path / name)
+        stamp.append((name, st.st_size, st.st_mtime_ns))
+    return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()
 
 
 @dataclass
@@ -101,38 +121,25 @@ def _log(msg: str) -> None:
 
 
 # -- output directory ---------------------------------------------------------------------------
-def prepare_output_dir(opts: ConvertOptions, fingerprint: dict) -> Path:
-    """Refuse a non-empty output dir unless it is an interrupted run of the same conversion
-    (resume) or --overwrite is given (then only what the converter writes is removed)."""
+def fp16_can_link(model: InputModel, out: Path) -> bool:
+    """fp16/ hard-links the input's shards when both are on one filesystem (then it costs no space)."""
+    return os.stat(model.path).st_dev == os.stat(files.existing_ancestor(out)).st_dev
+
+
+def prepare_output_dir(
+    opts: ConvertOptions, model: InputModel, plan: ConversionPlan, fingerprint: dict
+) -> tuple[Path, ownership.OwnerRecord, int]:
+    """Check the output (overlap with the input, foreign files, another conversion, permissions, space)
+    with nothing touched; then replace (--overwrite), resume or start it. Returns the output, its owner
+    record and about how many bytes are left to write."""
     out = Path(opts.output_dir)
-    if out.exists() and not out.is_dir():
-        raise MixedPrecisionError(
-            ErrorCode.OUTPUT_NOT_DIR,
-            "the output path exists and is not a directory",
-            where=str(out),
-            fix="pick a new --output_dir",
-        )
-    if not out.exists() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    if opts.overwrite:
-        for name in OUTPUT_NAMES:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        return out
-    states = [out / f / STATE_FILE for f in ("fp8", "int4") if (out / f / STATE_FILE).exists()]
-    if states and all(json.loads(s.read_text()).get("fingerprint") == fingerprint for s in states):
-        return out
-    reason = "holds another conversion (different input or settings)" if states else "is not empty"
-    raise MixedPrecisionError(
-        ErrorCode.OUTPUT_NOT_EMPTY,
-        f"the output directory {reason}",
-        where=str(out),
-        fix="pass --overwrite to replace the converter's outputs there, or pick a new --output_dir",
-    )
+    formats = tuple(opts.formats)
+    record = ownership.inspect_output(out, model.path, fingerprint, overwrite=opts.overwrite, side_files=SIDE_FILES)
+    total = estimate_bytes(model, plan, formats, fp16_can_link(model, out))
+    kept = bytes_on_disk(out, formats) if record is not None and not opts.overwrite else 0
+    needed = max(total - kept, 0)
+    files.check_space(out, needed)
+    return out, ownership.take_output(out, record, fingerprint, overwrite=opts.overwrite), needed
 
 
 # -- int4 methods -------------------------------------------------------------------------------
@@ -164,6 +171,11 @@ def make_int4_method(opts: ConvertOptions, model: InputModel):
     raise MixedPrecisionError(
         ErrorCode.BAD_METHOD, f"unknown int4 method {opts.method!r}", fix="use --method gptq or --method rtn"
     )
+
+
+def make_int4(opts: ConvertOptions, model: InputModel):
+    """The int4 method, built before writing: GPTQ tokenizes its calibration text here (its errors come first)."""
+    return make_int4_method(opts, model) if "int4" in opts.formats else None
 
 
 # -- the pass over units ------------------------------------------------------------------------
@@ -261,19 +273,9 @@ def run_units(
 
 
 # -- entry point --------------------------------------------------------------------------------
-def convert(opts: ConvertOptions) -> ConversionReport:
-    t0 = time.time()
-    bad = [f for f in opts.formats if f not in FORMATS]
-    if bad or not opts.formats:
-        raise MixedPrecisionError(
-            ErrorCode.BAD_FORMAT, f"unknown output format(s) {bad}", fix=f"choose from {', '.join(FORMATS)}"
-        )
-    if opts.group_size not in (32, 64, 128, -1):
-        raise MixedPrecisionError(
-            ErrorCode.BAD_GROUP_SIZE,
-            f"group_size {opts.group_size} is not supported",
-            fix="use --group_size 32, 64, 128 or -1",
-        )
+def checked_input(opts: ConvertOptions) -> tuple[InputModel, ConversionPlan]:
+    """The arguments, the input model and the plan: every check that reads but never writes."""
+    check_options(opts)
     model = InputModel(opts.model_path)
     model.check_supported()
     model.check_not_quantized()
@@ -281,8 +283,29 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     plan = build_plan(
         model, skip=opts.skip, group_size=opts.group_size if "int4" in opts.formats else None, fp8_block=DEFAULT_BLOCK
     )
+    return model, plan
+
+
+def convert(opts: ConvertOptions) -> ConversionReport:
+    t0 = time.time()
+    opts.formats = tuple(dict.fromkeys(opts.formats))
+    model, plan = checked_input(opts)
     fingerprint = opts.fingerprint(model)
-    out = prepare_output_dir(opts, fingerprint)
+    int4 = make_int4(opts, model)
+    with files.output_errors(Path(opts.output_dir), 0):  # an unreadable or read-only output is named too
+        out, record, needed = prepare_output_dir(opts, model, plan, fingerprint)  # the first write is here
+    with files.output_errors(out, needed):
+        report = write_outputs(opts, model, plan, fingerprint, int4, out, record)
+    report.seconds = time.time() - t0
+    with files.output_errors(out, 0):
+        ownership.claim(out, record, REPORT_NAME)
+        files.write_text(out / REPORT_NAME, json.dumps(report.to_json(), indent=1))
+    if opts.verify:
+        gate_verification(report, opts)
+    return report
+
+
+def _log_start(model: InputModel, plan: ConversionPlan, out: Path) -> None:
     if not pin_mmap_threshold():
         _log(
             "convert: note: this C library's malloc cannot be told to return freed tensors to the OS "
@@ -295,17 +318,27 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     if plan.skipped_groups:
         _log(f"convert: left 16-bit by --skip: {', '.join(plan.skipped_groups)}")
 
+
+def write_outputs(
+    opts: ConvertOptions, model: InputModel, plan: ConversionPlan, fingerprint: dict, int4, out: Path, record
+) -> ConversionReport:
+    """Everything that writes: each output claimed in the owner record before it is created."""
+    _log_start(model, plan, out)
     report = ConversionReport(str(out), 0.0, model.total_bytes, skipped_groups=plan.skipped_groups)
     if "fp16" in opts.formats:
+        ownership.claim(out, record, "fp16", model.files)
         write_fp16(model, out / "fp16", progress=_log)
 
-    max_bytes = parse_size(opts.max_shard_size)
-    writers = {f: ShardedWriter(out / f, max_bytes, fingerprint) for f in ("fp8", "int4") if f in opts.formats}
+    max_bytes = shard_bytes(opts.max_shard_size)
+    writers = {}
+    for f in ("fp8", "int4"):
+        if f in opts.formats:
+            ownership.claim(out, record, f)
+            writers[f] = ShardedWriter(out / f, max_bytes, fingerprint)
     for f, w in writers.items():
         report.resumed_shards[f] = w.resumed_shards
         if w.resumed_shards:
             _log(f"convert: {f}: resuming, {w.resumed_shards} finished shard(s) kept")
-    int4 = make_int4_method(opts, model) if "int4" in writers else None
     if any(not w.complete for w in writers.values()):
         run_units(model, plan, opts, writers, int4)
     for f, w in writers.items():
@@ -329,15 +362,14 @@ def convert(opts: ConvertOptions) -> ConversionReport:
             ),
         )
         report.int4_method = int4.report()
+    if opts.mixed_config is not None:
+        ownership.claim(out, record, CONFIG_NAME)
+        files.write_text(out / CONFIG_NAME, opts.mixed_config)
 
     if opts.check or opts.verify:
         for f in writers:
             report.checks[f] = check_output(f, out / f, model, plan)
             _log(format_check(report.checks[f]))
-    report.seconds = time.time() - t0
-    (out / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1))
-    if opts.verify:
-        gate_verification(report, opts)
     return report
 
 

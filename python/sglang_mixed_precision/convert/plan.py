@@ -53,9 +53,28 @@ def _skipped_groups(modules: list[str], patterns: list[str]) -> set[str]:
     """
     groups = set()
     for m in modules:
-        if any(fnmatch.fnmatchcase(m, p) or fnmatch.fnmatchcase(m + ".weight", p) for p in patterns):
+        if any(_matches(m, p) for p in patterns):
             groups.add(classify(m).group)
     return groups
+
+
+def _matches(module: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(module + ".weight", pattern)
+
+
+def unmatched_skips(modules: list[str], patterns: list[str]) -> list[MixedPrecisionError]:
+    """A --skip that matches no linear module is a typo that would quietly quantize what it meant to keep."""
+    return [
+        MixedPrecisionError(
+            ErrorCode.BAD_ARGUMENT,
+            f"--skip {p!r} matches no linear module of the model",
+            where="--skip",
+            fix="use the checkpoint's module names or globs over them, e.g. 'model.layers.0.self_attn.q_proj' or "
+            "'model.layers.*.mlp.experts.*' (`sglang-mp analyze` lists the modules)",
+        )
+        for p in patterns
+        if not any(_matches(m, p) for m in modules)
+    ]
 
 
 def build_plan(
@@ -89,6 +108,7 @@ def build_plan(
                 )
             )
 
+    errors += unmatched_skips(list(candidates), skip)
     skipped = _skipped_groups(list(candidates), skip)
     quantized = {m: t for m, t in candidates.items() if classify(m).group not in skipped}
 

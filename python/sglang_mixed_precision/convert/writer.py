@@ -2,19 +2,28 @@
 
 A shard's tensor bytes go to a body file as they arrive, so memory never holds more than the
 tensor being written; closing the shard writes the safetensors header and appends the body.
-Closed shards are recorded in ``.convert_state.json``; a rerun with the same fingerprint skips
-every tensor of a closed shard and redoes only what was in flight.
+Closed shards are recorded in ``.convert_state.json`` (file, size, tensor names); a rerun with the
+same fingerprint verifies each recorded shard (present, of its size, a header that parses, the
+recorded tensors) and skips the tensors of those that pass; a missing or damaged shard is dropped
+and its tensors are written again, as is whatever was in flight. Every file is written under a
+temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import torch
+
+from ..core.errors import MixedPrecisionError
+from ..core.sources.safetensors import read_header
+from . import files
 
 STATE_FILE = ".convert_state.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -83,11 +92,15 @@ class _OpenShard:
         self.body.close()
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
         header += b" " * ((-len(header)) % 8)  # keep tensor data 8-byte aligned, as safetensors does
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as out, open(self.body_path, "rb") as body:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(body, out, 16 * 2**20)
+        tmp = files.tmp_path(self.path)
+        try:
+            with open(tmp, "wb") as out, open(self.body_path, "rb") as body:
+                out.write(struct.pack("<Q", len(header)))
+                out.write(header)
+                shutil.copyfileobj(body, out, 16 * 2**20)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # give back the space a full disk needs before the rerun
+            raise
         os.replace(tmp, self.path)
         self.body_path.unlink()
 
@@ -115,23 +128,56 @@ class ShardedWriter:
         return self.out_dir / STATE_FILE
 
     def _load_state(self) -> dict:
-        if self.state_path.exists():
+        fresh = {"fingerprint": self.fingerprint, "shards": [], "complete": False}
+        try:
             state = json.loads(self.state_path.read_text())
-            if state.get("fingerprint") == self.fingerprint:
-                return state
-        return {"fingerprint": self.fingerprint, "shards": [], "complete": False}
+        except (OSError, ValueError):
+            return fresh  # none yet, or torn: every shard is redone
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            return fresh
+        try:
+            return self._verified(state)
+        except (KeyError, TypeError, AttributeError):
+            return fresh  # a state file edited by hand or torn mid-entry: trust none of it
+
+    def _verified(self, state: dict) -> dict:
+        """Keep the recorded shards that are intact; drop the others (and the completion) so they are redone."""
+        kept = [s for s in state.get("shards", []) if self._intact(s)]
+        if len(kept) != len(state.get("shards", [])) or not self._index_matches(kept):
+            state["complete"] = False
+        state["shards"] = kept
+        return state
+
+    def _intact(self, shard: dict) -> bool:
+        path = self.out_dir / shard["file"]
+        why = shard_problem(path, shard)
+        if why:
+            print(f"convert: {self.out_dir.name}/{shard['file']}: {why}; writing its tensors again", file=sys.stderr)
+        return not why
+
+    def _index_matches(self, shards: list[dict]) -> bool:
+        try:
+            index = json.loads((self.out_dir / INDEX_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        expected = {n: s["file"] for s in shards for n in s["tensors"]}
+        return isinstance(index, dict) and index.get("weight_map") == expected
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_name(STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.state_path)
+        files.write_text(self.state_path, json.dumps(self.state, indent=1))
 
     def _clear_partials(self) -> None:
-        """Drop shards that were in flight when a previous run stopped (not in the state)."""
+        """Drop shards that were in flight when a previous run stopped, or that failed verification (unrecorded)."""
         recorded = {s["file"] for s in self.state["shards"]}
-        for p in self.out_dir.glob("part-*.safetensors*"):
-            if p.name not in recorded:
-                p.unlink()
+        for pattern in ("part-*.safetensors*", "model-*-of-*.safetensors", "*" + files.TMP_SUFFIX):
+            for p in self.out_dir.glob(pattern):
+                if p.name not in recorded and p.name != STATE_FILE:
+                    p.unlink()
+
+    def _next_index(self) -> int:
+        """One past the highest number in a recorded shard's name (a dropped shard leaves a gap, not a clash)."""
+        numbers = [int(m.group(1)) for s in self.state["shards"] if (m := re.search(r"-(\d+)", s["file"]))]
+        return max(numbers, default=0) + 1
 
     @property
     def complete(self) -> bool:
@@ -153,7 +199,7 @@ class ShardedWriter:
         if name in self.done:
             return
         if self._shard is None:
-            idx = len(self.state["shards"]) + 1
+            idx = self._next_index()
             self._shard = _OpenShard(self.out_dir / f"part-{idx:05d}.safetensors")
         self._shard.add(name, t)
         self.done.add(name)
@@ -163,9 +209,21 @@ class ShardedWriter:
     def close_shard(self) -> None:
         if self._shard is None:
             return
-        shard, self._shard = self._shard, None
-        shard.close()
-        self.state["shards"].append({"file": shard.path.name, "tensors": list(shard.entries), "bytes": shard.size})
+        shard = self._shard
+        try:
+            shard.close()
+        except BaseException:
+            self.abort()  # its body goes too: a full disk needs the space back before the rerun
+            raise
+        self._shard = None
+        self.state["shards"].append(
+            {
+                "file": shard.path.name,
+                "tensors": list(shard.entries),
+                "bytes": shard.size,
+                "file_bytes": shard.path.stat().st_size,
+            }
+        )
         self._save_state()
 
     def abort(self) -> None:
@@ -188,7 +246,23 @@ class ShardedWriter:
             "metadata": {"total_size": sum(s["bytes"] for s in shards)},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        files.write_text(self.out_dir / INDEX_FILE, json.dumps(index, indent=2))
         self.state["complete"] = True
         self._save_state()
         return weight_map
+
+
+def shard_problem(path: Path, shard: dict) -> str | None:
+    """Why a recorded shard cannot be trusted (None when it is as recorded)."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if "file_bytes" in shard and size != shard["file_bytes"]:
+        return f"{size} bytes, {shard['file_bytes']} recorded"
+    try:
+        names = set(read_header(path))
+    except MixedPrecisionError as e:
+        return e.detail
+    if names != set(shard["tensors"]):
+        return "holds other tensors than recorded"
+    return None

@@ -99,7 +99,17 @@ class ErrorCode(str, Enum):
     CALIB_TOO_SHORT = ("calib_too_short", 400, "the calibration text is shorter than nsamples x seqlen tokens")
     NO_TOKENIZER = ("no_tokenizer", 400, "GPTQ calibration needs the model's tokenizer files")
     OUTPUT_NOT_DIR = ("output_not_dir", 400, "the output path exists and is not a directory")
-    OUTPUT_NOT_EMPTY = ("output_not_empty", 400, "the output directory holds files this run did not write")
+    OUTPUT_NOT_EMPTY = (
+        "output_not_empty",
+        400,
+        "the output directory holds files the converter did not write, or another conversion",
+    )
+    OUTPUT_OVERLAPS_INPUT = (
+        "output_overlaps_input",
+        400,
+        "the converter's output is, holds, lies inside or links into its input",
+    )
+    DISK_FULL = ("disk_full", 507, "no space left (or over quota) on the output's filesystem")
     VERIFY_FAILED = ("verify_failed", 400, "a converted tensor dequantizes too far from its original")
     # ---- launcher and plan directory
     LAUNCH_NO_CONFIG = ("launch_no_config", 400, "--enable-mixed-precision without a config")
