@@ -52,6 +52,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(peak device bytes allocated by torch, peak resident bytes of this process) so far."""
+    dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    try:
+        with open("/proc/self/status") as f:
+            host = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+    except OSError:  # not Linux
+        host = None
+    return dev, host
+
+
 # -- hand-offs between the reader / writer threads and the main thread ----------------------------
 def side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """A stream of its own for a helper thread's copies, so they overlap the main stream's kernels."""

@@ -28,7 +28,7 @@ import torch
 from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.formats import config_dtype
 from .allocator import pin_mmap_threshold
-from .device import claim, mark, resolve_device, side_stream, to_host, upload
+from .device import claim, mark, peak_memory, resolve_device, side_stream, to_host, upload
 from .fp8_block import DEFAULT_BLOCK, quantize_fp8_block
 from .gptq_pack import GptqTensors, rtn_quantize
 from .model_dir import InputModel
@@ -94,6 +94,10 @@ class ConversionReport:
     int4_method: dict = field(default_factory=dict)  # what the int4 quantizer reports (RTN fallbacks, errors)
     resumed_shards: dict[str, int] = field(default_factory=dict)
     skipped_groups: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    unit_seconds: dict[str, float] = field(default_factory=dict)  # per unit, as the main thread finished it
+    peak_device_bytes: int | None = None  # torch.cuda.max_memory_allocated over the run (GPU only)
+    peak_host_bytes: int | None = None  # the process's peak resident memory (Linux VmHWM)
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "checks"}
@@ -288,6 +292,7 @@ def run_units(
     writers: dict[str, ShardedWriter],
     int4,
     device: torch.device = torch.device("cpu"),
+    unit_seconds: dict[str, float] | None = None,
 ) -> None:
     bar = _progress_bar(model.total_bytes, opts.progress)
     threaded = _overlap(opts, device)
@@ -302,6 +307,7 @@ def run_units(
     flusher = BackgroundWriter(
         lambda item: _write_outputs(writers, write_stream, item), depth=WRITE_BEHIND, threaded=threaded
     )
+    last = time.time()
     try:
         for (unit, done), tensors in reader:
             bar.set_postfix_str(unit.label)
@@ -316,6 +322,11 @@ def run_units(
             if written is not None:
                 written.release()
             bar.update(_unit_bytes(model, unit))
+            seconds, last = time.time() - last, time.time()
+            if unit_seconds is not None:
+                unit_seconds[unit.label] = round(seconds, 3)
+            if not opts.progress:  # no bar: a line per unit says how far it is
+                _log(f"convert: {unit.label} in {seconds:.2f} s")
         flusher.close()
     except BaseException:
         reader.close()
@@ -369,7 +380,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     if plan.skipped_groups:
         _log(f"convert: left 16-bit by --skip: {', '.join(plan.skipped_groups)}")
 
-    report = ConversionReport(str(out), 0.0, model.total_bytes, skipped_groups=plan.skipped_groups)
+    report = ConversionReport(str(out), 0.0, model.total_bytes, skipped_groups=plan.skipped_groups, device=str(device))
     if "fp16" in opts.formats:
         write_fp16(model, out / "fp16", progress=_log)
 
@@ -381,7 +392,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
             _log(f"convert: {f}: resuming, {w.resumed_shards} finished shard(s) kept")
     int4 = make_int4_method(opts, model, device) if "int4" in writers else None
     if any(not w.complete for w in writers.values()):
-        run_units(model, plan, opts, writers, int4, device)
+        run_units(model, plan, opts, writers, int4, device, report.unit_seconds)
     for f, w in writers.items():
         if not w.complete:
             w.finish()
@@ -409,6 +420,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
             report.checks[f] = check_output(f, out / f, model, plan)
             _log(format_check(report.checks[f]))
     report.seconds = time.time() - t0
+    report.peak_device_bytes, report.peak_host_bytes = peak_memory(device)
     (out / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1))
     if opts.verify:
         gate_verification(report, opts)
