@@ -6,5 +6,7 @@
 ``calibration``calibration tokens and layer-by-layer activation capture (MoE routing included)
 ``writer``     streaming safetensors shards, index and resume state
 ``dequant``    independent dequantizers used to verify outputs (and by the reference forward)
+``device``     ``--device`` (cuda by default with a GPU) and the hand-offs of tensors between threads
+``overlap``    the reader thread (prefetches the next unit) and the writer thread (flushes shards)
 ``pipeline``   the conversion driver behind ``sglang-mp convert``
 """

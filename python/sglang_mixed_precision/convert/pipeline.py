@@ -1,8 +1,11 @@
 """The conversion driver: input checks, plan, then one streaming pass over the decoder layers.
 
 Each unit (the non-layer tensors, then decoder layer 0, 1, ...) is read once from the input
-shards, quantized for every requested output and streamed into that output's shards; only the
-unit in flight is held in memory. Peak RAM above the interpreter + libraries is bounded by
+shards, quantized for every requested output on ``--device`` and streamed into that output's
+shards. With a GPU a reader thread loads the next unit onto it and a writer thread flushes the
+outputs (overlap.py): up to three units are in flight, and the bounds of GPU memory and RAM are in
+README_MIXED_PRECISION.md (converter section), measured by bench/gpu_convert_bench.py. On the
+CPU (threads off) only the unit in flight is held. Peak RAM above the interpreter + libraries is then bounded by
     fp8 / rtn: 2 x the largest unit's 16-bit bytes + 48 bytes x the largest tensor's elements
     gptq:      4 x the largest unit + 64 bytes x the largest tensor's elements
                + 24 bytes x K_max^2 (Hessians / inverse Cholesky)
