@@ -238,16 +238,18 @@ def compare(device: str, experts: int, tiny: bool) -> dict:
 
 # ---- other quantizers ------------------------------------------------------------------------------------
 def other_quantizers() -> dict:
-    """Whether GPTQModel or llm-compressor could run here (installed, or a wheel in a local index)."""
+    """Whether GPTQModel or llm-compressor could run here: importable, or in a local package index
+    (/opt/pypi*/simple/<name>/, /opt/pypi*/files/<name>-*)."""
     found = {}
     for pkg, names in (
         ("gptqmodel", ("gptqmodel", "GPTQModel")),
-        ("llmcompressor", ("llmcompressor", "llm_compressor")),
+        ("llmcompressor", ("llmcompressor", "llm-compressor")),
     ):
-        wheels = [
-            p for root in glob.glob("/opt/pypi*") for n in names for p in glob.glob(f"{root}/**/{n}*", recursive=True)
-        ]
-        found[pkg] = {"importable": importlib.util.find_spec(pkg) is not None, "local_files": wheels[:5]}
+        local = []
+        for root in glob.glob("/opt/pypi*"):
+            for n in names:
+                local += glob.glob(f"{root}/simple/{n}") + glob.glob(f"{root}/files/{n.replace('-', '_')}-*")
+        found[pkg] = {"importable": importlib.util.find_spec(pkg) is not None, "local_index": local[:5]}
     return found
 
 
@@ -293,7 +295,11 @@ def markdown(r: dict) -> str:
                 f"| {i} | {e['values_differing']} | {e['max_step_difference']} | {e['relative_weight_difference']} "
                 f"| {e['loss_cpu']} | {e['loss_gpu']} |"
             )
-    lines += ["", f"Other quantizers: {json.dumps(r.get('other_quantizers'))}"]
+    others = r.get("other_quantizers", {})
+    if not any(v["importable"] or v["local_index"] for v in others.values()):
+        lines += ["", "GPTQModel / llm-compressor: neither installed nor in a local package index here: no comparison."]
+    else:
+        lines += ["", f"Other quantizers available: {json.dumps(others)} (not compared by this script)."]
     return "\n".join(lines) + "\n"
 
 

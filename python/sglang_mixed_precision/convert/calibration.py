@@ -11,6 +11,10 @@ the calibration tokens are in memory.
 MoE: the router (kept 16-bit) picks each token's top-k experts; every expert's Hessians come
 from the tokens routed to it only. Experts with fewer than ``min_expert_tokens`` tokens fall back
 to round-to-nearest and are reported.
+
+Everything runs on the method's device (``--device``): the layer, the activations, the Hessians.
+The experts of a layer are quantized in batches (all within EXPERT_BATCH_BYTES on a GPU, one at a
+time on the CPU): same-shape GPTQ problems in one pass, the same bits as one at a time.
 """
 
 from __future__ import annotations
