@@ -5,6 +5,7 @@ caller as the same error (no hang, no thread left behind), and --device cuda wit
 from __future__ import annotations
 
 import errno
+import json
 import threading
 import time
 
@@ -255,3 +256,19 @@ def test_default_device_follows_the_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(None).type == "cpu"
+
+
+def test_cli_device_flags_reach_the_converter(tiny_qwen3, tmp_path, monkeypatch, capsys):
+    from sglang_mixed_precision.cli import main as cli_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "o"
+    argv = ["convert", "--model_path", str(tiny_qwen3), "--output_dir", str(out), "--method", "rtn", "--no_progress"]
+    assert cli_main([*argv, "--device", "cuda"]) == 2
+    assert "[bad_device]" in capsys.readouterr().err and not out.exists()
+    assert cli_main([*argv, "--expert_batch", "-1"]) == 2
+    assert "[bad_argument]" in capsys.readouterr().err and not out.exists()
+    assert cli_main([*argv, "--device", "cpu", "--overlap", "on", "--formats", "fp8", "--no_check"]) == 0
+    report = json.loads((out / "convert_report.json").read_text())
+    assert report["device"] == "cpu" and set(report["unit_seconds"]) == {"non-layer tensors", "layer 0", "layer 1"}
+    assert report["peak_host_bytes"] > 0 and report["peak_device_bytes"] is None
