@@ -103,18 +103,33 @@ def convert(work: Path, method: str, device: str, args, timeout: float) -> dict:
         cmd += ["--calib_file", str(work / "calib.txt"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     log(f"{method}: {' '.join(cmd[3:])} (timeout {timeout:.0f} s)")
     start = time.time()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "python"), os.environ.get("PYTHONPATH")])),
+    }
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1), env=env)
     except subprocess.TimeoutExpired as e:
         stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        done = [line for line in stderr.splitlines() if line.startswith("convert: layer ")]
-        return {"timed_out_after_s": round(time.time() - start, 1), "layers_done": len(done), "tail": stderr[-2000:]}
+        return timed_out(stderr, time.time() - start, work)
     wall = time.time() - start
     if proc.returncode:
         return {"error": proc.stderr[-3000:], "wall_s": round(wall, 1)}
     report = json.loads((out / "convert_report.json").read_text())
     shutil.rmtree(out, ignore_errors=True)  # the disk holds the input and one output at a time
     return summarize_run(report, wall, work)
+
+
+def timed_out(stderr: str, seconds: float, work: Path) -> dict:
+    """What a conversion that ran out of time did: its layers' seconds, from its per-unit log lines."""
+    layer_s = [
+        float(line.split(" in ")[1].split()[0]) for line in stderr.splitlines() if line.startswith("convert: layer ")
+    ]
+    sizes = layer_bytes(work / "model")
+    steady = layer_s[1:] or layer_s
+    rate = (sum(sizes.values()) / len(sizes) / 1e9) / (sum(steady) / len(steady)) if steady else None
+    return {"timed_out_after_s": round(seconds, 1), "layer_s": layer_s, "gbps_layers_partial": sig(rate) if rate else None,
+            "tail": stderr[-2000:]}  # fmt: skip
 
 
 def summarize_run(report: dict, wall: float, work: Path) -> dict:
@@ -285,6 +300,8 @@ def markdown(r: dict) -> str:
             f"({b.get('baseline_host_gib')} + {b.get('host_above_baseline_gib')}) "
             f"| {x['extrapolated_min']['Qwen3-30B-A3B']} | {x['extrapolated_min']['Qwen3-235B-A22B']} |"
         )
+    lines += ["", "Minutes for the two releases are their bf16 bytes at the per-layer rate; Qwen3-235B-A22B's layers are"
+              " wider (hidden 4096, experts of 1536), so its GPTQ minutes are an estimate by bytes, not a measurement."]  # fmt: skip
     g = r.get("gptq", {}).get("int4_method")
     if g:
         lines += ["", f"GPTQ held-out layer-output error {g.get('heldout_gptq_error')} vs RTN {g.get('heldout_rtn_error')}"
