@@ -19,21 +19,31 @@ All servers share the flags in SERVER_FLAGS (CUDA graphs on, SGLang's default) a
 the GPU; each is measured while the others sit idle (nothing else is sent to them). Per --phase:
 
   prepare  generate and convert the model (kept in --workdir; skipped when there), time the conversion
-  serve    start the servers (one start; run the phase again for another start), then:
+  serve    start the servers --stagger seconds apart (--starts starts in this command), then:
            greedy tokens (8 prompts x 64), a profile of decode steps (torch.profiler through SGLang's
-           /start_profile, CUDA graphs on) of every server, and --rounds interleaved rounds
-           (A B C ... A B C ...) of: decode tok/s at batch 1, 8, 64; TTFT of a 2,048-token prompt
-  report   JSON + markdown from everything measured so far (also written after every phase)
+           /start_profile, CUDA graphs on) of every server not yet profiled, and --rounds interleaved
+           rounds (A B C ... A B C ...) of: decode tok/s at batch 1, 8, 64 (SGLang's own decode lines,
+           --decode-log-interval 10, while an N- and a 2N-token request run; the wall-clock rate
+           B*N / (t(2N) - t(N)) as a cross-check, refused below 5 ms); TTFT of a 2,048-token prompt.
+           Skipped when --deadline-s leaves too little time (after a slow prepare, say).
+  report   JSON + markdown from everything measured so far (also written after every step)
 
-Results accumulate in --out/bench_mix.json across commands (each server start is a sample); ratios
-are medians of rounds, with the spread (min..max) of each side; a ratio is called a difference only
-when the spreads do not overlap.
+Results accumulate in --out/bench_mix.json across commands (copy the last one into --out first; each
+server start is a sample); ratios are medians of the valid rounds, with the spread (min..max) and n of
+each side; a ratio is called a difference only when the spreads do not overlap. --out receives only
+bench_mix.json, bench_mix.md, kernel_tables.json and server_logs.tgz (logs and traces stay in --workdir).
+--deadline-s (from the script's start) stops the servers and writes everything before a command limit.
+
+--from-logs DIR rebuilds a saved run (bench_mix.json + server_logs.tgz) into --out: load time, weight
+memory and decode tok/s from the server logs; starts nothing.
 
 --cpu-check runs everything up to launching SGLang on CPU with a tiny model: generation, conversion,
-mix YAMLs, plans (the launcher's validation), every server command checked by SGLang's own parser.
+mix YAMLs, plans (the launcher's validation), every server command checked by SGLang's own parser, and
+the time the serve phase needs against --deadline-s.
 
-Usage (GPU machine, repository root): source bench/gpu_setup.sh &&
-    python bench/gpu_bench_mix.py --workdir /root/bm --out $OUT/bench --phase prepare,serve,report
+Usage (GPU machine, repository root; one command of at most 10 minutes, see bench/README.md):
+    source bench/gpu_setup.sh && python bench/gpu_bench_mix.py --workdir /root/bm --out $OUT/bench \
+        --phase serve,report --servers stock-bf16,mixed-bf16,stock-fp8,mixed-fp8 --starts 2
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import argparse
 import gzip
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,7 +68,7 @@ sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_common import environment, make_log  # noqa: E402
-from sglang_mixed_precision.serving.client import parse_server_log  # noqa: E402
+from sglang_mixed_precision.serving.client import decode_runs, parse_server_log, weight_load_window  # noqa: E402
 
 log = make_log("bench")
 
@@ -94,7 +105,10 @@ SERVERS = {
     "int4-dense": Server("mixed", "int4", "int4", "auto", compare_to="int4-auto"),
 }
 BATCHES = (1, 8, 64)
-DECODE_TOKENS = 128
+DECODE_TOKENS = 128  # N: the server's decode lines of an N- and a 2N-token request; wall rate B*N / (t(2N) - t(N))
+DECODE_LOG_INTERVAL = 10
+MIN_DECODE_WINDOW_S = 0.005  # a wall-clock difference below this is timer noise, not N decode steps
+CLIENT_LOG_DISAGREEMENT = 0.25  # a client-side rate this far from the server's own lines is not a measurement
 SHORT_PROMPT = 16
 LONG_PROMPT = 2048
 GREEDY = (8, 64)  # prompts x tokens
@@ -107,7 +121,7 @@ SERVER_FLAGS = [
     "pytorch",
     "--skip-tokenizer-init",  # requests carry token ids: no tokenizer work on either side
     "--disable-radix-cache",  # repeated prompts must prefill every time
-    "--cuda-graph-max-bs",
+    "--cuda-graph-max-bs-decode",  # every supported SGLang (the --cuda-graph-max-bs alias is gone since 0.5.20)
     str(max(BATCHES)),
     "--max-running-requests",
     str(max(BATCHES)),
@@ -115,6 +129,8 @@ SERVER_FLAGS = [
     "4096",
     "--log-level",
     "info",
+    "--decode-log-interval",  # SGLang's own decode tok/s line every 10 steps: the decode measurement
+    str(DECODE_LOG_INTERVAL),
 ]
 GOAL_RATIO = 0.99
 
@@ -241,15 +257,48 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def measure_round(base: str, vocab: int) -> dict:
-    """Decode tok/s at each batch size (B x 127 tokens over the time past the prefill-only request)
-    and TTFT of a 2,048-token prompt (median of 3)."""
-    out = {}
+def log_decode_rate(text: str, batch: int) -> tuple[float | None, int]:
+    """The median of the server's own decode tok/s lines at #running-req == ``batch`` in ``text`` (the
+    first line of each run dropped: its interval spans the idle time and the prefill), and how many."""
+    values = [v for run in decode_runs(text) if run["running"] == batch for v in run["tok_s"]]
+    return (statistics.median(values) if values else None), len(values)
+
+
+def wall_decode_rate(batch: int, n: int, t_n: float, t_2n: float) -> tuple[float | None, str | None]:
+    """B*N / (t(2N) - t(N)): the N extra decode steps of the longer request; None and the reason when
+    the difference is too small to be N decode steps (prefill noise larger than the decode time)."""
+    window = t_2n - t_n
+    if window < MIN_DECODE_WINDOW_S:
+        return None, f"t({2 * n}) - t({n}) = {window * 1000:.2f} ms < {MIN_DECODE_WINDOW_S * 1000:.0f} ms"
+    return batch * n / window, None
+
+
+def read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def measure_round(base: str, vocab: int, log_path: Path) -> dict:
+    """Decode tok/s at each batch size B from the server's own log lines while an N- and a 2N-token
+    request of B sequences ran (``decode_tok_s_bB``, with ``decode_lines_bB`` lines), the wall-clock rate
+    B*N / (t(2N) - t(N)) as a cross-check (``decode_wall_tok_s_bB``), and TTFT of a 2,048-token prompt
+    (median of 3). A value that could not be measured is None with its reason in ``invalid``."""
+    out: dict = {"invalid": {}}
     for b in BATCHES:
         ids = prompts(b, SHORT_PROMPT, vocab, seed=b)
-        prefill, _ = generate(base, ids, 1)
-        total, _ = generate(base, ids, DECODE_TOKENS)
-        out[f"decode_tok_s_b{b}"] = b * (DECODE_TOKENS - 1) / max(total - prefill, 1e-9)
+        offset = log_path.stat().st_size
+        t_n, _ = generate(base, ids, DECODE_TOKENS)
+        t_2n, _ = generate(base, ids, 2 * DECODE_TOKENS)
+        time.sleep(0.5)  # SGLang's scheduler writes its last decode line as the request returns
+        rate, lines = log_decode_rate(read_from(log_path, offset), b)
+        out[f"decode_tok_s_b{b}"], out[f"decode_lines_b{b}"] = rate, lines
+        if rate is None:
+            out["invalid"][f"decode_tok_s_b{b}"] = f"no decode line at #running-req {b} in the server log"
+        wall, why = wall_decode_rate(b, DECODE_TOKENS, t_n, t_2n)
+        out[f"decode_wall_tok_s_b{b}"] = wall
+        if why:
+            out["invalid"][f"decode_wall_tok_s_b{b}"] = why
     long = prompts(3, LONG_PROMPT, vocab, seed=7)
     out["ttft_s_2048"] = statistics.median(generate(base, [p], 1)[0] for p in long)
     return out
@@ -268,25 +317,30 @@ def greedy_ids(base: str, vocab: int) -> list[list[int]]:
     return [r["output_ids"] for r in replies]
 
 
-def profile_decode(base: str, vocab: int, out_dir: Path) -> dict:
+def profile_decode(base: str, vocab: int, trace_dir: Path, timeout: float = 120.0) -> dict:
     """Kernels of PROFILE_STEPS decode steps at batch PROFILE_BATCH (CUDA graphs on): per step, each
-    kernel's launches, grid and GPU time, and the GPU busy time of a step."""
+    kernel's launches, grid and GPU time, and the GPU busy time of a step. SGLang's /start_profile
+    answers plain text ("Start profiling."), not JSON; the trace is written under ``trace_dir`` (in
+    folders of SGLang's choosing: searched recursively) once the profiled steps have run."""
     from sglang_mixed_precision.serving import client
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    before = set(out_dir.glob("*.trace.json.gz"))
-    body = {"output_dir": str(out_dir), "num_steps": PROFILE_STEPS, "profile_by_stage": True,
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    before = set(trace_dir.rglob("*.trace.json.gz"))
+    body = {"output_dir": str(trace_dir), "num_steps": PROFILE_STEPS, "profile_by_stage": True,
             "activities": ["CPU", "GPU"], "with_stack": False, "record_shapes": False}  # fmt: skip
-    client.post_json(f"{base}/start_profile", body, timeout=120)
+    status, reply = client.request(f"{base}/start_profile", body, timeout=timeout)
+    if status != 200:
+        raise RuntimeError(f"/start_profile answered HTTP {status}: {str(reply)[:300]}")
     ids = prompts(PROFILE_BATCH, SHORT_PROMPT, vocab, seed=5)
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while time.time() < deadline:  # the trace is written once a later batch runs
         generate(base, ids, 48)
-        new = [p for p in out_dir.glob("*DECODE*.trace.json.gz") if p not in before]
+        new = sorted(p for p in trace_dir.rglob("*DECODE*.trace.json.gz") if p not in before)
         if new:
             time.sleep(2.0)  # let the exporter finish the file
             return kernel_table(new[0])
-    raise RuntimeError("no decode trace appeared within 120 s")
+    found = sorted(str(p.relative_to(trace_dir)) for p in trace_dir.rglob("*") if p.is_file())
+    raise RuntimeError(f"no decode trace under {trace_dir} within {timeout:.0f} s; files there: {found[:10]}")
 
 
 def kernel_table(trace: Path) -> dict:
@@ -346,51 +400,156 @@ class Running:
     info: dict = field(default_factory=dict)
 
 
-def start_servers(names: list[str], work: Path, out: Path, start_no: int, mem_fraction: float, max_tokens: int):
-    """Start every server, one after the other once the previous has loaded its weights (SGLang sizes
-    its KV pool from the memory left while it loads), and wait until all answer."""
+# Starting the servers one after the other until each had sized its KV pool took 55-60 s per server
+# (launcher planning, imports, scheduler spawn: the weight load itself is 3-7 s), 8 minutes for 8 servers.
+# They now start --stagger seconds apart, their start-ups overlapping. That is safe because the KV pool
+# is fixed: SGLang takes min(--max-total-tokens, profiled) tokens, profiled from the memory free after
+# its own weights minus (1 - --mem-fraction-static) x the memory free when it started. With 0.92 and
+# 160,000 tokens (3.7 GiB of KV at these widths), the worst case on a 140 GiB card (a server that saw
+# an empty GPU at start, so reserves 0.08 x 140 = 11 GiB, then all 8 mixes' weights, 70 GiB, and the
+# other pools, 26 GiB, before it measured) still leaves ~30 GiB, less the other servers' CUDA contexts
+# (~1-2 GiB each), for its 3.7 GiB pool: every server gets the same pool whatever the order. The stagger (> a warm weight load, 3-7 s) keeps the weight loads mostly apart; loads that
+# overlapped another server's are named in "load_overlaps" (from the log lines), so a contended load
+# time is never reported as a clean one. --stagger load-end starts each server only after the previous
+# one logged "Load weight end" (uncontended loads, the slow way).
+STOP_RESERVE_S = 60  # stopping every server (in parallel), parsing their logs, writing the results
+
+
+def wait_for_line(log_path: Path, proc, needle: str, until: float) -> bool:
+    while time.time() < until and proc.poll() is None:
+        if needle in log_path.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def start_servers(names: list[str], work: Path, start_no: int, args, deadline: float, running: list) -> None:
+    """Start the servers ``args.stagger`` apart, each appended to ``running`` as it starts (so that the
+    caller stops whatever started, whatever fails), and wait until all answer (or the deadline nears)."""
     from sglang_mixed_precision.serving import client
 
-    running = []
     for i, name in enumerate(names):
         port = 31000 + 10 * i
-        cmd = server_command(name, work, port, mem_fraction, max_tokens)
-        log_path = out / "logs" / f"{name}.start{start_no}.log"
+        cmd = server_command(name, work, port, args.mem_fraction, args.max_total_tokens)
+        log_path = work / "logs" / f"{name}.start{start_no}.log"  # archived into --out: see archive_logs
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log(f"start {start_no}: {name}: {' '.join(cmd[1:])}")
         proc = client.start_server(cmd, log_path)
-        r = Running(name, proc, f"http://127.0.0.1:{port}", log_path, time.time())
-        running.append(r)
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            text = log_path.read_text(errors="replace")
-            if "KV Cache is allocated" in text or "max_total_num_tokens" in text:
-                break
-            time.sleep(1.0)
+        running.append(Running(name, proc, f"http://127.0.0.1:{port}", log_path, time.time()))
+        if i + 1 < len(names):
+            if args.stagger == "load-end":
+                wait_for_line(log_path, proc, "Load weight end", min(time.time() + 240, deadline - STOP_RESERVE_S))
+            else:
+                time.sleep(float(args.stagger))
     for r in running:
         try:
-            r.info["ready_s"] = round(client.wait_until_ready(r.base, r.proc, 600, r.log_path, progress=log), 1)
+            budget = max(deadline - STOP_RESERVE_S - time.time(), 1.0)
+            client.wait_until_ready(r.base, r.proc, min(600, budget), r.log_path, progress=log)
             r.info["ready_since_start_s"] = round(time.time() - r.started, 1)
         except Exception as e:
             r.info["error"] = f"{type(e).__name__}: {e}"[-1500:]
             log(f"{r.name}: FAILED to start: {r.info['error'][:400]}")
-    return running
 
 
-def serve_phase(names, work: Path, out: Path, results: dict, args, vocab: int) -> None:
+def startup_s(text: str) -> float | None:
+    """Seconds from SGLang's first timestamped log line to "The server is fired up and ready to roll!"
+    (1 s resolution; the launcher's planning before SGLang starts is not in it)."""
+    import re
+    from datetime import datetime
+
+    stamps = re.findall(r"^\[([\d-]+ [\d:]+)\]", text, re.MULTILINE)
+    ready = re.search(r"^\[([\d-]+ [\d:]+)\] The server is fired up and ready to roll", text, re.MULTILINE)
+    if not stamps or not ready:
+        return None
+    parse = lambda t: datetime.strptime(t, "%Y-%m-%d %H:%M:%S")  # noqa: E731
+    return (parse(ready.group(1)) - parse(stamps[0])).total_seconds()
+
+
+def facts_from_log(text: str) -> dict:
+    """Weight load time and memory (SGLang's line), the mixed loader's lines, the load window and the
+    start-up time."""
+    facts = parse_server_log(text)
+    window = weight_load_window(text)
+    if window:
+        facts["load_window"] = list(window)
+    up = startup_s(text)
+    if up is not None:
+        facts["startup_s"] = up
+    return facts
+
+
+def log_facts(log_path: Path) -> dict:
+    return facts_from_log(log_path.read_text(errors="replace"))
+
+
+def mark_load_overlaps(servers: dict) -> None:
+    """Per server, the others whose weight load (begin..end, 1 s resolution) overlapped its own."""
+    windows = {n: e["load_window"] for n, e in servers.items() if e.get("load_window")}
+    for name, (b, e) in windows.items():
+        servers[name]["load_overlaps"] = sorted(
+            o for o, (ob, oe) in windows.items() if o != name and b <= oe and ob <= e
+        )
+
+
+def stop_all(running: list, grace: float = 30.0) -> None:
+    """SIGTERM every server at once, then wait for all within one ``grace`` (SIGKILL after)."""
+    import contextlib
+
+    from sglang_mixed_precision.serving import client
+
+    for r in running:
+        if r.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.proc.pid, signal.SIGTERM)
+    until = time.time() + grace
+    for r in running:
+        client.stop_server(r.proc, grace=max(until - time.time(), 1.0))
+
+
+def archive_logs(out: Path, paths: list[Path]) -> None:
+    """The server logs as one file, --out/server_logs.tgz (a GPU command brings back few files, none
+    deeper than two folders): the logs of earlier commands already in it are kept, ``paths`` added."""
+    import io
+    import tarfile
+
+    archive = out / "server_logs.tgz"
+    kept = {}
+    if archive.exists():
+        with tarfile.open(archive) as tar:
+            kept = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    for path in paths:
+        kept[f"logs/{path.name}"] = path.read_bytes()
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in sorted(kept.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+
+
+def time_left(deadline: float) -> float:
+    return deadline - time.time()
+
+
+def serve_phase(names, work: Path, out: Path, results: dict, args, vocab: int, deadline: float) -> None:
+    """One start of ``names``: tokens, profiles, rounds; results written after every step, and the
+    servers stopped with STOP_RESERVE_S left before ``deadline``."""
     from sglang_mixed_precision.serving import client
 
     start_no = 1 + max((s["start"] for s in results.get("starts", [])), default=0)
     page_cache = drop_page_cache(work) if args.cold else "warm (files read or written before this start)"
-    running = start_servers(names, work, out, start_no, args.mem_fraction, args.max_total_tokens)
-    sample = {"start": start_no, "page_cache": page_cache, "servers": {}}
+    sample = {"start": start_no, "page_cache": page_cache, "stagger": args.stagger, "servers": {}}
     results.setdefault("starts", []).append(sample)
-    live = [r for r in running if "error" not in r.info]
+    running: list[Running] = []
     try:
+        start_servers(names, work, start_no, args, deadline, running)
+        live = [r for r in running if "error" not in r.info]
         for r in running:
             entry = sample["servers"][r.name] = dict(r.info)
+            entry.update(log_facts(r.log_path))
             if SERVERS[r.name].kind == "mixed":
                 entry.update(plan_numbers(work, r.name))
+        mark_load_overlaps(sample["servers"])
+        write_results(out, results)
         for r in live:
             entry = sample["servers"][r.name]
             try:
@@ -404,52 +563,81 @@ def serve_phase(names, work: Path, out: Path, results: dict, args, vocab: int) -
             except Exception as e:
                 entry["error"] = f"{type(e).__name__}: {e}"[-1500:]
                 log(f"{r.name}: {entry['error'][:300]}")
+        write_results(out, results)
         live = [r for r in live if "error" not in sample["servers"][r.name]]
-        if start_no == 1 or args.profile_every_start:
-            for r in live:
+        profiled = {n for st in results["starts"] for n, e in st["servers"].items() if e.get("profile")}
+        to_profile = [r for r in live if args.profile_every_start or r.name not in profiled]
+        if to_profile:  # each server once (its first start that gets there), unless --profile-every-start
+            for r in to_profile:
+                if time_left(deadline) < STOP_RESERVE_S + 60:
+                    log(f"deadline: no profile of {r.name}")
+                    break
+                entry = sample["servers"][r.name]
                 try:
-                    sample["servers"][r.name]["profile"] = profile_decode(r.base, vocab, out / "profiles" / r.name)
-                    log(f"{r.name}: profiled {sample['servers'][r.name]['profile']['gpu_us_per_step']} us/step")
+                    entry["profile"] = profile_decode(r.base, vocab, work / "profiles" / f"{r.name}.start{start_no}")
+                    log(f"{r.name}: profiled {entry['profile']['gpu_us_per_step']} us/step")
                 except Exception as e:
-                    sample["servers"][r.name]["profile_error"] = f"{type(e).__name__}: {e}"[-800:]
+                    entry["profile_error"] = f"{type(e).__name__}: {e}"[-800:]
+                    log(f"{r.name}: profile failed: {entry['profile_error'][:300]}")
+                write_results(out, results)
+        round_s = 0.0
         for k in range(args.rounds):  # interleaved: A B C ... A B C ...
+            if time_left(deadline) < STOP_RESERVE_S + 1.5 * round_s:
+                log(f"deadline: {k} of {args.rounds} rounds done")
+                sample["rounds_cut_by_deadline"] = args.rounds - k
+                break
+            t = time.time()
             for r in live:
                 try:
-                    m = measure_round(r.base, vocab)
+                    m = measure_round(r.base, vocab, r.log_path)
                     sample["servers"][r.name].setdefault("rounds", []).append(m)
-                    log(f"round {k + 1} {r.name}: " + ", ".join(f"{x}={v:.4g}" for x, v in m.items()))
+                    log(
+                        f"round {k + 1} {r.name}: "
+                        + ", ".join(f"{x}={v:.4g}" for x, v in m.items() if isinstance(v, float))
+                    )
                 except Exception as e:
                     sample["servers"][r.name]["round_error"] = f"{type(e).__name__}: {e}"[-800:]
+            round_s = time.time() - t
             write_results(out, results)
     finally:
+        stop_all(running)
         for r in running:
-            client.stop_server(r.proc)
-            sample["servers"][r.name].update(parse_server_log(r.log_path.read_text(errors="replace")))
+            sample["servers"].setdefault(r.name, dict(r.info)).update(log_facts(r.log_path))
+        mark_load_overlaps(sample["servers"])
         write_results(out, results)
+        archive_logs(out, [r.log_path for r in running])
 
 
 # ---- results ----------------------------------------------------------------------------------------------
-METRICS = [f"decode_tok_s_b{b}" for b in BATCHES] + ["ttft_s_2048"]
+# decode_client_tok_s_bB: run 1's client-side rate B*(N-1) / (t(N) - t(1)), kept (invalid samples marked)
+# only in results rebuilt by --from-logs.
+CROSS_CHECKS = [f"decode_{kind}_tok_s_b{b}" for kind in ("wall", "client") for b in BATCHES]
+METRICS = [f"decode_tok_s_b{b}" for b in BATCHES] + ["ttft_s_2048"] + CROSS_CHECKS
+
+
+def _rounds(results: dict, name: str) -> list[dict]:
+    return [m for s in results.get("starts", []) for m in s["servers"].get(name, {}).get("rounds", [])]
 
 
 def samples(results: dict, name: str, metric: str) -> list[float]:
-    return [
-        m[metric]
-        for s in results.get("starts", [])
-        for m in s["servers"].get(name, {}).get("rounds", [])
-        if metric in m
-    ]
+    """The valid samples of ``metric``: rounds that measured it (None marks an invalid sample)."""
+    return [m[metric] for m in _rounds(results, name) if m.get(metric) is not None]
+
+
+def invalid_count(results: dict, name: str, metric: str) -> int:
+    return sum(1 for m in _rounds(results, name) if metric in m and m[metric] is None)
 
 
 def compare(results: dict, a: str, b: str, metric: str) -> dict | None:
-    """a vs b: ratio of medians, each side's spread, and whether the spreads overlap."""
+    """a vs b: ratio of medians of the valid samples, each side's spread, [min, median, max, n valid,
+    n invalid], and whether the spreads overlap."""
     xa, xb = samples(results, a, metric), samples(results, b, metric)
     if not xa or not xb:
         return None
     ma, mb = statistics.median(xa), statistics.median(xb)
     overlap = not (min(xa) > max(xb) or max(xa) < min(xb))
-    return {"ratio": ma / mb, "a": [min(xa), ma, max(xa), len(xa)], "b": [min(xb), mb, max(xb), len(xb)],
-            "difference": not overlap}  # fmt: skip
+    side = lambda xs, m, name: [min(xs), m, max(xs), len(xs), invalid_count(results, name, metric)]  # noqa: E731
+    return {"ratio": ma / mb, "a": side(xa, ma, a), "b": side(xb, mb, b), "difference": not overlap}
 
 
 def profile_diff(pa: dict, pb: dict) -> dict:
@@ -493,19 +681,48 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+def kernel_tables(results: dict) -> dict:
+    """{server.startN: kernel table} of every profiled server (one small file at the top of --out)."""
+    return {
+        f"{name}.start{st['start']}": e["profile"]
+        for st in results.get("starts", [])
+        for name, e in st["servers"].items()
+        if e.get("profile")
+    }
+
+
 def write_results(out: Path, results: dict) -> None:
     results["summary"] = summarize(results)
     (out / "bench_mix.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "bench_mix.md").write_text(markdown(results))
+    tables = kernel_tables(results)
+    if tables:
+        (out / "kernel_tables.json").write_text(json.dumps(tables, indent=1))
 
 
 def _fmt(c: dict | None, ttft: bool = False) -> str:
     if not c:
         return "-"
-    lo_a, med_a, hi_a, n_a = c["a"]
+    lo_a, med_a, hi_a, n_a = c["a"][:4]
+    n_b = c["b"][3]
+    bad = c["a"][4:5] + c["b"][4:5]  # invalid samples of each side (absent in older results)
     fmt = (lambda v: f"{v * 1000:.1f} ms") if ttft else (lambda v: f"{v:,.0f}")
     flag = " (differs)" if c["difference"] else ""
-    return f"**{c['ratio']:.3f}**{flag} ({fmt(med_a)} [{fmt(lo_a)}..{fmt(hi_a)}], n={n_a})"
+    invalid = f"; {bad[0]}/{bad[1]} invalid" if any(bad) else ""
+    return f"**{c['ratio']:.3f}**{flag} ({fmt(med_a)} [{fmt(lo_a)}..{fmt(hi_a)}], n={n_a}/{n_b}{invalid})"
+
+
+def rebuilt_note(results: dict) -> list[str]:
+    note = results.get("rebuilt_from_logs")
+    if not note:
+        return []
+    return [
+        f"Rebuilt from the saved server logs by `--from-logs` ({note['at']}): load time, weight memory and "
+        f"decode tok/s from the servers' own lines (decode_log_interval {note.get('decode_log_interval', '?')}: "
+        "each round's decode tok/s is the median of that run's lines past its first); the client-side rates "
+        "of the run are the 'client' cross-checks, invalid samples marked. The original JSON: bench_mix.raw.json.",
+        "",
+    ]
 
 
 def markdown(results: dict) -> str:
@@ -513,12 +730,15 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Mixed vs stock SGLang: {env.get('card', '?')}",
         "",
-        f"{env.get('versions', '')}; model: {results.get('model', '?')}; flags: `{' '.join(SERVER_FLAGS)}` "
+        f"{env.get('versions', '')}; model: {results.get('model', '?')}; flags: `{' '.join(results.get('flags', ['?']))}` "
         f"(CUDA graphs on); {len(results.get('starts', []))} server start(s) per configuration, "
         "rounds interleaved across servers, the others idle while one is measured.",
         "",
-        "Ratios are medians of rounds (first vs second); in brackets the first's median and spread. "
-        "'differs' only where the two spreads do not overlap.",
+        *rebuilt_note(results),
+        "Ratios are medians of the valid samples of rounds (first vs second); in brackets the first's median "
+        "and spread, then n = valid samples of each side and how many were invalid (never counted as numbers). "
+        "'differs' only where the two spreads do not overlap. Decode tok/s: the server's own decode lines "
+        "at #running-req = B; 'wall' columns: B*N / (t(2N) - t(N)) measured by the client.",
         "",
         "| comparison | decode b1 | decode b8 | decode b64 | TTFT 2048 | greedy | kernels/step | GPU us/step |",
         "|---|---|---|---|---|---|---|---|",
@@ -532,6 +752,13 @@ def markdown(results: dict) -> str:
             f"| {key} | {_fmt(row.get('decode_tok_s_b1'))} | {_fmt(row.get('decode_tok_s_b8'))} | "
             f"{_fmt(row.get('decode_tok_s_b64'))} | {_fmt(row.get('ttft_s_2048'), ttft=True)} | {greedy} | {same} | {gpu} |"
         )
+    checks = [m for m in CROSS_CHECKS if any(row.get(m) for row in results.get("summary", {}).values())]
+    if checks:
+        lines += ["", "Cross-checks of decode tok/s measured by the client:", "",
+                  "| comparison | " + " | ".join(m.replace("_tok_s_", " ") for m in checks) + " |",
+                  "|---|" + "---|" * len(checks)]  # fmt: skip
+        for key, row in results.get("summary", {}).items():
+            lines.append(f"| {key} | " + " | ".join(_fmt(row.get(m)) for m in checks) + " |")
     lines += ["", "Per server and start: weight memory, weight load time, bytes read", ""]
     for st in results.get("starts", []):
         lines.append(f"Start {st['start']}, page cache {st.get('page_cache', '?')}:")
@@ -540,7 +767,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"- {name}: weights {e.get('weight_mem_gib', '?')} GiB, load {e.get('weight_load_s', '?')} s, "
                 + (f"read {read:.2f} GiB (plan {e.get('plan_total_bytes', 0) / 2**30:.2f}), " if read else "")
-                + f"ready {e.get('ready_since_start_s', '?')} s"
+                + f"SGLang start-up {e.get('startup_s', '?')} s"
+                + (f", load overlapped {', '.join(e['load_overlaps'])}" if e.get("load_overlaps") else "")
                 + (f"; ERROR {e['error'][:200]}" if e.get("error") else "")
             )
     if results.get("prepare"):
@@ -567,28 +795,154 @@ def cpu_check(work: Path, names: list[str], args) -> int:
             problem = sglang_argv_problem(cmd[3:])
             if problem:
                 problems.append(f"{name}: {problem}")
+    need = sum(serve_plan_s(len(names), args.rounds, args.stagger, args.starts, args.profile_every_start))
+    log(f"{args.starts} serve phase(s) of {len(names)} server(s) x {args.rounds} round(s), --stagger {args.stagger}: ~{need:.0f} s "
+        f"of --deadline-s {args.deadline_s:.0f}")  # fmt: skip
+    if need > args.deadline_s:
+        problems.append(
+            f"the serve phase(s) need ~{need:.0f} s, over --deadline-s {args.deadline_s:.0f}: fewer --servers"
+        )
     for p in problems:
         log("PROBLEM " + p)
     print(f"cpu check: {len(names)} server commands, {len(problems)} problem(s)")
     return 1 if problems else 0
 
 
+# ---- results rebuilt from saved server logs ------------------------------------------------------------------
+def saved_logs(src: Path) -> dict[str, str]:
+    """{file name: text} of the server logs in ``src``: server_logs.tgz and/or a logs/ folder."""
+    import tarfile
+
+    logs = {p.name: p.read_text(errors="replace") for p in sorted((src / "logs").glob("*.log"))}
+    if (src / "server_logs.tgz").exists():
+        with tarfile.open(src / "server_logs.tgz") as tar:
+            for member in tar.getmembers():
+                if member.isfile() and member.name.endswith(".log"):
+                    logs.setdefault(Path(member.name).name, tar.extractfile(member).read().decode(errors="replace"))
+    return logs
+
+
+def rounds_from_log(text: str, rounds: list[dict]) -> None:
+    """Fill the decode tok/s of ``rounds`` from a server log that has no offsets per round: the runs of
+    decode lines at #running-req == B that follow a prefill of B prompts of SHORT_PROMPT tokens (the
+    rounds' requests; warm-up and greedy runs differ in tokens or have no line past the first), the
+    last len(rounds) of them in order. A client-side rate from before the fix (B*(N-1) / (t(N) - t(1)),
+    where a slow 1-token request made the difference tiny or negative) moves to decode_client_tok_s_bB
+    and is marked invalid where its window is under MIN_DECODE_WINDOW_S or it disagrees with the
+    server's own lines by more than CLIENT_LOG_DISAGREEMENT."""
+    for b in BATCHES:
+        runs = [r for r in decode_runs(text) if r["running"] == b and r["after_prefill"] == (b, b * SHORT_PROMPT)]
+        runs = [r for r in runs if r["tok_s"]][-len(rounds) :] if rounds else []
+        for m, run in zip(rounds[-len(runs) :] if runs else [], runs):
+            m.setdefault("invalid", {})
+            key, client_key = f"decode_tok_s_b{b}", f"decode_client_tok_s_b{b}"
+            if client_key not in m and key in m:
+                m[client_key] = m[key]
+            m[key], m[f"decode_lines_b{b}"] = statistics.median(run["tok_s"]), len(run["tok_s"])
+            client_rate = m.get(client_key)
+            if client_rate is None:
+                continue
+            window = b * (DECODE_TOKENS - 1) / client_rate
+            if window < MIN_DECODE_WINDOW_S:
+                m["invalid"][client_key] = f"t(N) - t(1) = {window * 1000:.2g} ms (clamped): {client_rate:.4g} tok/s"
+                m[client_key] = None
+            elif abs(client_rate / m[key] - 1) > CLIENT_LOG_DISAGREEMENT:
+                m["invalid"][client_key] = f"{client_rate:.4g} tok/s, the server's lines {m[key]:.4g}"
+                m[client_key] = None
+
+
+def from_logs(src: Path, out: Path) -> dict:
+    """Results rebuilt from a saved run: its bench_mix.json plus its server logs (load time, weight
+    memory, load windows, decode tok/s from the server's own lines). The original JSON is kept as
+    bench_mix.raw.json beside the rebuilt one."""
+    import shutil
+
+    raw = src / "bench_mix.raw.json"
+    if not raw.exists():
+        shutil.copyfile(src / "bench_mix.json", raw)
+    results = json.loads(raw.read_text())
+    logs = saved_logs(src)
+    for st in results.get("starts", []):
+        for name, entry in st["servers"].items():
+            text = logs.get(f"{name}.start{st['start']}.log")
+            if text is None:
+                entry["log_missing"] = True
+                continue
+            entry.update(facts_from_log(text))
+            # run 1 started the servers one by one, then waited for each in turn: its "ready since
+            # start" is when the wait reached a server, not a start-up time (startup_s is, from the log)
+            entry.pop("ready_since_start_s", None)
+            rounds_from_log(text, entry.get("rounds", []))
+        mark_load_overlaps(st["servers"])
+    import re
+
+    intervals = {int(m) for text in logs.values() for m in re.findall(r"decode_log_interval=(\d+)", text)}
+    results["rebuilt_from_logs"] = {
+        "logs": sorted(logs),
+        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "decode_log_interval": sorted(intervals)[0] if len(intervals) == 1 else sorted(intervals),
+    }
+    # the run's flags were not recorded in its JSON: those of the script at the time (SGLang's default
+    # decode_log_interval, as its logs say)
+    at = SERVER_FLAGS.index("--decode-log-interval")
+    results.setdefault("flags", SERVER_FLAGS[:at] + SERVER_FLAGS[at + 2 :])
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, results)
+    return results
+
+
+def serve_estimate_s(n: int, rounds: int, stagger: str, profile: bool = True) -> float:
+    """Seconds one start of ``n`` servers needs, STOP_RESERVE_S included. From run 1 on an H200: 45-75 s
+    from a server's process start to ready (launcher, imports, CUDA graphs), warm-up and greedy tokens
+    ~5 s, a profile ~10 s, and a round (an N- and a 2N-token request at 3 batch sizes, 3 TTFTs) ~5 s
+    per server."""
+    gap = 60 if stagger == "load-end" else float(stagger)
+    return gap * (n - 1) + 75 + n * (5 + (10 if profile else 0)) + rounds * n * 5 + STOP_RESERVE_S
+
+
+def serve_plan_s(n: int, rounds: int, stagger: str, starts: int, profile_every_start: bool) -> list[float]:
+    """The estimate of each of ``starts`` starts (only the first profiles, unless every start does)."""
+    return [serve_estimate_s(n, rounds, stagger, k == 0 or profile_every_start) for k in range(starts)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    began = time.time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True, help="model and sources (kept across commands)")
-    ap.add_argument("--out", required=True, help="results (bench_mix.json / .md), logs, profiles")
+    ap.add_argument("--workdir", help="model and sources (kept across commands)")
+    ap.add_argument("--out", required=True, help="results (bench_mix.json / .md, kernel_tables.json, server logs)")
     ap.add_argument("--phase", default="prepare,serve,report")
-    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--servers", default=",".join(SERVERS), help="a subset per command: e.g. 4 servers x 2 starts")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--starts", type=int, default=1, help="server starts in this command (each a sample)")
     ap.add_argument("--mem-fraction", type=float, default=0.92)
     ap.add_argument("--max-total-tokens", type=int, default=160000)
+    ap.add_argument("--stagger", default="8", help="seconds between server starts, or load-end (see start_servers)")
+    ap.add_argument("--deadline-s", type=float, default=540,
+                    help="stop the servers and write everything this many seconds after the command began")  # fmt: skip
     ap.add_argument("--convert-device", default=None, help="the converter's --device (default: its own)")
     ap.add_argument("--profile-every-start", action="store_true")
     ap.add_argument("--cold", action="store_true", help="evict the checkpoints from the page cache before the start")
     ap.add_argument("--cpu-check", action="store_true")
+    ap.add_argument("--from-logs", metavar="DIR", help="rebuild the results of a saved run (DIR: bench_mix.json and "
+                    "server_logs.tgz or logs/) into --out; starts nothing")  # fmt: skip
     args = ap.parse_args(argv)
-    work, out = Path(args.workdir), Path(args.out)
+    out = Path(args.out)
+    if args.stagger != "load-end":
+        try:
+            float(args.stagger)
+        except ValueError:
+            ap.error(f"--stagger {args.stagger!r}: seconds (e.g. 8) or load-end")
+    if args.from_logs:
+        if not (Path(args.from_logs) / "bench_mix.json").exists():
+            ap.error(f"--from-logs {args.from_logs}: no bench_mix.json there")
+        from_logs(Path(args.from_logs), out)
+        print((out / "bench_mix.md").read_text())
+        return 0
+    if not args.workdir:
+        ap.error("--workdir is required (except with --from-logs)")
+    work = Path(args.workdir)
+    deadline = began + args.deadline_s
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
@@ -597,20 +951,37 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown server(s) {unknown}; known: {', '.join(SERVERS)}")
     if args.cpu_check:
         return cpu_check(work, names, args)
+    # a SIGTERM (a command limit) unwinds like an error: the servers are stopped and the results written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results_path = out / "bench_mix.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["environment"] = environment(False)
     results["model"] = f"qwen3_moe, Qwen3-30B-A3B widths, {args.layers} layers, random weights"
+    results["flags"] = SERVER_FLAGS
     phases = [p.strip() for p in args.phase.split(",")]
     if "prepare" in phases:
         results.setdefault("prepare", {}).update(prepare(work, args.layers, False, "cuda", args.convert_device))
         write_results(out, results)
-    vocab = json.loads((work / "model" / "config.json").read_text())["vocab_size"]
     if "serve" in phases:
-        try:
-            serve_phase(names, work, out, results, args, vocab)
-        except Exception:
-            log("serve phase failed:\n" + traceback.format_exc())
+        need = serve_estimate_s(len(names), args.rounds, args.stagger)
+        if time_left(deadline) < need:
+            log(f"serve skipped: {time_left(deadline):.0f} s left before --deadline-s, {need:.0f} s needed for "
+                f"{len(names)} servers x {args.rounds} rounds; run --phase serve,report in the next command")  # fmt: skip
+            results.setdefault("skipped", []).append({"phase": "serve", "left_s": round(time_left(deadline))})
+        else:
+            vocab = json.loads((work / "model" / "config.json").read_text())["vocab_size"]
+            for k in range(args.starts):  # each a new start of every server, while the deadline allows
+                need = serve_estimate_s(len(names), args.rounds, args.stagger, k == 0 or args.profile_every_start)
+                if k and time_left(deadline) < need:
+                    log(
+                        f"deadline: {k} of {args.starts} starts done ({time_left(deadline):.0f} s left, {need:.0f} needed)"
+                    )
+                    results.setdefault("skipped", []).append({"phase": "serve", "starts_left": args.starts - k})
+                    break
+                try:
+                    serve_phase(names, work, out, results, args, vocab, deadline)
+                except Exception:
+                    log("serve phase failed:\n" + traceback.format_exc())
     write_results(out, results)
     print((out / "bench_mix.md").read_text())
     return 0

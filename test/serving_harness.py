@@ -1,7 +1,8 @@
 """Real SGLang models on CPU for the serving tests (one gloo process group per test process).
 
-SGLang 0.5.17 builds and loads whole Qwen3 / Qwen3-MoE models on CPU once its distributed groups,
-runtime context and DP-attention state exist. Two CUDA-only details are pinned: the rotary
+SGLang (0.5.17 to 0.5.23) builds and loads whole Qwen3 / Qwen3-MoE models on CPU once its distributed
+groups, runtime context and DP-attention state exist; they are set up through
+:mod:`sglang_mixed_precision.serving.compat`, which knows how each release wants it. Two CUDA-only details are pinned: the rotary
 embedding takes its CPU path, and GPTQ-Marlin's constructor is told an SM90 GPU (it only asks the
 capability to check kernel support). Marlin's weight repack needs CUDA, so loads with int4 layers
 stop before ``process_weights_after_loading``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,29 +33,45 @@ MIXES = {
 }
 
 
-def init_sglang_group(world: int, rank: int, port: int) -> None:
-    """Plugin registered, hooks applied, a gloo group of ``world`` ranks, CPU-only details pinned."""
+def init_sglang_group(server_args, rank: int, port: int) -> None:
+    """Plugin registered, hooks applied, a gloo group of ``server_args.tp_size`` ranks, CPU-only details pinned."""
     import sglang.srt.layers.quantization.marlin_utils as marlin_utils
     import sglang.srt.layers.rotary_embedding.base as rope_base
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.distributed import init_distributed_environment
     from sglang.srt.plugins.hook_registry import HookRegistry
 
+    from sglang_mixed_precision.serving import compat
     from sglang_mixed_precision.serving.plugin import register
 
     register()
     HookRegistry.apply_hooks()
+    world = server_args.tp_size
     init_distributed_environment(
         world_size=world, rank=rank, local_rank=rank, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
     )
-    initialize_model_parallel(world)
+    compat.init_model_parallel(server_args, rank)
     rope_base._is_cpu = True
     marlin_utils.get_device_capability = lambda *a, **k: (9, 0)
 
 
 @functools.cache
+def topology_model_dir() -> str:
+    """A directory holding only a tiny Qwen3 config.json: the server args that size the groups need a model."""
+    from sglang_mixed_precision.testing.tinymodels import tiny_config
+
+    config = tiny_config("qwen3")
+    config.architectures = ["Qwen3ForCausalLM"]
+    path = tempfile.mkdtemp(prefix="sglang-mp-topology-")
+    config.save_pretrained(path)
+    return path
+
+
+@functools.cache
 def init_sglang_cpu() -> None:
     """The TP=1 group of this test process."""
-    init_sglang_group(1, 0, free_port())
+    from sglang.srt.server_args import ServerArgs
+
+    init_sglang_group(ServerArgs(model_path=topology_model_dir(), device="cpu"), 0, free_port())
 
 
 @functools.cache
@@ -103,15 +121,15 @@ def model_config(path: str | Path, dtype: str = "bfloat16"):
     return published_model_config(ServerArgs(model_path=str(path), device="cpu", dtype=dtype), dtype)
 
 
-def published_model_config(server_args, dtype: str = "bfloat16"):
+def published_model_config(server_args, dtype: str = "bfloat16", rank: int = 0):
     """SGLang's ModelConfig for ``server_args.model_path``, with the server args and DP state it needs published."""
     from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.layers.dp_attention import initialize_dp_attention
-    from sglang.srt.runtime_context import publish
 
-    publish(server_args, role="scheduler")
+    from sglang_mixed_precision.serving import compat
+
+    compat.publish_server_args(server_args, rank)
     config = ModelConfig(model_path=server_args.model_path, dtype=dtype)
-    initialize_dp_attention(server_args, config)
+    compat.init_dp_attention(server_args, config)
     return config
 
 
@@ -185,17 +203,16 @@ def tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
     import torch
     from sglang.srt.server_args import ServerArgs
 
+    from sglang_mixed_precision.serving import compat
+
     try:
         # CPU groups: no NCCL / custom all-reduce communicators.
         parallel_state.init_model_parallel_group = functools.partial(
-            parallel_state.init_model_parallel_group,
-            use_pynccl=False,
-            use_custom_allreduce=False,
-            use_mscclpp_allreduce=False,
-            use_torch_symm_mem_allreduce=False,
+            parallel_state.init_model_parallel_group, **compat.cpu_group_options()
         )
-        init_sglang_group(world, rank, port)
-        config = published_model_config(ServerArgs(model_path=plan_dir, device="cpu", tp_size=world))
+        server_args = ServerArgs(model_path=plan_dir, device="cpu", tp_size=world)
+        init_sglang_group(server_args, rank, port)
+        config = published_model_config(server_args, rank=rank)
         model, loader = load_model(config, postprocess=False)
         # Through a file: tensors sent over the queue would outlive this process's shared memory.
         shards = Path(plan_dir).parent / f"rank{rank}.pt"

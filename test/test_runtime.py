@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from ckpt_writers import rewrite_checkpoint
-from sglang_mixed_precision.core.errors import MixedPrecisionError
+from sglang_mixed_precision.core.errors import MixedPrecisionError, error_json
 from sglang_mixed_precision.core.naming import classify, split_tensor_name
-from sglang_mixed_precision.core.reload_plan import ReloadRequest, plan_reload
-from sglang_mixed_precision.serving import runtime as rt
+from sglang_mixed_precision.core.reload_plan import ReloadRequest, config_sha256, plan_reload
+from sglang_mixed_precision.serving import hooks, messages, reload_worker, restart, routes, service
 from sglang_mixed_precision.tensors import read_tensor
 from test_reload_helpers import mix  # noqa: F401  (session fixture)
 
@@ -94,7 +94,7 @@ def test_reload_copies_new_mlp_weights_and_nothing_else(mix):
     active, reload_plan = fp8_mlp_request(mix, mix.fp8_b)
     model, config = FakeModel(active), SimpleNamespace(plan=active)
     before = model.state()
-    reply = rt.execute_reload(model, config, reload_plan.worker_request())
+    reply = reload_worker.execute_reload(model, config, reload_plan.worker_request())
     assert reply["success"], reply
     after = model.state()
     assert changed(before, after) == MLP_PARAMS
@@ -133,7 +133,7 @@ def test_damaged_source_is_refused_before_anything_is_applied(mix, damage, code)
         (source / "model.safetensors").unlink()
     model, config = FakeModel(active), SimpleNamespace(plan=active)
     before = model.state()
-    reply = rt.execute_reload(model, config, reload_plan.worker_request())
+    reply = reload_worker.execute_reload(model, config, reload_plan.worker_request())
     assert not reply["success"] and reply["stage"] == "stage" and reply["applied"] is False
     # the worker's re-plan or its staging names the problem (a plan error may wrap it)
     assert f"'code': '{code}'" in str(reply["failures"][0]["error"])
@@ -148,7 +148,7 @@ def test_stage_alone_reads_and_checks_without_a_model(mix):
     _, reload_plan = fp8_mlp_request(mix, source)
     truncate(source / "model.safetensors")
     with pytest.raises(MixedPrecisionError) as e:
-        rt.stage_tensors(reload_plan)
+        reload_worker.stage_tensors(reload_plan)
     assert e.value.code == "corrupt_safetensors" and "model.safetensors" in e.value.where
 
 
@@ -157,7 +157,7 @@ def test_stage_refuses_a_file_deleted_after_planning(mix):
     _, reload_plan = fp8_mlp_request(mix, source)
     (source / "model.safetensors").unlink()
     with pytest.raises(MixedPrecisionError) as e:
-        rt.stage_tensors(reload_plan)
+        reload_worker.stage_tensors(reload_plan)
     assert e.value.code == "missing_file" and "disappeared after the reload was planned" in e.value.detail
     assert e.value.where == str(source / "model.safetensors")
 
@@ -165,7 +165,7 @@ def test_stage_refuses_a_file_deleted_after_planning(mix):
 def test_a_planned_layer_the_model_lacks_is_refused(mix):
     model = FakeModel(mix.plan(mix.yaml()))
     with pytest.raises(MixedPrecisionError) as e:
-        rt.layer_parameters(model, ["model.layers.0.mlp.gate_up_proj", "model.layers.9.mlp.down_proj"])
+        reload_worker.layer_parameters(model, ["model.layers.0.mlp.gate_up_proj", "model.layers.9.mlp.down_proj"])
     assert e.value.code == "reload_layer_missing" and "model.layers.9.mlp.down_proj" in e.value.detail
 
 
@@ -184,7 +184,7 @@ def test_failure_while_copying_restores_the_old_weights(mix):
     for name, param in model.named_parameters():
         if ".mlp." in name:
             param.weight_loader = failing_loader
-    reply = rt.execute_reload(model, config, reload_plan.worker_request())
+    reply = reload_worker.execute_reload(model, config, reload_plan.worker_request())
     assert not reply["success"] and reply["stage"] == "apply"
     assert reply["failures"][0]["error"]["code"] == "reload_apply_failed"
     assert len(calls) > 3
@@ -198,7 +198,7 @@ def test_a_tensor_the_model_ignores_fails_the_reload(mix):
     before = model.state()
     original = model.load_weights
     model.load_weights = lambda weights: original((n, t) for n, t in weights if "down_proj" not in n)
-    reply = rt.execute_reload(model, config, reload_plan.worker_request())
+    reply = reload_worker.execute_reload(model, config, reload_plan.worker_request())
     assert not reply["success"] and "reached no parameter" in reply["failures"][0]["error"]["message"]
     assert not changed(before, model.state())
 
@@ -207,12 +207,12 @@ def test_other_rank_failing_to_stage_keeps_every_rank_untouched(mix):
     active, reload_plan = fp8_mlp_request(mix, mix.fp8_b)
     model, config = FakeModel(active), SimpleNamespace(plan=active)
     before = model.state()
-    rank1_error = json.dumps(rt.error_json(MixedPrecisionError("corrupt_safetensors", "rank 1 saw a bad file")))
+    rank1_error = json.dumps(error_json(MixedPrecisionError("corrupt_safetensors", "rank 1 saw a bad file")))
 
     def agree(ok, message):
         return [(0, ok, message), (1, False, rank1_error)]
 
-    reply = rt.execute_reload(model, config, reload_plan.worker_request(), agree=agree)
+    reply = reload_worker.execute_reload(model, config, reload_plan.worker_request(), agree=agree)
     assert not reply["success"] and reply["stage"] == "stage"
     assert reply["failures"] == [{"rank": 1, "error": json.loads(rank1_error)}]
     assert not changed(before, model.state())
@@ -228,7 +228,7 @@ def test_other_rank_failing_to_apply_rolls_this_rank_back(mix):
         other = next(votes)
         return [(0, ok, message), (1, other is None, other or "")]
 
-    reply = rt.execute_reload(model, config, reload_plan.worker_request(), agree=agree)
+    reply = reload_worker.execute_reload(model, config, reload_plan.worker_request(), agree=agree)
     assert not reply["success"] and reply["stage"] == "apply"
     assert not changed(before, model.state())
     assert config.plan is active
@@ -237,9 +237,14 @@ def test_other_rank_failing_to_apply_rolls_this_rank_back(mix):
 # ---- the SGLang hook and the reply encoding -------------------------------------------------------
 def test_hook_passes_ordinary_updates_to_sglang(tmp_path):
     seen = []
-    req = SimpleNamespace(model_path=str(tmp_path))
-    result = rt.around_update_weights_from_disk(lambda w, r: seen.append(r) or (True, "sglang"), object(), req)
-    assert result == (True, "sglang") and seen == [req]
+    result = hooks.around_update_weights_from_disk(
+        lambda u, path, fmt, **kw: seen.append((path, fmt, kw)) or (True, "sglang"),
+        object(),
+        str(tmp_path),
+        "auto",
+        recapture_cuda_graph=False,
+    )
+    assert result == (True, "sglang") and seen == [(str(tmp_path), "auto", {"recapture_cuda_graph": False})]
 
 
 def test_hook_runs_the_executor_for_reload_requests(mix, tmp_path, monkeypatch):
@@ -248,32 +253,34 @@ def test_hook_runs_the_executor_for_reload_requests(mix, tmp_path, monkeypatch):
     active, reload_plan = fp8_mlp_request(mix, mix.fp8_b)
     model, config = FakeModel(active), SimpleNamespace(plan=active)
     monkeypatch.setattr(loader, "mixed_config_of", lambda m: config)
-    (tmp_path / rt.RELOAD_MARKER).write_text(json.dumps(reload_plan.worker_request()))
-    worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
+    (tmp_path / messages.RELOAD_MARKER).write_text(json.dumps(reload_plan.worker_request()))
+    updater = SimpleNamespace(get_model=lambda: model)  # SGLang's WeightUpdater, as far as the hook reads it
     sglang_called = []
-    ok, message = rt.around_update_weights_from_disk(
-        lambda *a: sglang_called.append(a), worker, SimpleNamespace(model_path=str(tmp_path))
+    ok, message = hooks.around_update_weights_from_disk(
+        lambda *a: sglang_called.append(a), updater, str(tmp_path), "auto", recapture_cuda_graph=False
     )
     assert ok and not sglang_called
     assert "|" not in message
-    assert rt.decode_worker_reply(ok, message)["layers"] == 4
+    assert messages.decode_worker_reply(ok, message)["layers"] == 4
 
 
 def test_reply_from_a_worker_without_the_hook_is_an_error():
     with pytest.raises(MixedPrecisionError) as e:
-        rt.decode_worker_reply(False, "Failed to get weights iterator: no config.json.")
-    assert e.value.code == "reload_worker_missing" and "runtime.install()" in e.value.fix
+        messages.decode_worker_reply(False, "Failed to get weights iterator: no config.json.")
+    assert e.value.code == "reload_worker_missing" and "serving.hooks" in e.value.fix
 
 
 def test_dp_replies_merge_and_any_failure_fails():
-    good = rt._encode_reply({"success": True, "layers": 2})
-    bad = rt._encode_reply({"success": False, "stage": "stage", "failures": [{"rank": 0, "error": {"message": "a|b"}}]})
-    merged = rt.decode_worker_reply(False, f"{good} | {bad}")
+    good = messages.encode_reply({"success": True, "layers": 2})
+    bad = messages.encode_reply(
+        {"success": False, "stage": "stage", "failures": [{"rank": 0, "error": {"message": "a|b"}}]}
+    )
+    merged = messages.decode_worker_reply(False, f"{good} | {bad}")
     assert not merged["success"] and merged["failures"][0]["error"]["message"] == "a|b"
 
 
 # ---- routes ----------------------------------------------------------------------------------------------
-class InProcessBackend(rt.Backend):
+class InProcessBackend(service.Backend):
     """The workers, in this process: the request directory goes straight to the executor."""
 
     def __init__(self, model, config):
@@ -281,10 +288,8 @@ class InProcessBackend(rt.Backend):
 
     async def send_reload(self, request_dir):
         self.sent += 1
-        return rt.around_update_weights_from_disk(
-            None,
-            SimpleNamespace(model_runner=SimpleNamespace(model=self.model)),
-            SimpleNamespace(model_path=request_dir),
+        return hooks.around_update_weights_from_disk(
+            None, SimpleNamespace(get_model=lambda: self.model), request_dir, "auto"
         )
 
     async def worker_info(self):
@@ -311,11 +316,13 @@ def server(mix, tmp_path, monkeypatch):
     active = mix.plan(cfg_path.read_text(), "served.yaml")
     model, config = FakeModel(active), SimpleNamespace(plan=active)
     monkeypatch.setattr(loader, "mixed_config_of", lambda m: config)
-    monkeypatch.setenv(rt.RESTART_FILE_ENV, str(tmp_path / "restart.json"))
-    runtime = rt.MixedPrecisionRuntime(rt.ActiveMix(cfg_path.read_text(), cfg_path, 1), InProcessBackend(model, config))
+    monkeypatch.setenv(restart.RESTART_FILE_ENV, str(tmp_path / "restart.json"))
+    runtime = service.MixedPrecisionRuntime(
+        service.ActiveMix(cfg_path.read_text(), cfg_path, 1), InProcessBackend(model, config)
+    )
     app = FastAPI()
-    rt.add_routes(app, lambda: runtime)
-    rt.add_routes(app, lambda: runtime)  # idempotent
+    routes.add_routes(app, lambda: runtime)
+    routes.add_routes(app, lambda: runtime)  # idempotent
     return SimpleNamespace(client=TestClient(app), runtime=runtime, model=model, config=config, tmp=tmp_path)
 
 
@@ -334,7 +341,7 @@ def test_info_and_config_describe_the_active_mix(server, mix):
     precisions = {row["precision"] for row in info["totals"]["by_precision"]}
     assert precisions == {"bf16", "fp8-block128"}
     assert info["load"]["bytes_read"] == {"fp8": 123}
-    assert info["config"]["sha256"] == rt.config_sha256(mix.yaml())
+    assert info["config"]["sha256"] == config_sha256(mix.yaml())
     assert server.client.get("/mixed_precision/config").text == mix.yaml()
 
 
@@ -376,9 +383,9 @@ def test_reload_route_scheme_change_409_then_managed_restart(server, mix):
     assert not (server.tmp / "restart.json").exists()
     r = server.client.post("/mixed_precision/reload", json={"config": mix.yaml(mlp="int4"), "restart": True})
     assert r.status_code == 202 and r.json()["status"] == "restart_requested"
-    request = rt.read_restart_request(server.tmp / "restart.json")
+    request = restart.read_restart_request(server.tmp / "restart.json")
     assert open(request["config_path"]).read() == mix.yaml(mlp="int4")
-    assert request["config_sha256"] == rt.config_sha256(mix.yaml(mlp="int4"))
+    assert request["config_sha256"] == config_sha256(mix.yaml(mlp="int4"))
     os.remove(request["config_path"])
 
 
@@ -395,11 +402,11 @@ def test_reload_route_dry_run_and_bad_input(server, mix):
 
 
 def test_restart_without_a_launcher_is_refused(tmp_path, monkeypatch):
-    monkeypatch.delenv(rt.RESTART_FILE_ENV, raising=False)
+    monkeypatch.delenv(restart.RESTART_FILE_ENV, raising=False)
     with pytest.raises(MixedPrecisionError) as e:
-        rt.request_restart("mixed_precision: {}", tmp_path / "c.yaml", inline=True)
+        restart.request_restart("mixed_precision: {}", tmp_path / "c.yaml", inline=True)
     assert e.value.code == "restart_unavailable"
-    assert rt.read_restart_request(tmp_path / "none.json") is None
+    assert restart.read_restart_request(tmp_path / "none.json") is None
 
 
 def test_a_second_reload_while_one_runs_is_busy(server, mix):
@@ -418,13 +425,13 @@ def test_reload_planning_leaves_the_event_loop_free(server, mix, monkeypatch):
     import asyncio
     import time
 
-    slow_plan = rt.plan_reload
+    slow_plan = service.plan_reload
 
     def plan_reload(*a, **k):  # planning that takes a while, like reading a 235B mix's headers
         time.sleep(0.5)
         return slow_plan(*a, **k)
 
-    monkeypatch.setattr(rt, "plan_reload", plan_reload)
+    monkeypatch.setattr(service, "plan_reload", plan_reload)
 
     async def reload_while_ticking():
         ticks = 0
@@ -448,7 +455,7 @@ def test_a_malformed_restart_request_is_refused(tmp_path):
     marker = tmp_path / "restart.json"
     marker.write_text(json.dumps(["not", "a", "request"]))
     with pytest.raises(MixedPrecisionError) as e:
-        rt.read_restart_request(marker)
+        restart.read_restart_request(marker)
     assert e.value.code == "restart_bad_request" and "is not a restart request" in e.value.detail
 
 
@@ -457,11 +464,11 @@ def test_active_mix_comes_from_the_plan_directory(tmp_path, mix):
     (tmp_path / "config.json").write_text(
         json.dumps({"quantization_config": {"quant_method": "mixed_precision", "config_path": str(cfg)}})
     )
-    active = rt.active_mix_from_model_path(tmp_path, 1)
+    active = service.active_mix_from_model_path(tmp_path, 1)
     assert active.config_text == mix.yaml() and active.config_path == cfg
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     with pytest.raises(MixedPrecisionError) as e:
-        rt.active_mix_from_model_path(tmp_path, 1)
+        service.active_mix_from_model_path(tmp_path, 1)
     assert e.value.code == "not_mixed_precision"
 
 
@@ -471,23 +478,77 @@ def test_active_mix_whose_yaml_is_gone_is_a_missing_file(tmp_path):
         json.dumps({"quantization_config": {"quant_method": "mixed_precision", "config_path": str(gone)}})
     )
     with pytest.raises(MixedPrecisionError) as e:
-        rt.active_mix_from_model_path(tmp_path, 1)
+        service.active_mix_from_model_path(tmp_path, 1)
     assert e.value.code == "missing_file" and f"config file {gone} does not exist" in str(e.value)
     assert "sglang-mp plandir" in e.value.fix
 
 
-def test_worker_hooks_register_once():
+def test_hooks_register_once():
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     saved = {k: list(v) for k, v in HookRegistry._hooks.items()}
     try:
-        rt.register_worker_hooks()
-        rt.register_worker_hooks()
-        assert [h for _, h, _ in HookRegistry._hooks[rt.WORKER_TARGET]].count(rt.around_update_weights_from_disk) == 1
-        assert [h for _, h, _ in HookRegistry._hooks[rt.INTERNAL_STATE_TARGET]].count(rt.after_get_internal_state) == 1
+        hooks.register_hooks()
+        hooks.register_hooks()
+        for hook in hooks.HOOKS:
+            assert [h for _, h, _ in HookRegistry._hooks[hook.target]].count(hook.function) == 1, hook.target
     finally:
         HookRegistry._hooks.clear()
         HookRegistry._hooks.update(saved)
+
+
+def scheduler_weight_updater(model):
+    """SGLang's own scheduler-side path for a disk update, with the model runner replaced by ``model``:
+    ``SchedulerWeightUpdaterManager.update_weights_from_disk`` -> (``TpModelWorker`` up to 0.5.20) ->
+    the runner's ``WeightUpdater.update_weights_from_disk`` (hooked). Every method on the way is
+    SGLang's, bound to stand-ins for the objects a real scheduler holds."""
+    import types
+
+    from sglang.srt.managers import tp_worker
+    from sglang.srt.managers.scheduler_components.weight_updater import SchedulerWeightUpdaterManager
+    from sglang.srt.model_executor.model_runner_components.weight_updater import WeightUpdater
+
+    updater = SimpleNamespace(get_model=lambda: model)
+    runner = SimpleNamespace(model=model)
+    runner.weight_updater = SimpleNamespace(
+        update_weights_from_disk=types.MethodType(WeightUpdater.update_weights_from_disk, updater)
+    )
+    worker = SimpleNamespace(model_runner=runner, weight_update_runners=lambda: [("target", runner)])
+    if hasattr(tp_worker.TpModelWorker, "update_weights_from_disk"):  # 0.5.20 and earlier
+        worker.update_weights_from_disk = types.MethodType(tp_worker.TpModelWorker.update_weights_from_disk, worker)
+    manager = SimpleNamespace(
+        tp_worker=worker,
+        draft_worker=None,
+        metrics_collector=None,
+        flush_cache=lambda **kw: True,
+        scheduler=SimpleNamespace(record_weight_version_change=lambda **kw: None),
+    )
+    for name, member in vars(SchedulerWeightUpdaterManager).items():
+        if callable(member) and name != "__init__":
+            setattr(manager, name, types.MethodType(member, manager))
+    return manager
+
+
+def test_a_reload_reaches_the_hook_through_sglangs_scheduler(mix, tmp_path, monkeypatch):
+    """The request SGLang's tokenizer sends is handled by SGLang's scheduler code, which ends in the hook."""
+    from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput
+
+    from serving_harness import init_sglang_cpu
+    from sglang_mixed_precision.serving import loader
+
+    init_sglang_cpu()  # plugin registered and SGLang's hooks applied
+    active, reload_plan = fp8_mlp_request(mix, mix.fp8_b)
+    model, config = FakeModel(active), SimpleNamespace(plan=active)
+    monkeypatch.setattr(loader, "mixed_config_of", lambda m: config)
+    messages.write_worker_request(tmp_path, reload_plan.worker_request())
+    before = model.state()
+    manager = scheduler_weight_updater(model)
+    out = manager.update_weights_from_disk(
+        UpdateWeightFromDiskReqInput(model_path=str(tmp_path), load_format="auto", flush_cache=False)
+    )
+    reply = messages.decode_worker_reply(out.success, out.message)
+    assert out.success and reply["layers"] == 4, out.message
+    assert changed(before, model.state()) == MLP_PARAMS
 
 
 SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"  # F32 [4, 8]: one per 128x128 block of [512, 1024]
@@ -528,7 +589,7 @@ def test_stage_refuses_a_tensor_rewritten_after_planning(mix, change, says, fix)
         state[SCALE] = state[SCALE][:, :4].contiguous()
     save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(MixedPrecisionError) as e:
-        rt.stage_tensors(reload_plan)
+        reload_worker.stage_tensors(reload_plan)
     assert e.value.code == "reload_bad_tensor"
     assert e.value.detail.startswith(f"tensor {SCALE} (source 'fp8'): {says}"), e.value.detail
     assert e.value.where == str(source / "model.safetensors") and e.value.fix == fix

@@ -97,7 +97,7 @@ def test_enabled_launch_validates_prints_and_serves_the_plan_dir(tiny_qwen3_moe,
         "quant_method": "mixed_precision",
         "config_path": str(cfg.resolve()),
         "tp_size": 2,
-        "int4_moe_kernel": "wna16",
+        "int4_moe_kernel": "auto",
         "skeleton": "fp16",
     }
 
@@ -236,7 +236,7 @@ def test_plan_dir_settings_round_trip():
 
     settings = PlanSettings("/m/mix.yaml", 2, "fp16", "marlin")
     assert PlanSettings.from_quantization_config(settings.to_quantization_config()) == settings
-    assert PlanSettings.from_quantization_config({"config_path": "m.yaml"}).int4_moe_kernel == "wna16"
+    assert PlanSettings.from_quantization_config({"config_path": "m.yaml"}).int4_moe_kernel == "auto"
 
 
 def test_plugin_must_be_installed_and_allowed(monkeypatch):
@@ -331,7 +331,7 @@ def _request_restart_when_running(sup, config: Path):
     import threading
     import time as _time
 
-    from sglang_mixed_precision.serving.runtime import request_restart
+    from sglang_mixed_precision.serving.restart import request_restart
 
     def later():
         while sup.proc is None:
@@ -433,3 +433,66 @@ def test_good_numbers_reach_sglang_as_integers(tiny_qwen3, tmp_path):
 def test_stock_sglang_gets_its_arguments_unread():
     argv = ["--model-path", "/m", "--port", "99999", "--tp-size", "zero"]  # SGLang's own checks apply
     assert launcher.sglang_command(argv) == SERVER + argv
+
+
+def test_sglang_entry_serve_builds_sglang_serve_commands():
+    argv = ["--model-path", "/m", "--port", "30001", "--weird=1"]
+    sglang = str(Path(sys.executable).with_name("sglang"))
+    assert launcher.sglang_command(["--sglang-entry", "serve", *argv]) == [sglang, "serve", *argv]
+    assert launcher.sglang_command([*argv, "--sglang-entry=serve", "--print-command"]) == [sglang, "serve", *argv]
+    assert launcher.sglang_command(["--sglang-entry", "launch_server", *argv]) == SERVER + argv
+
+
+# Runs `sglang serve ...` (SGLang's own CLI) up to the point where the server would start, then reports
+# what that server would be: the server args SGLang parsed, and what the plugin makes of them.
+SERVE_PROBE = """
+import json, sys
+import sglang.launch_server as launch_server
+
+def run_server(server_args):
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.server_args import QUANTIZATION_CHOICES
+    from sglang_mixed_precision.serving.hooks import HOOKS
+    from sglang_mixed_precision.serving.service import active_mix_from_model_path
+
+    active = active_mix_from_model_path(server_args.model_path, server_args.tp_size)
+    print("PROBE " + json.dumps({
+        "model_path": server_args.model_path,
+        "quantization": ModelConfig.from_server_args(server_args).quantization,
+        "choice": "mixed_precision" in QUANTIZATION_CHOICES,
+        "hooks": all(any(h is hook.function for _, h, _ in HookRegistry._hooks[hook.target]) for hook in HOOKS),
+        "config_path": str(active.config_path),
+        "max_total_tokens": server_args.max_total_tokens,
+    }))
+
+launch_server.run_server = run_server
+from sglang.cli.main import main
+main()
+"""
+
+
+def test_sglang_serve_serves_the_plan_directory(tiny_qwen3, tmp_path):
+    """`sglang serve` as the launcher starts it: SGLang's CLI picks its LLM server for the plan
+    directory, loads the plugin first, and the server it would start is the mix."""
+    cfg = mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8")
+    plan_dir = tmp_path / "plan"
+    argv = ["--enable-mixed-precision", "--mixed-precision-config", str(cfg), "--plan-dir", str(plan_dir)]
+    cmd = launcher.sglang_command(
+        [*argv, "--sglang-entry", "serve", "--max-total-tokens", "4096", "--device", "cpu"], out=io.StringIO()
+    )
+    assert cmd[:2] == [str(Path(sys.executable).with_name("sglang")), "serve"] and Path(cmd[0]).is_file()
+    assert cmd[cmd.index("--model-path") + 1] == str(plan_dir)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", SERVE_PROBE, *cmd[1:]], capture_output=True, text=True, env=env)
+    probes = [line for line in run.stdout.splitlines() if line.startswith("PROBE ")]
+    assert probes, run.stdout[-2000:] + run.stderr[-4000:]
+    seen = json.loads(probes[0][len("PROBE ") :])
+    assert seen == {
+        "model_path": str(plan_dir),
+        "quantization": "mixed_precision",
+        "choice": True,
+        "hooks": True,
+        "config_path": str(cfg),
+        "max_total_tokens": 4096,
+    }

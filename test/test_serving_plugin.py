@@ -33,7 +33,8 @@ def test_register_adds_method_choice_and_loader_hook(sglang_cpu):
     from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.server_args import QUANTIZATION_CHOICES
 
-    from sglang_mixed_precision.serving.plugin import LOADER_TARGET, register, select_model_loader
+    from sglang_mixed_precision.serving.hooks import LOADER_TARGET, select_model_loader
+    from sglang_mixed_precision.serving.plugin import register
     from sglang_mixed_precision.serving.quant_config import MixedPrecisionConfig
 
     register()  # a second call changes nothing

@@ -64,8 +64,10 @@ def module_weights(plan, module: str) -> dict[str, torch.Tensor]:
 
 
 def fill_model(model: torch.nn.Module, plan) -> None:
-    """Copy every planned module into ``model``'s parameters; every parameter must be filled."""
+    """Copy every planned module into ``model``'s parameters (and buffers a checkpoint stores, such
+    as DeepSeek-V3's ``e_score_correction_bias``); every parameter must be filled."""
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     tied = _tied_names(model)
     done: set[str] = set()
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
@@ -78,6 +80,9 @@ def fill_model(model: torch.nn.Module, plan) -> None:
             continue
         for suffix, tensor in tensors.items():
             name = f"{module}.{suffix}"
+            if name not in params and name in buffers:
+                _copy(buffers[name], tensor, name)
+                continue
             if name not in params:
                 if name in tied:
                     continue
@@ -152,6 +157,27 @@ def fake_quant_fp8_activation(x: torch.Tensor, group: int = ACT_GROUP) -> torch.
     return q.reshape(shape).to(x.dtype)
 
 
+class MlaPaths:
+    """Which of SGLang's two MLA computations the reference is modelling.
+
+    SGLang runs a fresh prompt through MHA: ``kv_b_proj`` is an FP8 linear, so its input (the KV
+    latent) is quantized per token group. It decodes with ``kv_b_proj`` absorbed (``w_kc`` /
+    ``w_vc``, its weight dequantized to the model dtype after loading): the latent is never
+    quantized, for the prompt's cached tokens too. So the reference computes the prompt's positions
+    with ``decode`` off and every later position by a full pass with ``decode`` on (no KV cache)."""
+
+    def __init__(self):
+        self.decode = False
+
+    def hook(self, module, args):
+        return args if self.decode else (fake_quant_fp8_activation(args[0]), *args[1:])
+
+
+def mla_paths(model: torch.nn.Module) -> MlaPaths | None:
+    """The model's :class:`MlaPaths` when an FP8 ``kv_b_proj`` makes SGLang's two paths differ."""
+    return getattr(model, "sglang_mla_paths", None)
+
+
 def simulate_fp8_activations(model: torch.nn.Module, plan) -> int:
     """Quantize the inputs of the model's fp8 modules as SGLang's W8A8 kernels do; returns how many."""
     modules = dict(model.named_modules())
@@ -160,7 +186,14 @@ def simulate_fp8_activations(model: torch.nn.Module, plan) -> int:
     fp8_experts = {a.ref.group for a in quantized_inputs if a.ref.expert is not None}
     for a in quantized_inputs:
         if a.ref.expert is None and isinstance(modules.get(a.name), torch.nn.Linear):
-            modules[a.name].register_forward_pre_hook(lambda mod, args: (fake_quant_fp8_activation(args[0]), *args[1:]))
+            if a.name.endswith(".kv_b_proj") and plan.geometry.mla is not None:
+                if mla_paths(model) is None:
+                    model.sglang_mla_paths = MlaPaths()
+                modules[a.name].register_forward_pre_hook(mla_paths(model).hook)
+            else:
+                modules[a.name].register_forward_pre_hook(
+                    lambda mod, args: (fake_quant_fp8_activation(args[0]), *args[1:])
+                )
             count += 1
     for group in fp8_experts:
         experts = modules[group]
@@ -207,6 +240,8 @@ def load_tokenizer(plan):
 @torch.no_grad()
 def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the float32 logits each was chosen from (KV-cached decoding)."""
+    if mla_paths(model) is not None:
+        return _greedy_two_paths(model, prompt_ids, max_new_tokens)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     out = model(input_ids=ids, use_cache=True)
@@ -224,10 +259,39 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int]
 
 
 @torch.no_grad()
-def teacher_forced_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """log-softmax over the vocabulary at every position of ``ids`` ([len(ids), vocab], float32)."""
+def _greedy_two_paths(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding as SGLang computes MLA (:class:`MlaPaths`): the first token from the prompt's
+    pass, each later one from a full pass in the decode path."""
+    paths, device = mla_paths(model), next(model.parameters()).device
+    ids, tokens, logits = list(prompt_ids), [], []
+    for step in range(max_new_tokens):
+        paths.decode = step > 0
+        try:
+            last = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
+        finally:
+            paths.decode = False
+        tokens.append(int(last.argmax()))
+        logits.append(last.cpu())
+        ids.append(tokens[-1])
+    return tokens, torch.stack(logits) if logits else torch.empty(0)
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, ids: list[int], prompt_len: int | None = None) -> torch.Tensor:
+    """log-softmax over the vocabulary at every position of ``ids`` ([len(ids), vocab], float32).
+
+    ``prompt_len``: positions from ``prompt_len`` on were decoded, not prefilled (it matters to a model
+    with :class:`MlaPaths`)."""
     device = next(model.parameters()).device
     logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+    paths = mla_paths(model)
+    if paths is not None and prompt_len is not None and prompt_len < len(ids):
+        paths.decode = True
+        try:
+            decoded = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+        finally:
+            paths.decode = False
+        logits[prompt_len:] = decoded[prompt_len:]
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
@@ -277,12 +341,13 @@ def logprob_deviation(pair: ReferencePair, sequences) -> tuple[float, float]:
     """(max |log-prob under test - fp32 reference|, max |bf16 reference - fp32 reference|).
 
     ``sequences``: (token ids, [(position in the ids that predicts the token, token, its log-prob
-    under test)]); every sequence is run teacher-forced through both references.
+    under test)], optionally the prompt's length); every sequence is run teacher-forced through both
+    references.
     """
     dev = noise = 0.0
-    for ids, scored in sequences:
-        lp32 = teacher_forced_logprobs(pair.fp32, ids)
-        lp16 = teacher_forced_logprobs(pair.bf16, ids)
+    for ids, scored, *prompt_len in sequences:
+        lp32 = teacher_forced_logprobs(pair.fp32, ids, *prompt_len)
+        lp16 = teacher_forced_logprobs(pair.bf16, ids, *prompt_len)
         for pos, token, lp in scored:
             ref = float(lp32[pos, token])
             dev = max(dev, abs(lp - ref))
@@ -294,7 +359,8 @@ def scored_continuation(prompt_ids: list[int], output_ids: list[int], output_log
     """A sequence for :func:`logprob_deviation`: prompt and generated tokens, each generated token
     scored at the position that predicts it."""
     n = len(prompt_ids)
-    return prompt_ids + output_ids, [(n - 1 + j, t, lp) for j, (t, lp) in enumerate(zip(output_ids, output_logprobs))]
+    scored = [(n - 1 + j, t, lp) for j, (t, lp) in enumerate(zip(output_ids, output_logprobs))]
+    return prompt_ids + output_ids, scored, n
 
 
 def logprob_tolerance(bf16_noise: float) -> float:

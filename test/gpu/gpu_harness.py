@@ -38,7 +38,8 @@ MIXES = {
 }
 # Every int4 MoE kernel passes the same correctness checks: the mixes with int4 experts run each one
 # (--int4-moe-kernel; dense models ignore it: their int4 linears run GPTQ-Marlin).
-INT4_MOE_KERNEL = {"attn-fp8+experts-int4": "wna16", "attn-bf16+experts-int4": "marlin", "all-int4": "auto"}
+# Every int4 MoE kernel choice is proven: all-int4 runs the launcher's default (auto).
+INT4_MOE_KERNEL = {"attn-fp8+experts-int4": "wna16", "attn-bf16+experts-int4": "marlin"}
 # The mix whose plan directory is also served by SGLang's own entry points (launch_server, Engine).
 ENTRYPOINT_MIX = "attn-fp8+experts-int4"
 # The converter's outputs served by stock SGLang, compared with the reference of the uniform mix.
@@ -737,9 +738,9 @@ def scored_sequence(g: Generation):
     position that predicts it (reference.logprob_deviation's input)."""
     from sglang_mixed_precision.reference import scored_continuation
 
-    ids, scored = scored_continuation(g.prompt_ids, g.output_ids, g.output_logprobs)
+    ids, scored, prompt_len = scored_continuation(g.prompt_ids, g.output_ids, g.output_logprobs)
     prompt = [(i - 1, t, lp) for i, (lp, t) in enumerate(g.input_logprobs) if lp is not None and i > 0]
-    return ids, prompt + scored
+    return ids, prompt + scored, prompt_len
 
 
 def plan_rank_bytes(config: Path) -> int:

@@ -109,7 +109,10 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
             )
     rules = [
         {"match": "model.layers.*.mlp.experts.*", "source": experts},
-        {"match": "model.layers.*.mlp.shared_expert.*", "source": mlp},
+        {
+            "match": "model.layers.*.mlp.shared_expert*.*",
+            "source": mlp,
+        },  # Qwen2-MoE shared_expert, DeepSeek shared_experts
         {"match": "model.layers.*.mlp.*", "source": mlp},
         {"match": "model.layers.*.self_attn.*", "source": attention},
     ]

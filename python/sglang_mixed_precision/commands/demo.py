@@ -19,6 +19,10 @@ from pathlib import Path
 from ..testing.tinymodels import ARCHITECTURES
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
+# What the rest of the MLP (dense layers, shared experts) comes from, where the default does not fit:
+# DeepSeek-V3 gets the mix its users ask for, int4 experts with FP8 attention and shared experts
+# (SGLang serves its MLA attention and shared experts in FP8 or 16 bits, not int4: architectures.py).
+MLP_PRECISION = {"deepseek_v3": "fp8"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,9 +71,15 @@ def prepare(workdir: Path, arch: str) -> Path:
     say(f"      done in {time.time() - t:.1f}s")
     config = workdir / "converted" / "mix.yaml"
     # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router) 16-bit.
-    mlp = "fp16" if "moe" in arch else "int4"
+    mlp = MLP_PRECISION.get(arch, "fp16" if "moe" in arch else "int4")
     config.write_text(mixed_config_yaml(attention="fp8", mlp=mlp, experts="int4", sources=FORMATS))
     return config
+
+
+def describe_mix(arch: str) -> str:
+    if arch in MLP_PRECISION:
+        return f"attention fp8, routed experts int4, dense and shared-expert MLPs {MLP_PRECISION[arch]}, the rest bf16"
+    return f"attention fp8, {'experts' if 'moe' in arch else 'MLP'} int4, the rest bf16"
 
 
 def gpu_ready() -> str | None:
@@ -150,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = prepare(workdir, args.arch)
-    step(3, f"mix {config}: attention fp8, {'experts' if 'moe' in args.arch else 'MLP'} int4, the rest bf16")
+    step(3, f"mix {config}: {describe_mix(args.arch)}")
     plan = plan_from_config(config)
     say(format_tables(plan))
     (workdir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1, default=str))

@@ -32,10 +32,16 @@ from .gptq import HessianAccumulator, gptq_quantize, gptq_quantize_batched
 from .gptq_pack import GptqTensors, rtn_quantize
 
 # Data-flow order of a decoder layer's linears: a stage's inputs depend on all earlier stages.
+# DeepSeek-V3's MLA: q_a_proj and kv_a_proj_with_mqa read the hidden state, q_b_proj the normed q
+# latent, kv_b_proj the normed kv latent (each its own input, so each its own stage), then o_proj.
 STAGE_OF_LEAF = {
     "q_proj": 0,
     "k_proj": 0,
     "v_proj": 0,
+    "q_a_proj": 0,
+    "kv_a_proj_with_mqa": 0,
+    "q_b_proj": 0.25,
+    "kv_b_proj": 0.5,
     "o_proj": 1,
     "gate_proj": 2,
     "up_proj": 2,
@@ -539,10 +545,18 @@ class GptqInt4:
         """Top-k expert indices per token [T, k] (softmax is monotonic, so top-k of the logits)."""
         return torch.topk(x @ router_w.t(), self.top_k, dim=-1).indices
 
+    def _selected_experts(self, lw, moe_block: str, x: torch.Tensor, router_w: torch.Tensor) -> torch.Tensor:
+        """Top-k experts per token [T, k], as the model routes them."""
+        block = lw.submodule(moe_block)
+        if hasattr(block, "route_tokens_to_experts"):  # DeepSeek-V3: sigmoid + e_score_correction_bias, by group
+            with torch.no_grad():
+                return block.route_tokens_to_experts(block.gate(x))[0]
+        return self.route(x, router_w)
+
     def _experts(self, lw, unit, tensors, moe, tally, moe_block) -> dict[str, GptqTensors]:
         x, x_ho = moe
         router_w = self._router_weight(tensors, moe_block).to(self.device)
-        sel, sel_ho = self.route(x, router_w), self.route(x_ho, router_w)
+        sel, sel_ho = (self._selected_experts(lw, moe_block, t, router_w) for t in (x, x_ho))
         by_expert: dict[int, dict[str, str]] = {}
         for m in unit.quantized_modules:
             ref = classify(m)

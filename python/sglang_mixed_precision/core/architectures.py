@@ -18,6 +18,10 @@ qwen2_moe    as qwen2                              every layer MoE: mlp.gate, ml
 qwen3_moe    as qwen3                              every layer MoE: mlp.gate, mlp.experts.E.*  as qwen3
 mixtral      self_attn.{q,k,v,o}_proj              every layer MoE: block_sparse_moe.gate,     none
                                                    block_sparse_moe.experts.E.{w1,w2,w3}
+deepseek_v3  MLA: self_attn.{q_a_proj,              dense below first_k_dense_replace, others:  none
+             q_a_layernorm, q_b_proj,              mlp.gate (+ e_score_correction_bias),
+             kv_a_proj_with_mqa, kv_a_layernorm,   mlp.experts.E.*, mlp.shared_experts.*
+             kv_b_proj, o_proj}
 ============ ===================================== =========================================== ==================
 
 Every layer also has ``input_layernorm`` and ``post_attention_layernorm``; the model has
@@ -25,25 +29,25 @@ Every layer also has ``input_layernorm`` and ``post_attention_layernorm``; the m
 then uses the embedding). Qwen2-MoE and Qwen3-MoE make *every* layer a MoE layer in SGLang
 0.5.17, whatever ``mlp_only_layers`` and ``decoder_sparse_step`` say.
 
-A new family (DeepSeek-V3, say) subclasses :class:`Architecture`: ``attention_modules`` for MLA
-(``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
-``kv_b_proj``, ``o_proj``), ``dense_mlp_layers`` for ``first_k_dense_replace`` /
-``moe_layer_freq``, ``shared_expert = "shared_experts"``, ``extra_layers`` for the MTP layers
-(``num_nextn_predict_layers``), and registers it in :data:`ARCHITECTURES`. ``naming.classify``
-must give each new name its role (a test checks every family).
+A new family subclasses :class:`Architecture` and registers it in :data:`ARCHITECTURES`;
+``naming.classify`` must give each new name its role (a test checks every family). What a family's
+SGLang model cannot load or run in some precision is refused here, before launch, with the reason
+(:meth:`Architecture.serving_refusal`, :meth:`Architecture.plan_refusals`): DeepSeek-V3's MLA
+attention and shared experts in int4, for one.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Container, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import more
-from .naming import Role, layer_index
+from .naming import ModuleRef, Role, layer_index
 
 if TYPE_CHECKING:
-    from .geometry import ModelGeometry
+    from .geometry import ModelGeometry, RankShape
 
 
 class ExpectedModule(NamedTuple):
@@ -92,6 +96,27 @@ class Architecture:
     def extra_layers(self, cfg: dict) -> int:
         """Decoder layers a checkpoint may hold beyond num_hidden_layers (MTP heads SGLang skips)."""
         return 0
+
+    def geometry_overrides(self, cfg: dict, dimension) -> dict:
+        """ModelGeometry fields the family names its own way (DeepSeek's MLA)."""
+        return {}
+
+    def regroup(self, ref: ModuleRef, cfg: dict) -> ModuleRef:
+        """The SGLang layer of a module when it depends on config.json (naming.classify's otherwise)."""
+        return ref
+
+    def serving_refusal(self, group: str, role: Role, precision: str) -> str | None:
+        """Why this family's SGLang model cannot serve layer ``group`` in ``precision`` (None: it can)."""
+        return None
+
+    def server_flags(self) -> tuple[tuple[str, str], ...]:
+        """(SGLang server flag, why) the launcher adds when serving a mix of this family."""
+        return ()
+
+    def plan_refusals(self, groups: dict) -> list[tuple[list[str], str, str]]:
+        """(layers, why, fix) for mixes the model cannot serve because of a setting it reads once for
+        all its layers; ``groups``: the plan's {prefix: GroupAssignment}."""
+        return []
 
     # ---- module names -----------------------------------------------------------------------------
     def attention_modules(self, prefix: str, cfg: dict) -> Iterator[ExpectedModule]:
@@ -185,8 +210,201 @@ class Mixtral(Architecture):
     num_experts_keys = ("num_local_experts", "num_experts")
 
 
+@dataclass(frozen=True)
+class MlaDims:
+    """Multi-head latent attention's dimensions (DeepSeek-V3's config.json)."""
+
+    heads: int
+    hidden: int
+    q_lora_rank: int | None  # None: one q_proj instead of q_a_proj / q_a_layernorm / q_b_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def q_out(self) -> int:
+        return self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+
+    def weight_shape(self, leaf: str) -> tuple[int, ...] | None:
+        """The 16-bit shape of an MLA module (linears [N, K], norms [N])."""
+        kv_a = self.kv_lora_rank + self.qk_rope_head_dim
+        return {
+            "q_proj": (self.q_out, self.hidden),
+            "q_a_proj": (self.q_lora_rank, self.hidden),
+            "q_a_layernorm": (self.q_lora_rank,),
+            "q_b_proj": (self.q_out, self.q_lora_rank),
+            "kv_a_proj_with_mqa": (kv_a, self.hidden),
+            "kv_a_layernorm": (self.kv_lora_rank,),
+            "kv_b_proj": (self.heads * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank),
+            "o_proj": (self.hidden, self.heads * self.v_head_dim),
+        }.get(leaf)
+
+    def rank_shape(self, leaf: str, tp: int) -> RankShape | None:
+        """Per-rank weight of an SGLang MLA layer (deepseek_v2.py ``DeepseekV2AttentionMLA``): the fused
+        q_a/kv_a and kv_a_proj_with_mqa are replicated, q_b / q_proj / kv_b split N, o_proj splits K."""
+        from .geometry import RankShape
+
+        kv_a = self.kv_lora_rank + self.qk_rope_head_dim
+        if leaf == FUSED_QKV_A:  # load_weights concatenates q_a_proj and kv_a_proj_with_mqa, scales too
+            return RankShape(
+                (self.q_lora_rank + kv_a,), self.hidden, self.hidden, False, False, tp, stacked=(self.q_lora_rank, kv_a)
+            )
+        if leaf == "kv_a_proj_with_mqa":
+            return RankShape((kv_a,), self.hidden, self.hidden, False, False, tp)
+        column = {"q_proj": self.hidden, "q_b_proj": self.q_lora_rank, "kv_b_proj": self.kv_lora_rank}
+        if leaf in column:
+            n = self.weight_shape(leaf)[0]
+            return RankShape((n // tp,), column[leaf], column[leaf], True, False, tp)
+        if leaf == "o_proj":
+            k = self.heads * self.v_head_dim
+            return RankShape((self.hidden,), k // tp, k, False, True, tp)
+        return None
+
+
+# SGLang's layer for q_a_proj + kv_a_proj_with_mqa when q_lora_rank is set
+FUSED_QKV_A = "fused_qkv_a_proj_with_mqa"
+
+
+class DeepseekV3(Architecture):
+    """DeepSeek-V3 / R1 (SGLang 0.5.17 ``deepseek_v2.py``, ``DeepseekV3ForCausalLM``).
+
+    MLA attention: ``q_a_proj`` + ``kv_a_proj_with_mqa`` (SGLang's load_weights concatenates them into
+    one replicated ``fused_qkv_a_proj_with_mqa``), ``q_a_layernorm``, ``q_b_proj``, ``kv_a_layernorm``,
+    ``kv_b_proj`` (split into ``w_kc`` / ``w_vc`` after loading), ``o_proj``; with ``q_lora_rank: null``
+    a single ``q_proj`` and a ``kv_a_proj_with_mqa`` of its own. Layers below ``first_k_dense_replace``
+    and those not on ``moe_layer_freq`` have a dense MLP (``intermediate_size``); the others a router
+    ``mlp.gate`` (``weight`` and ``e_score_correction_bias`` for ``topk_method: noaux_tc``), routed
+    experts and ``n_shared_experts`` fused into one ``mlp.shared_experts`` MLP of
+    ``moe_intermediate_size * n_shared_experts``. The release's MTP layers
+    (``num_nextn_predict_layers``) follow the decoder layers; SGLang skips them when serving.
+    """
+
+    model_types = ("deepseek_v3",)
+    moe_family = True
+    shared_expert = "shared_experts"
+    attention_projections = ()  # attention_modules lists MLA's
+    num_experts_keys = ("n_routed_experts",)
+    required_keys = ("intermediate_size", "moe_intermediate_size", "kv_lora_rank", "qk_rope_head_dim")
+
+    def attention_modules(self, prefix: str, cfg: dict) -> Iterator[ExpectedModule]:
+        if cfg.get("q_lora_rank") is None:
+            yield ExpectedModule(f"{prefix}.q_proj", Role.ATTENTION)
+        else:
+            yield ExpectedModule(f"{prefix}.q_a_proj", Role.ATTENTION)
+            yield ExpectedModule(f"{prefix}.q_a_layernorm", Role.NORM)
+            yield ExpectedModule(f"{prefix}.q_b_proj", Role.ATTENTION)
+        yield ExpectedModule(f"{prefix}.kv_a_proj_with_mqa", Role.ATTENTION)
+        yield ExpectedModule(f"{prefix}.kv_a_layernorm", Role.NORM)
+        yield ExpectedModule(f"{prefix}.kv_b_proj", Role.ATTENTION)
+        yield ExpectedModule(f"{prefix}.o_proj", Role.ATTENTION)
+
+    def moe_modules(self, prefix: str, cfg: dict, geometry: ModelGeometry) -> Iterator[ExpectedModule]:
+        for module in super().moe_modules(prefix, cfg, geometry):
+            if module.role is Role.ROUTER and cfg.get("topk_method") == "noaux_tc":
+                yield module._replace(tensors=("weight", "e_score_correction_bias"))
+            else:
+                yield module
+
+    def dense_mlp_layers(self, cfg: dict, layers: int) -> frozenset[int]:
+        # deepseek_v2.py: is_moe_layer = layer_id >= first_k_dense_replace and layer_id % moe_layer_freq == 0
+        first = cfg.get("first_k_dense_replace") or 0
+        freq = cfg.get("moe_layer_freq") or 1
+        return frozenset(i for i in range(layers) if i < first or i % freq)
+
+    def has_shared_expert(self, cfg: dict) -> bool:
+        return (cfg.get("n_shared_experts") or 0) > 0
+
+    def extra_layers(self, cfg: dict) -> int:
+        return cfg.get("num_nextn_predict_layers") or 0
+
+    def geometry_overrides(self, cfg: dict, dimension) -> dict:
+        """ModelGeometry fields config.json gives under DeepSeek's own names (``dimension(key, ...)``
+        reads and checks one)."""
+        moe = dimension("moe_intermediate_size")
+        heads = dimension("num_attention_heads")
+        return {
+            "shared_intermediate": moe * (dimension("n_shared_experts", required=False, minimum=0) or 0),
+            "head_dim": dimension("qk_nope_head_dim") + dimension("qk_rope_head_dim"),
+            "kv_heads": heads,  # MLA: every head reads the one latent KV
+            "mla": MlaDims(
+                heads=heads,
+                hidden=dimension("hidden_size"),
+                q_lora_rank=dimension("q_lora_rank", required=False),
+                kv_lora_rank=dimension("kv_lora_rank"),
+                qk_nope_head_dim=dimension("qk_nope_head_dim"),
+                qk_rope_head_dim=dimension("qk_rope_head_dim"),
+                v_head_dim=dimension("v_head_dim"),
+            ),
+        }
+
+    def regroup(self, ref: ModuleRef, cfg: dict) -> ModuleRef:
+        """Without q_lora_rank SGLang builds q_proj and kv_a_proj_with_mqa as layers of their own."""
+        leaf = ref.name.rsplit(".", 1)[-1]
+        if ref.role is Role.ATTENTION and cfg.get("q_lora_rank") is None and leaf in ("q_proj", "kv_a_proj_with_mqa"):
+            return ModuleRef(ref.name, ref.role, ref.layer, ref.name, leaf)
+        return ref
+
+    def serving_refusal(self, group: str, role: Role, precision: str) -> str | None:
+        """Why SGLang 0.5.17's DeepseekV3ForCausalLM cannot load or run a layer of this precision
+        (``precision``: the format's word, "fp8" / "int4" / "int8"), None if it can."""
+        leaf = group.rsplit(".", 1)[-1]
+        if precision not in ("int4", "int8"):  # GPTQ: packed qweight, no weight
+            return None
+        if role is Role.ATTENTION:
+            return _DEEPSEEK_INT4_ATTENTION.get(leaf, _DEEPSEEK_INT4_ATTENTION["o_proj"])
+        if role is Role.SHARED_EXPERT:
+            return (
+                "DeepseekV2MoE reads shared_experts.gate_up_proj.weight.dtype when it is built; a GPTQ layer "
+                "has qweight, no weight"
+            )
+        return None
+
+    def server_flags(self) -> tuple[tuple[str, str], ...]:
+        return (
+            (
+                "--disable-shared-experts-fusion",
+                "SGLang would load the shared expert as routed expert n_routed_experts of the FusedMoE (DeepSeek-V3's "
+                "256 experts on CUDA), one layer of one scheme, while the plan gives mlp.shared_experts a layer and "
+                "a source of its own",
+            ),
+        )
+
+    def plan_refusals(self, groups: dict) -> list[tuple[list[str], str, str]]:
+        # post_load_weights dequantizes every FP8 kv_b_proj with one weight_block_size, the one of the
+        # model's quant_config.linear_fp8_config (the mixed config's FP8 linears, when they agree)
+        fp8 = {
+            p: g.scheme
+            for p, g in groups.items()
+            if g.scheme.quantized
+            and g.scheme.format.precision_name(g.scheme) == "fp8"
+            and g.role is not Role.ROUTED_EXPERT
+        }
+        if len(set(fp8.values())) <= 1:
+            return []
+        labels = sorted({s.label() for s in fp8.values()})
+        return [
+            (
+                sorted(fp8),
+                f"its FP8 linears are of {len(labels)} FP8 schemes ({', '.join(labels)}), but post_load_weights "
+                "dequantizes every FP8 kv_b_proj with one weight_block_size",
+                "take every FP8 linear (attention, dense MLP, shared experts) from FP8 sources of one block size",
+            )
+        ]
+
+
+_DEEPSEEK_INT4_ATTENTION = {
+    FUSED_QKV_A: "load_weights concatenates q_a_proj and kv_a_proj_with_mqa along dim 0, which for GPTQ's "
+    "qweight [K/8, N] joins the wrong axis",
+    "q_b_proj": "DeepseekV2AttentionMLA reads q_b_proj.weight.shape when it is built; a GPTQ layer has no weight",
+    "kv_b_proj": "post_load_weights splits kv_b_proj into w_kc / w_vc from its weight (it reads a qweight as "
+    "AWQ, not GPTQ)",
+    "o_proj": "the MLA forward reads o_proj.weight.dtype; a GPTQ layer has no weight",
+}
+
+
 ARCHITECTURES: dict[str, Architecture] = {
-    t: arch() for arch in (Llama, Qwen2, Qwen3, Qwen2Moe, Qwen3Moe, Mixtral) for t in arch.model_types
+    t: arch() for arch in (Llama, Qwen2, Qwen3, Qwen2Moe, Qwen3Moe, Mixtral, DeepseekV3) for t in arch.model_types
 }
 
 

@@ -73,6 +73,11 @@ class ErrorCode(str, Enum):
     MIXED_GROUP = ("mixed_group", 400, "members of one fused SGLang layer have different precisions")
     TP_INDIVISIBLE = ("tp_indivisible", 400, "a per-rank shape the kernel cannot run at this tensor-parallel size")
     QUANTIZED_VOCAB = ("quantized_vocab", 400, "a quantized embedding or lm_head (SGLang serves them in 16 bits)")
+    ARCHITECTURE_REFUSES_SCHEME = (
+        "architecture_refuses_scheme",
+        400,
+        "the family's SGLang model cannot load or run this layer in this precision (MLA attention in int4, ...)",
+    )
     BAD_ARGUMENT = ("bad_argument", 400, "a command-line or API argument out of range")
     OUTPUT_UNWRITABLE = (
         "output_unwritable",
@@ -108,6 +113,11 @@ class ErrorCode(str, Enum):
     )
     PLUGIN_NOT_INSTALLED = ("plugin_not_installed", 400, "SGLang cannot see the plugin's entry point")
     PLUGIN_DISABLED = ("plugin_disabled", 400, "SGLANG_PLUGINS excludes the mixed_precision plugin")
+    SGLANG_INCOMPATIBLE = (
+        "sglang_incompatible",
+        500,
+        "the installed SGLang lacks a function, method or argument the plugin hooks or calls",
+    )
     PLAN_DIR_INVALID = ("plan_dir_invalid", 400, "a plan directory's quantization_config is malformed")
     PLAN_DIR_TARGET = ("plan_dir_target", 400, "the plan directory cannot be written there")
     PLAN_DIR_NO_TOKENIZER = ("plan_dir_no_tokenizer", 400, "the model has no tokenizer to put in the plan directory")
@@ -122,6 +132,11 @@ class ErrorCode(str, Enum):
     LOAD_FORMAT_UNSUPPORTED = ("load_format_unsupported", 400, "a --load-format the mixed loader cannot serve")
     LOADER_WITHOUT_PLAN = ("loader_without_plan", 500, "the mixed loader got a model built without the mixed config")
     LOADER_STREAM = ("loader_stream", 500, "the mixed loader was handed another weight stream")
+    SHARED_EXPERTS_FUSED = (
+        "shared_experts_fused",
+        500,
+        "SGLang fused the shared experts into the routed experts' layer, which a mix gives a source of its own",
+    )
     LOAD_AUDIT_FAILED = ("load_audit_failed", 500, "after loading, the model is not exactly the plan")
     # ---- runtime: info and reload
     NOT_MIXED_PRECISION = ("not_mixed_precision", 404, "the server does not serve a mixed-precision plan")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .architectures import architecture_for
+from .architectures import MlaDims, architecture_for
 from .errors import ErrorCode, MixedPrecisionError
 from .naming import ModuleRef, Role
 
@@ -60,6 +60,9 @@ class RankShape:
     tp: int = 1
     moe: bool = False
     moe_intermediate: int | None = None  # per-rank intermediate of a FusedMoE
+    # output sizes the model's load_weights concatenates, weights and scales as stored, into one
+    # parameter (DeepSeek's q_a_proj + kv_a_proj_with_mqa); empty when the layer loads shard by shard
+    stacked: tuple[int, ...] = ()
 
     @property
     def n(self) -> int:
@@ -81,6 +84,7 @@ class ModelGeometry:
     vocab: int
     tie_word_embeddings: bool
     dense_layers: frozenset[int] = field(default=frozenset())  # layers with a dense MLP in a MoE model
+    mla: MlaDims | None = None  # multi-head latent attention (DeepSeek-V3)
 
     @classmethod
     def from_hf_config(cls, cfg: dict, *, where: str = "config.json") -> ModelGeometry:
@@ -112,7 +116,7 @@ class ModelGeometry:
         if arch and arch.moe_family:
             _dimension(cfg, experts_key, where)
         moe_key = arch.moe_intermediate_key if arch else "moe_intermediate_size"
-        return cls(
+        fields = dict(
             model_type=model_type,
             hidden=hidden,
             layers=layers,
@@ -127,6 +131,9 @@ class ModelGeometry:
             tie_word_embeddings=bool(tie),
             dense_layers=arch.dense_mlp_layers(cfg, layers) if arch else _hf_dense_layers(cfg, layers, where),
         )
+        if arch:
+            fields.update(arch.geometry_overrides(cfg, lambda key, **kw: _dimension(cfg, key, where, **kw)))
+        return cls(**fields)
 
     @property
     def is_moe(self) -> bool:
@@ -141,6 +148,10 @@ class ModelGeometry:
         """The 16-bit ``weight`` shape config.json implies for a module, None if it says nothing."""
         q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
         leaf = ref.name.rsplit(".", 1)[-1]
+        if self.mla is not None and ref.role in (Role.ATTENTION, Role.NORM) and ref.layer is not None:
+            shape = self.mla.weight_shape(leaf)
+            if shape is not None or ref.role is Role.ATTENTION:
+                return shape
         if ref.role is Role.ATTENTION:
             return {
                 "q": (q_out, self.hidden),
@@ -198,6 +209,8 @@ class ModelGeometry:
         """Per-rank weight of one SGLang layer (``qkv_proj``, ``o_proj``, ``gate_up_proj``,
         ``down_proj``, ``experts``); None for layers that are not TP-split linears."""
         hd, hidden = self.head_dim, self.hidden
+        if role is Role.ATTENTION and self.mla is not None:
+            return self.mla.rank_shape(fused_leaf, tp)
         if role is Role.ATTENTION and fused_leaf == "qkv_proj":
             kv = self.kv_heads_per_rank(tp) * hd
             return RankShape((self.heads * hd // tp, kv, kv), hidden, hidden, True, False, tp)
@@ -222,6 +235,9 @@ class ModelGeometry:
             return 1.0
         if ref.role in (Role.NORM, Role.ROUTER, Role.OTHER):
             return 1.0
+        if self.mla is not None and ref.role is Role.ATTENTION:
+            rank_shape = self.mla.rank_shape(ref.group.rsplit(".", 1)[-1], tp)
+            return 1.0 / tp if rank_shape is None or rank_shape.column_split or rank_shape.row_split else 1.0
         if ref.role is Role.ATTENTION and ref.shard in ("k", "v"):
             return 1.0 / min(tp, self.kv_heads)
         return 1.0 / tp

@@ -24,6 +24,7 @@ TENSOR_SUFFIXES = (
     "g_idx",
     "weight",
     "bias",
+    "e_score_correction_bias",  # DeepSeek-V3's router (mlp.gate)
 )
 
 
@@ -64,6 +65,9 @@ _FUSED_LEAVES = {
     "v_proj": ("qkv_proj", "v"),
     "gate_proj": ("gate_up_proj", "gate"),
     "up_proj": ("gate_up_proj", "up"),
+    # DeepSeek-V3's MLA: SGLang's load_weights concatenates these two (when q_lora_rank is set)
+    "q_a_proj": ("fused_qkv_a_proj_with_mqa", "q_a"),
+    "kv_a_proj_with_mqa": ("fused_qkv_a_proj_with_mqa", "kv_a"),
 }
 # routed expert projection -> FusedMoE weight (w1 = gate, w3 = up, w2 = down)
 _EXPERT_SHARDS = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}

@@ -367,7 +367,11 @@ class _Planner:
     def _assign_modules(self) -> dict[str, ModuleAssignment]:
         names = self._model_modules()
         classify_fast = _TemplateClassifier()
+        arch = architecture_for(self.geometry.model_type)
+        cfg = self.skeleton.hf_config
         refs = {m: classify_fast(m) for m in names}
+        if arch is not None:
+            refs = {m: arch.regroup(ref, cfg) for m, ref in refs.items()}
         explicit = self._explicit(refs)
         if self.conflicts:  # the rest would follow one of the contradicting entries: report them alone
             self.problems.raise_if_any()
@@ -628,9 +632,44 @@ class _Planner:
             rules = sorted({a.rule for a in items})
             if scheme.quantized and groups[prefix].role in (Role.EMBEDDING, Role.LM_HEAD):
                 self._quantized_vocab(groups[prefix], rules)
-            elif scheme.quantized:
+            elif scheme.quantized and not self._refused_by_architecture(groups[prefix], rules):
                 self._check_rank_shapes(groups[prefix], rules)
+        self._architecture_group_rules(groups)
         return groups
+
+    def _refused_by_architecture(self, group: GroupAssignment, rules: list[str]) -> bool:
+        """The family's SGLang model cannot load or run this layer in its precision (architectures.py)."""
+        arch = architecture_for(self.geometry.model_type)
+        why = arch.serving_refusal(group.prefix, group.role, _format_of(group.scheme)) if arch else None
+        if why is None:
+            return False
+        leaf = group.prefix.rsplit(".", 1)[-1]
+        self.problems.add_similar(
+            ("architecture_refuses_scheme", leaf, group.scheme.label(), why),
+            group.prefix,
+            lambda ex, n, g=group: MixedPrecisionError(
+                ErrorCode.ARCHITECTURE_REFUSES_SCHEME,
+                f"SGLang's {self.geometry.model_type} model cannot serve {leaf} ({g.role.value}) in "
+                f"{g.scheme.label()}: {why}; in {n} layer(s): {more(ex, n)}",
+                where=f"source {g.label!r}; decided by {'; '.join(rules)}",
+                fix=f"map {_layer_relative(g.members)} to a 16-bit or FP8 source (a rule "
+                f"'model.layers.*.{_layer_relative(g.members[:1])}' before the one that gives them {g.scheme.label()})",
+            ),
+        )
+        return True
+
+    def _architecture_group_rules(self, groups: dict[str, GroupAssignment]) -> None:
+        """Rules over several layers at once (one global setting the family's model reads for all)."""
+        arch = architecture_for(self.geometry.model_type)
+        for prefixes, why, fix in arch.plan_refusals(groups) if arch else ():
+            self.problems.add(
+                MixedPrecisionError(
+                    ErrorCode.ARCHITECTURE_REFUSES_SCHEME,
+                    f"SGLang's {self.geometry.model_type} model cannot serve this mix: {why}: {more(prefixes)}",
+                    where=self.config.where(),
+                    fix=fix,
+                )
+            )
 
     def _quantized_vocab(self, group: GroupAssignment, rules: list[str]) -> None:
         # SGLang builds embeddings and lm_head with no quantized method: it would fail at model
@@ -708,6 +747,11 @@ def _a(fmt: str) -> str:
     """``an FP8``, ``a 16-bit``: the format's name with its article."""
     name = _FORMAT_NAMES[fmt]
     return ("an " if name[0] in "AEFHILMNORSX" else "a ") + name
+
+
+def _layer_relative(modules: list[str]) -> str:
+    """``self_attn.q_a_proj, self_attn.kv_a_proj_with_mqa``: module names inside their decoder layer."""
+    return ", ".join(dict.fromkeys(re.sub(r"^.*?\.layers\.\d+\.", "", m) for m in modules))
 
 
 def _format_of(scheme: Scheme) -> str:

@@ -16,11 +16,14 @@ Any mismatch fails the load with the full list.
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
+from ..core.architectures import FUSED_QKV_A
 from ..core.errors import ErrorCode, MixedPrecisionError, more
 from .methods import EMBEDDING, MOE, layer_kind, method_class
 
@@ -38,6 +41,11 @@ class LoadCall:
     expert: int | None = None
 
 
+# SGLang layers whose load_weights concatenates checkpoint modules itself and hands the parameter's
+# weight_loader the joined tensor: layer leaf -> the modules joined (DeepSeek-V3, deepseek_weight_loader.py)
+MODEL_CONCATENATED = {FUSED_QKV_A: ("q_a_proj", "kv_a_proj_with_mqa")}
+
+
 class LoadRecorder:
     """Records every ``weight_loader`` call made while a model loads; ``detach()`` restores them."""
 
@@ -45,20 +53,48 @@ class LoadRecorder:
         self.calls: dict[str, list[LoadCall]] = defaultdict(list)  # parameter name -> calls
         self.by_tensor: dict[str, list[str]] = defaultdict(list)  # checkpoint tensor -> parameters
         self._current: str | None = None
+        self._handed_out: dict[int, tuple[weakref.ref, str]] = {}  # id(tensor) -> (its weak reference, name)
+        self._lock = threading.Lock()
         self._restore: list[tuple[torch.nn.Parameter, str, object]] = []
         for name, param in model.named_parameters():
             self._wrap(name, param)
 
     def track(self, weights):
-        """Pass ``(name, tensor)`` pairs through, remembering which one is being loaded.
+        """Pass ``(name, tensor)`` pairs through, remembering which tensor is which.
 
-        SGLang's ``load_weights`` consume the iterator one tensor at a time, so every loader call
-        between two ``next()`` belongs to the tensor last handed out.
+        A loader call is attributed to the checkpoint tensor it was handed (by identity): DeepSeek's
+        ``load_weights`` runs the loaders on a thread pool, after later tensors were handed out. Calls
+        with a tensor the model built itself are attributed to the modules it concatenated
+        (:data:`MODEL_CONCATENATED`), else to the tensor last handed out (models that load in order).
         """
         for name, tensor in weights:
             self._current = name
+            self._remember(tensor, name)
             yield name, tensor
         self._current = None
+
+    def _remember(self, tensor, name: str) -> None:
+        key = id(tensor)
+
+        def forget(_ref, key=key):
+            with self._lock:
+                entry = self._handed_out.get(key)
+                if entry is not None and entry[0]() is None:
+                    del self._handed_out[key]
+
+        with self._lock:
+            self._handed_out[key] = (weakref.ref(tensor, forget), name)
+
+    def _tensors_for(self, param_name: str, loaded_weight) -> list[str]:
+        with self._lock:
+            entry = self._handed_out.get(id(loaded_weight))
+        if entry is not None and entry[0]() is loaded_weight:
+            return [entry[1]]
+        module, _, suffix = param_name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        if leaf in MODEL_CONCATENATED:
+            return [f"{parent}.{member}.{suffix}" for member in MODEL_CONCATENATED[leaf]]
+        return [self._current] if self._current is not None else []
 
     def detach(self) -> None:
         for param, attr, original in reversed(self._restore):
@@ -78,22 +114,24 @@ class LoadRecorder:
         loader = original or default_weight_loader  # what models fall back to for plain parameters
 
         def recording_loader(p, loaded_weight, *args, **kwargs):
-            self._record(name, args, kwargs)
+            self._record(name, self._tensors_for(name, loaded_weight), args, kwargs)
             return loader(p, loaded_weight, *args, **kwargs)
 
         setattr(param, attr, recording_loader)
         self._restore.append((param, attr, original))
 
-    def _record(self, param_name: str, args: tuple, kwargs: dict) -> None:
+    def _record(self, param_name: str, tensors: list[str], args: tuple, kwargs: dict) -> None:
         if "expert_id" in kwargs or len(args) >= 3:  # FusedMoE: (weight_name, shard_id, expert_id)
             shard = kwargs.get("shard_id", args[1] if len(args) > 1 else None)
             expert = kwargs.get("expert_id", args[2] if len(args) > 2 else None)
         else:  # linears: (loaded_shard_id,)
             shard = kwargs.get("loaded_shard_id", kwargs.get("shard_id", args[0] if args else None))
             expert = None
-        self.calls[param_name].append(LoadCall(self._current, shard, None if expert is None else int(expert)))
-        if self._current is not None:
-            self.by_tensor[self._current].append(param_name)
+        with self._lock:
+            for tensor in tensors or [None]:
+                self.calls[param_name].append(LoadCall(tensor, shard, None if expert is None else int(expert)))
+            for tensor in tensors:
+                self.by_tensor[tensor].append(param_name)
 
 
 @dataclass

@@ -106,6 +106,48 @@ def parse_server_log(text: str) -> dict:
     return out
 
 
+_DECODE_LINE = re.compile(
+    r"^\[(?P<time>[\d-]+ [\d:]+)\] Decode batch, #running-req: (?P<running>\d+),.*?"
+    r"gen throughput \(token/s\): (?P<tok_s>[\d.]+)",
+    re.MULTILINE,
+)
+_PREFILL_LINE = re.compile(r"^\[[\d-]+ [\d:]+\] Prefill batch, #new-seq: (\d+), #new-token: (\d+)", re.MULTILINE)
+
+
+def decode_runs(text: str) -> list[dict]:
+    """SGLang's own decode throughput, from its "Decode batch ... gen throughput (token/s): X" lines
+    (one every --decode-log-interval decode steps), grouped into runs: consecutive lines at one
+    #running-req. Each run: ``running`` (the batch), ``tok_s`` (every line's value but the first, whose
+    interval spans the idle time and prefill before the batch started) and ``after_prefill`` ((seqs,
+    tokens) of the last prefill before the run, None if none)."""
+    events = sorted(
+        [(m.start(), "decode", m) for m in _DECODE_LINE.finditer(text)]
+        + [(m.start(), "prefill", m) for m in _PREFILL_LINE.finditer(text)],
+        key=lambda e: e[0],
+    )
+    runs: list[dict] = []
+    prefill, current = None, None
+    for _, kind, m in events:
+        if kind == "prefill":
+            prefill, current = (int(m.group(1)), int(m.group(2))), None
+            continue
+        running = int(m.group("running"))
+        if current is None or current["running"] != running:
+            current = {"running": running, "after_prefill": prefill, "tok_s": [], "first_tok_s": float(m["tok_s"])}
+            runs.append(current)
+        else:
+            current["tok_s"].append(float(m.group("tok_s")))
+    return runs
+
+
+def weight_load_window(text: str) -> tuple[str, str] | None:
+    """The timestamps (as logged, 1 s resolution) of SGLang's "Load weight begin" and "Load weight end"
+    lines: which servers loaded at the same time."""
+    begin = re.search(r"^\[([\d-]+ [\d:]+)\] Load weight begin", text, re.MULTILINE)
+    end = re.search(r"^\[([\d-]+ [\d:]+)\] Load weight end", text, re.MULTILINE)
+    return (begin.group(1), end.group(1)) if begin and end else None
+
+
 def post_json(url: str, payload: dict, timeout: float = 120.0) -> dict:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:

@@ -3,9 +3,10 @@
 With ``--enable-mixed-precision`` the launcher resolves and validates the mixed config for the
 requested ``--tp-size`` (every rank's shapes against its kernels) and fails fast with the plan's
 errors; otherwise it prints the plan's tables, writes the plan directory and runs
-``python -m sglang.launch_server`` on it with every other argument passed through unchanged,
-supervising it for managed restarts (:class:`Supervisor`). Without ``--enable-mixed-precision`` the
-arguments go to ``sglang.launch_server`` untouched (the process becomes it): stock SGLang.
+``python -m sglang.launch_server`` on it (or ``sglang serve`` with ``--sglang-entry serve``) with
+every other argument passed through unchanged, supervising it for managed restarts
+(:class:`Supervisor`). Without ``--enable-mixed-precision`` the arguments go to SGLang untouched
+(the process becomes it): stock SGLang.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from .client import stop_server
 from .settings import DEFAULT_INT4_MOE_KERNEL, INT4_MOE_KERNELS
 
 SGLANG_SERVER = ("-m", "sglang.launch_server")
+# SGLang's entry points that serve a model directory: both parse the same server arguments.
+SGLANG_ENTRIES = ("launch_server", "serve")
 PLUGIN_GROUP, PLUGIN_NAME = "sglang.srt.plugins", "mixed_precision"
 # The launcher's flags that only mean something with --enable-mixed-precision (SGLang never sees them).
 MIX_ONLY_FLAGS = ("--mixed-precision-config", "--plan-dir", "--int4-moe-kernel")
+# The launcher's own flags with a value, read in both modes and never handed on.
+LAUNCHER_FLAGS = ("--sglang-entry",)
 # Flags the launcher reads (for the plan) and hands on to SGLang: (dest, SGLang flag, aliases).
 SHARED_FLAGS = (
     ("model_path", "--model-path", ("--model",)),
@@ -69,9 +74,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--int4-moe-kernel",
         choices=INT4_MOE_KERNELS,
         default=None,
-        help="int4 experts: wna16 (default: SGLang's Triton W4A16 method), marlin (GPTQ-Marlin MoE, scales in "
-        "the model dtype) or auto (marlin when the experts' per-rank shapes allow, else wna16); a plan "
+        help="int4 experts: auto (default: marlin when the experts' per-rank shapes allow, else wna16), marlin "
+        "(GPTQ-Marlin MoE, scales in the model dtype) or wna16 (SGLang's Triton W4A16 method); a plan "
         "directory given as --model-path keeps its own",
+    )
+    g.add_argument(
+        "--sglang-entry",
+        choices=SGLANG_ENTRIES,
+        default="launch_server",
+        help="how SGLang is started: `python -m sglang.launch_server` (default) or `sglang serve` "
+        "(the same server arguments)",
     )
     g.add_argument(
         "--print-command",
@@ -98,8 +110,31 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def stock_argv(argv: list[str]) -> list[str]:
-    """Without --enable-mixed-precision: SGLang gets the arguments as given (minus --print-command)."""
-    return [a for a in argv if a != "--print-command"]
+    """Without --enable-mixed-precision: SGLang gets the arguments as given (minus the launcher's own)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LAUNCHER_FLAGS:
+            skip = True  # and its value
+        elif a != "--print-command" and not a.startswith(tuple(f + "=" for f in LAUNCHER_FLAGS)):
+            out.append(a)
+    return out
+
+
+def server_program(entry: str) -> list[str]:
+    """The start of the command for SGLang's entry point ``entry`` (one of :data:`SGLANG_ENTRIES`)."""
+    if entry == "serve":
+        script = Path(sys.executable).with_name("sglang")  # SGLang's console script, next to this Python
+        if not script.is_file():
+            raise MixedPrecisionError(
+                ErrorCode.BAD_ARGUMENT,
+                f"--sglang-entry serve: there is no `sglang` command next to {sys.executable}",
+                where=str(script),
+                fix="install SGLang into this environment, or use --sglang-entry launch_server",
+            )
+        return [str(script), "serve"]
+    return [sys.executable, *SGLANG_SERVER]
 
 
 def shared_argv(args: argparse.Namespace, model_path: str) -> list[str]:
@@ -241,7 +276,20 @@ def prepare_mixed(args: argparse.Namespace, out=sys.stdout) -> Path:
         file=out,
         flush=True,
     )
+    args.family_flags = family_flags(plan.geometry.model_type, out)
     return path
+
+
+def family_flags(model_type: str, out=sys.stdout) -> list[str]:
+    """SGLang flags the served family needs with a mix (architectures.py says which and why)."""
+    from ..core.architectures import architecture_for
+
+    arch = architecture_for(model_type)
+    flags = []
+    for flag, why in arch.server_flags() if arch else ():
+        print(f"adding {flag}: {why}", file=out, flush=True)
+        flags.append(flag)
+    return flags
 
 
 def sglang_command(argv: list[str], out=sys.stdout) -> list[str]:
@@ -255,7 +303,7 @@ def sglang_command(argv: list[str], out=sys.stdout) -> list[str]:
                 f"{', '.join(given)} given without --enable-mixed-precision",
                 fix="add --enable-mixed-precision to serve the mix (or drop the flag for stock SGLang)",
             )
-        return [sys.executable, *SGLANG_SERVER, *stock_argv(argv)]
+        return [*server_program(args.sglang_entry), *stock_argv(argv)]
     return mixed_command(args, rest, out)
 
 
@@ -264,7 +312,8 @@ def mixed_command(args: argparse.Namespace, rest: list[str], out=sys.stdout) -> 
     check_flags(args)
     check_plugin_installed()
     plan_dir = prepare_mixed(args, out)
-    return [sys.executable, *SGLANG_SERVER, *shared_argv(args, str(plan_dir)), *rest]
+    extra = [f for f in args.family_flags if f not in rest]
+    return [*server_program(args.sglang_entry), *shared_argv(args, str(plan_dir)), *rest, *extra]
 
 
 class _Stop(Exception):
@@ -297,7 +346,7 @@ class Supervisor:
         self.proc: subprocess.Popen | None = None
 
     def run(self) -> int:
-        from .runtime import RESTART_FILE_ENV
+        from .restart import RESTART_FILE_ENV
 
         env = {**os.environ, RESTART_FILE_ENV: str(self.restart_file)}
         self.restart_file.unlink(missing_ok=True)
@@ -328,7 +377,7 @@ class Supervisor:
         return subprocess.Popen(self.command, env=env, start_new_session=True)
 
     def _maybe_restart(self, env: dict) -> None:
-        from .runtime import read_restart_request
+        from .restart import read_restart_request
 
         try:
             request = read_restart_request(self.restart_file)

@@ -124,6 +124,7 @@ class MixedPrecisionModelLoader(DefaultModelLoader):
                 fix="load a mixed model through SGLang's get_model_loader (the plugin selects this loader)",
             )
         config = mixed_config_of(model)
+        refuse_fused_shared_experts(model, config)
         recorder = LoadRecorder(model)
         try:
             model.load_weights(recorder.track(weights))
@@ -138,6 +139,21 @@ class MixedPrecisionModelLoader(DefaultModelLoader):
         )
         process_weights_after_loading(model, target_device)
         self.weight_bytes = log_weight_memory(model, config.plan)
+
+
+def refuse_fused_shared_experts(model: torch.nn.Module, config: MixedPrecisionConfig) -> None:
+    """DeepSeek-V3 on CUDA loads its shared expert as routed expert n_routed_experts of the FusedMoE
+    unless --disable-shared-experts-fusion is given (the launcher gives it): one layer of one scheme,
+    while the plan gives mlp.shared_experts its own. Refused before any weight is read."""
+    fused = getattr(model, "num_fused_shared_experts", 0) or 0
+    if fused > 0:
+        raise MixedPrecisionError(
+            ErrorCode.SHARED_EXPERTS_FUSED,
+            f"{type(model).__name__} fused {fused} shared expert(s) into each routed experts layer, but the plan "
+            "loads mlp.shared_experts as layers of their own",
+            where=config.settings.config_path,
+            fix="serve with --disable-shared-experts-fusion (launch_mixed_precision_server.py adds it)",
+        )
 
 
 def log_weight_memory(model: torch.nn.Module, plan) -> int:

@@ -122,6 +122,18 @@ def int4_moe_kernels(plan, requested: str) -> dict[str, str]:
     return out
 
 
+def shared_fp8_linear_source(plan) -> str | None:
+    """The source label of the plan's FP8 linears (not routed experts) when they are all of one FP8
+    scheme; None when there are none, or several schemes."""
+    found = {
+        (g.scheme, g.labels[0])
+        for g in plan.groups.values()
+        if g.scheme.kind == "fp8" and g.role.value != "routed_expert"
+    }
+    schemes = {scheme for scheme, _ in found}
+    return sorted(label for _, label in found)[0] if len(schemes) == 1 else None
+
+
 _MARLIN_CONFIG_CLASS = None
 
 

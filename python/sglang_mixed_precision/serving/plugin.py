@@ -5,10 +5,9 @@ are spawned, so only an entry point reaches them), then applies the registered h
 
 * adds the quantization method ``mixed_precision`` (:class:`MixedPrecisionConfig`) to SGLang's
   method tables and to ``--quantization``'s choices;
-* wraps ``get_model_loader`` so that a model whose quantization is ``mixed_precision`` loads through
-  :class:`MixedPrecisionModelLoader`. ``--load-format dummy`` keeps SGLang's dummy loader: the model
-  is still built with the mix's methods and kernels, only the weights are random;
-* installs the runtime (:mod:`.runtime`): ``/mixed_precision`` routes and the workers' reload hooks.
+* registers the hooks (:mod:`.hooks`): the mixed loader for mixed models, the workers' reload and
+  info hooks;
+* in the main process, adds the ``/mixed_precision`` routes and the Engine methods (:mod:`.routes`).
 
 No SGLang file is copied or edited.
 """
@@ -16,25 +15,33 @@ No SGLang file is copied or edited.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
-from ..core.errors import ErrorCode, MixedPrecisionError
-from . import QUANT_METHOD
+from ..core.errors import MixedPrecisionError
+from . import QUANT_METHOD, compat
+from .hooks import register_hooks
 
 logger = logging.getLogger(__name__)
-
-LOADER_TARGET = "sglang.srt.model_loader.loader.get_model_loader"
-# Formats that name *how* to read local weights; the mixed loader reads the plan's sources itself.
-MIXED_LOAD_FORMATS = ("auto", "safetensors", "pt")
 
 
 def register() -> None:
     """Idempotent: safe to call in every process and more than once."""
+    try:
+        register_hooks()  # resolves every SGLang target first: a missing one is an error naming it
+    except MixedPrecisionError as e:
+        # SGLang only logs what register() raises: keep the method registered so that a plan directory
+        # still reaches MixedPrecisionConfig, whose from_config raises this error and stops the server.
+        logger.error("mixed_precision: %s", e)
+        compat.remember_incompatibility(e)
+        register_quantization_method()
+        raise
     register_quantization_method()
-    register_loader_hook()
-    from .runtime import install
+    if multiprocessing.parent_process() is not None:
+        return  # a spawned SGLang subprocess: no HTTP server here
+    from .routes import install
 
     try:
-        install()  # /mixed_precision routes (main process), reload and info hooks (workers)
+        install()  # /mixed_precision routes and Engine methods
     except ImportError as e:  # an SGLang install without its HTTP server (uvicorn, fastapi): serving as an Engine only
         logger.warning("mixed_precision: runtime routes not installed (%s); serving and loading are unaffected", e)
 
@@ -49,37 +56,3 @@ def register_quantization_method() -> None:
     quantization.BASE_QUANTIZATION_METHODS[QUANT_METHOD] = MixedPrecisionConfig
     if QUANT_METHOD not in QUANTIZATION_CHOICES:
         add_quantization_method_choices([QUANT_METHOD])
-
-
-def register_loader_hook() -> None:
-    from sglang.srt.plugins.hook_registry import HookType
-
-    register_hook_once(LOADER_TARGET, select_model_loader, HookType.AROUND)
-
-
-def register_hook_once(target: str, hook, kind) -> None:
-    """Register ``hook`` on ``target`` unless it already is (``register()`` may run twice in one process)."""
-    from sglang.srt.plugins.hook_registry import HookRegistry
-
-    if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, [])):
-        HookRegistry.register(target, hook, kind)
-
-
-def select_model_loader(original, load_config, model_config=None, *args, **kwargs):
-    """AROUND hook of ``get_model_loader``: the mixed loader for mixed models, SGLang's otherwise."""
-    if model_config is None or getattr(model_config, "quantization", None) != QUANT_METHOD:
-        return original(load_config, model_config, *args, **kwargs)
-    load_format = getattr(load_config.load_format, "value", load_config.load_format)
-    if load_format == "dummy":
-        return original(load_config, model_config, *args, **kwargs)
-    if load_format not in MIXED_LOAD_FORMATS:
-        raise MixedPrecisionError(
-            ErrorCode.LOAD_FORMAT_UNSUPPORTED,
-            f"--load-format {load_format} cannot load a mixed-precision plan",
-            fix=f"use --load-format auto (or dummy to skip reading weights); "
-            f"the mixed loader reads each source itself ({', '.join(MIXED_LOAD_FORMATS)})",
-        )
-    from .loader import MixedPrecisionModelLoader
-
-    logger.info("mixed_precision: loading through MixedPrecisionModelLoader")
-    return MixedPrecisionModelLoader(load_config)

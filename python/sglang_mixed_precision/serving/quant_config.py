@@ -36,6 +36,7 @@ from .methods import (
     method_class,
     resolve_int4_moe_kernel,
     runs_int4_moe_kernel,
+    shared_fp8_linear_source,
 )
 from .settings import PlanSettings
 
@@ -115,6 +116,9 @@ class MixedPrecisionConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MixedPrecisionConfig:
+        from .compat import raise_if_incompatible
+
+        raise_if_incompatible()  # a hook target this SGLang lacks: the server must not start without the hook
         settings = PlanSettings.from_quantization_config(config)
         plan = load_plan(settings, runtime_tp_size(settings.tp_size))
         return cls(plan, settings, config.get("packed_modules_mapping"))
@@ -154,6 +158,17 @@ class MixedPrecisionConfig(QuantizationConfig):
             )
         self.methods[prefix] = expected.__name__ + (f" ({int4_kernel})" if int4_kernel else "")
         return method
+
+    @property
+    def linear_fp8_config(self) -> QuantizationConfig | None:
+        """The stock FP8 config of the plan's FP8 linears when they share one scheme (None otherwise).
+
+        SGLang's own mixed configs (int4 experts + FP8 linears) expose it, and DeepSeek's
+        ``post_load_weights`` reads its ``weight_block_size`` to dequantize every FP8 ``kv_b_proj``
+        before splitting it into ``w_kc`` / ``w_vc`` (the plan refuses FP8 linears of two schemes there).
+        """
+        label = shared_fp8_linear_source(self.plan)
+        return self.delegate(label) if label is not None else None
 
     def int4_moe_kernel(self, group) -> str | None:
         """The kernel of an experts group stored in int4 (None for other schemes), chosen once per group."""

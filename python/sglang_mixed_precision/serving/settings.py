@@ -9,10 +9,11 @@ from . import QUANT_METHOD
 from .methods import INT4_MOE_CHOICES
 
 INT4_MOE_KERNELS = INT4_MOE_CHOICES
-# The kernel proven on the GPU (H100 and H200 serve proofs). `auto` (GPTQ-Marlin MoE with model-dtype
-# scales when the shapes allow) becomes the default once a GPU run has proven and measured it
-# (test/gpu, bench/gpu_bench_mix.py); until then it is chosen explicitly.
-DEFAULT_INT4_MOE_KERNEL = "wna16"
+# `auto`: GPTQ-Marlin MoE (group scales held in the model dtype) wherever the experts' per-rank shapes
+# allow, SGLang's Triton W4A16 method elsewhere. Measured on an H200 (bench/results/bench_mix_h200_run1):
+# Marlin decodes 1.3-1.8x the bf16 model at batch 8-64 where W4A16 reached 0.5x; both kernels pass the
+# GPU serve tests against the reference (test/gpu).
+DEFAULT_INT4_MOE_KERNEL = "auto"
 
 
 @dataclass(frozen=True)

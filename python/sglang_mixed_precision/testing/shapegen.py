@@ -57,6 +57,8 @@ def tensor_specs(hf_config: dict, scheme: Scheme | None = None) -> Iterator[tupl
             yield f"{module.name}.weight", dense_dtype, shape
         if "bias" in module.tensors:
             yield f"{module.name}.bias", dense_dtype, shape[:1]
+        if "e_score_correction_bias" in module.tensors:  # DeepSeek-V3's router: one float32 per expert
+            yield f"{module.name}.e_score_correction_bias", "F32", shape[:1]
 
 
 def write_shape_checkpoint(

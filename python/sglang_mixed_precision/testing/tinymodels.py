@@ -1,4 +1,4 @@
-"""Small random-weight Hugging Face models (Qwen3 dense, Qwen3-MoE, Llama) built offline.
+"""Small random-weight Hugging Face models (Qwen3 dense, Qwen3-MoE, Llama, DeepSeek-V3) built offline.
 
 Used by the demo, the tests and the GPU proofs: real transformers configs and modules, random
 weights, a byte-level BPE tokenizer trained on the bundled corpus, no network. Sizes default to
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ARCHITECTURES = ("qwen3", "qwen3_moe", "llama")
+ARCHITECTURES = ("qwen3", "qwen3_moe", "llama", "deepseek_v3")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -60,9 +60,48 @@ def tiny_config(arch: str, *, num_layers: int = 2, hidden: int = 512, vocab: int
         )
     elif arch == "llama":
         cfg = LlamaConfig(**{**common, "intermediate_size": 2 * hidden, **overrides})
+    elif arch == "deepseek_v3":
+        cfg = deepseek_v3_config(common, hidden, overrides)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
     return cfg
+
+
+def deepseek_v3_config(common: dict, hidden: int, overrides: dict):
+    """DeepSeek-V3 in miniature: MLA with the release's head dimensions (kv_lora_rank 512, rope 64, nope
+    128, v 128; q_lora_rank a multiple of 128 so the fused q_a/kv_a weight keeps whole FP8 blocks), layer
+    0 dense (first_k_dense_replace), then MoE layers of 8 routed experts in 2 groups and one shared
+    expert, routed by sigmoid scores plus e_score_correction_bias (noaux_tc), as the release."""
+    from transformers import DeepseekV3Config
+
+    common = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads")}
+    return DeepseekV3Config(
+        **{
+            **common,
+            "num_key_value_heads": common["num_attention_heads"],
+            "intermediate_size": 2 * hidden,
+            "moe_intermediate_size": 256,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+            "q_lora_rank": 256,
+            "kv_lora_rank": 512,
+            "qk_rope_head_dim": 64,
+            "qk_nope_head_dim": 128,
+            "v_head_dim": 128,
+            # keys of the release's config.json that SGLang reads and transformers' class does not declare
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+            "moe_layer_freq": 1,
+            "num_nextn_predict_layers": 0,
+            **overrides,
+        }
+    )
 
 
 def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
@@ -124,6 +163,7 @@ def make_tiny_model(
                 p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
         if clear_margins:
             _set_clear_margins(model, seed)
+        _randomize_router_biases(model, seed)
     kwargs = {"safe_serialization": True}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
@@ -132,6 +172,18 @@ def make_tiny_model(
     gen = {"bos_token_id": 0, "eos_token_id": 2, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
+
+
+def _randomize_router_biases(model, seed: int) -> None:
+    """DeepSeek-V3's e_score_correction_bias (zeros after init) gets values that change which experts
+    win, in float32 as the release stores it: a loader that dropped it would route differently."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 2)
+    for module in model.modules():
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            module.e_score_correction_bias = torch.randn(bias.shape, generator=gen, dtype=torch.float32) * 0.1
 
 
 # Logit of the planned next token: c * cos(final hidden state, its embedding direction), c in nats.

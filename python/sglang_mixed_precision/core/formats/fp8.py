@@ -121,6 +121,12 @@ class Fp8(Format):
             return []
         bn, bk = scheme.fp8_block
         problems = []
+        for i, part in enumerate(rs.stacked[:-1]):  # concatenated with their scales: each must fill whole blocks
+            if part % bn:
+                problems.append(
+                    f"the model concatenates parts {list(rs.stacked)} (weights and block scales as stored): "
+                    f"part {i} ({part} rows) is not divisible by block_n {bn}"
+                )
         if rs.moe:
             if rs.moe_intermediate % bn:
                 problems.append(
