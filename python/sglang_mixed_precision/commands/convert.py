@@ -50,6 +50,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_error_fp8", type=float, default=DEFAULT_MAX_ERROR["fp8"])
     p.add_argument("--max_error_int4", type=float, default=DEFAULT_MAX_ERROR["int4"])
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where to quantize: cuda (the default when a GPU is visible; cuda:N for another GPU) or cpu",
+    )
+    p.add_argument(
+        "--expert_batch",
+        type=int,
+        default=0,
+        help="MoE experts per batched GPTQ pass (0: all within a memory budget on a GPU, one at a time on CPU)",
+    )
+    p.add_argument(
+        "--overlap",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="read the next layer and write shards in background threads (auto: on with a GPU)",
+    )
     p.add_argument("--create_config", action="store_true", help=f"also write OUTPUT/{CONFIG_NAME}")
     p.add_argument("--attention_precision", choices=PRECISIONS, default="fp16")
     p.add_argument("--mlp_precision", choices=PRECISIONS, default="fp8", help="dense MLP and shared experts")
@@ -77,6 +94,9 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         max_error_fp8=args.max_error_fp8,
         max_error_int4=args.max_error_int4,
         progress=not args.no_progress,
+        device=args.device,
+        expert_batch=args.expert_batch,
+        overlap={"auto": None, "on": True, "off": False}[args.overlap],
     )
 
 

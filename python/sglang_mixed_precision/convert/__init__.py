@@ -9,5 +9,7 @@
 ``files``      atomic writes; a full disk or a denied write as named errors
 ``writer``     streaming safetensors shards, index and resume state (finished shards verified)
 ``dequant``    independent dequantizers used to verify outputs (and by the reference forward)
+``device``     ``--device`` (cuda by default with a GPU) and the hand-offs of tensors between threads
+``overlap``    the reader thread (prefetches the next unit) and the writer thread (flushes shards)
 ``pipeline``   the conversion driver behind ``sglang-mp convert``
 """

@@ -162,6 +162,7 @@ def check_options(opts) -> None:
     errors += check_int("--nsamples", opts.nsamples, 1)
     errors += check_int("--seqlen", opts.seqlen, MIN_SEQLEN)
     errors += check_int("--min_expert_tokens", opts.min_expert_tokens, 0)
+    errors += check_int("--expert_batch", opts.expert_batch, 0)
     errors += check_positive("--max_error_fp8", opts.max_error_fp8)
     errors += check_positive("--max_error_int4", opts.max_error_int4)
     try:

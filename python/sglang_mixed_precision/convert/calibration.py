@@ -11,6 +11,10 @@ the calibration tokens are in memory.
 MoE: the router (kept 16-bit) picks each token's top-k experts; every expert's Hessians come
 from the tokens routed to it only. Experts with fewer than ``min_expert_tokens`` tokens fall back
 to round-to-nearest and are reported.
+
+Everything runs on the method's device (``--device``): the layer, the activations, the Hessians.
+The experts of a layer are quantized in batches (all within EXPERT_BATCH_BYTES on a GPU, one at a
+time on the CPU): same-shape GPTQ problems in one pass, the same bits as one at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.formats.gptq import dequant as dequant_gptq
 from ..core.naming import Role, classify
-from .gptq import HessianAccumulator, gptq_quantize
+from .gptq import HessianAccumulator, gptq_quantize, gptq_quantize_batched
 from .gptq_pack import GptqTensors, rtn_quantize
 
 # Data-flow order of a decoder layer's linears: a stage's inputs depend on all earlier stages.
@@ -46,7 +50,10 @@ STAGE_OF_LEAF = {
     "down_proj": 3,
     "w2": 3,
 }
-FORWARD_BATCH = 8  # sequences per forward call (bounds attention memory)
+FORWARD_BATCH = {"cpu": 8, "cuda": 64}  # sequences per forward call (bounds attention / MoE activations)
+# Device memory for one batch of experts quantized together (Hessians, inverse factors, weights):
+# ~150 MiB per Qwen3-30B-A3B expert gate/up, so 128 experts take two batches.
+EXPERT_BATCH_BYTES = 16 * 2**30
 
 
 # -- calibration tokens -------------------------------------------------------------------------
@@ -145,7 +152,7 @@ def same_input_groups(modules: list[str]) -> list[list[str]]:
 class LayerFactory:
     """Builds a model's transformers decoder layer and rotary embedding from its config."""
 
-    def __init__(self, model_path: Path):
+    def __init__(self, model_path: Path, device: torch.device | str = "cpu"):
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -155,7 +162,8 @@ class LayerFactory:
             self.config._experts_implementation = "eager"  # the per-expert loop; no fused kernels on CPU
         module = sys.modules[MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config)].__module__]
         self.layer_cls = self._find(module, "DecoderLayer")
-        self.rotary = self._find(module, "RotaryEmbedding")(self.config)
+        self.rotary = self._find(module, "RotaryEmbedding")(self.config).to(device)
+        self.device = torch.device(device)
 
     @staticmethod
     def _find(module, suffix: str):
@@ -171,14 +179,14 @@ class LayerFactory:
         return hits[0]
 
     def position_embeddings(self, x: torch.Tensor):
-        pos = torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)
+        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
         return self.rotary(x, pos)
 
     def build(self, layer_idx: int, tensors: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
         with torch.device("meta"):
             layer = self.layer_cls(self.config, layer_idx=layer_idx)
         lw = LayerWeights(layer, prefix)
-        lw.load(tensors)
+        lw.load(tensors, self.device)
         layer.eval()
         return lw
 
@@ -211,14 +219,14 @@ class LayerWeights:
             return experts.down_proj, (e,)
         return None
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
         sd = {}
         expected = dict(self.layer.state_dict(keep_vars=True))
         fused: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
             rel = self._rel(name)
             if rel in expected:
-                sd[rel] = t.float()
+                sd[rel] = t.to(device, torch.float32)
                 continue
             module = rel.rsplit(".", 1)[0]
             target = self._fused_expert_target(module) if ".experts." in rel else None
@@ -231,8 +239,8 @@ class LayerWeights:
                 )
             param, idx = target
             key = next(k for k, v in expected.items() if v is param)
-            buf = fused.setdefault(key, torch.zeros(param.shape, dtype=torch.float32))
-            buf[idx] = t.float()
+            buf = fused.setdefault(key, torch.zeros(param.shape, dtype=torch.float32, device=device))
+            buf[idx] = t.to(device, torch.float32)
         sd.update(fused)
         missing = set(expected) - set(sd)
         if missing:
@@ -298,16 +306,21 @@ class GptqInt4:
 
     carries_activations = True  # a finished layer is replayed on resume: the next one needs its outputs
 
-    def __init__(self, model, opts, log=print):
+    def __init__(self, model, opts, log=print, device: torch.device | str = "cpu"):
         from transformers.activations import ACT2FN
 
         self.model, self.opts = model, opts
+        self.device = torch.device(device)
         self.data = calibration_set(model.path, opts.calib_file, opts.nsamples, opts.seqlen)
-        self.factory = LayerFactory(model.path)
+        self.factory = LayerFactory(model.path, self.device)
         cfg = self.factory.config
         self.top_k = getattr(cfg, "num_experts_per_tok", None)
         self.act = ACT2FN[getattr(cfg, "hidden_act", "silu")]
         self.stats = GptqStats()
+        # experts of one shape quantized in one batched pass: on by default on a GPU (opts.expert_batch:
+        # 0 = automatic, 1 = one expert at a time as on the CPU, N = N experts per pass)
+        self.opts_expert_batch = int(getattr(opts, "expert_batch", 0) or 0)
+        self.batch_experts = self.opts_expert_batch > 1 or (self.opts_expert_batch == 0 and self.device.type == "cuda")
         self.hidden: torch.Tensor | None = None  # calibration activations entering the next layer
         self.hidden_ho: torch.Tensor | None = None
         log(
@@ -355,15 +368,16 @@ class GptqInt4:
                 where=str(self.model.path),
                 fix="use --method rtn for this model",
             )
-        table = emb[0].float()
-        self.hidden = table[self.data.calib]
-        self.hidden_ho = table[self.data.heldout]
+        table = emb[0].to(self.device, torch.float32)
+        self.hidden = table[self.data.calib.to(self.device)]
+        self.hidden_ho = table[self.data.heldout.to(self.device)]
 
     def _forward(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         outs = []
+        step = FORWARD_BATCH.get(self.device.type, FORWARD_BATCH["cpu"])
         with torch.no_grad():
-            for i in range(0, x.shape[0], FORWARD_BATCH):
-                xb = x[i : i + FORWARD_BATCH]
+            for i in range(0, x.shape[0], step):
+                xb = x[i : i + step]
                 out = lw.layer(xb, attention_mask=None, position_embeddings=self.factory.position_embeddings(xb))
                 outs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outs)
@@ -377,7 +391,7 @@ class GptqInt4:
         hooks = []
         for group in inputs:
             k = lw.submodule(group[0]).in_features
-            pair = (HessianAccumulator(k), HessianAccumulator(k))
+            pair = (HessianAccumulator(k, self.device), HessianAccumulator(k, self.device))
             hess.append(pair)
             hooks.append(
                 lw.submodule(group[0]).register_forward_pre_hook(
@@ -409,32 +423,55 @@ class GptqInt4:
         tally: ErrorTally,
         lw: LayerWeights,
     ) -> dict[str, GptqTensors]:
-        """GPTQ for modules that read the same input: GPTQ treats output rows independently, so
-        they are quantized as one matrix with one Hessian, then split back. Writes the
-        dequantized weights into the layer so later stages see the quantized model."""
-        ws = [tensors[f"{m}.weight"].float() for m in modules]
-        rtn = [rtn_quantize(w, self.opts.group_size) for w in ws]
-        w_rtn = [dequant_gptq(*r.parts()) for r in rtn]
-        if h.n < self.opts.min_expert_tokens:
-            for m, d in zip(modules, w_rtn):
-                self.stats.rtn_fallback[m] = h.n
+        return self._quantize_groups([modules], tensors, [(h, h_ho)], tally, lw)
+
+    def _weight(self, tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+        return tensors[f"{module}.weight"].to(self.device, torch.float32)
+
+    def _quantize_groups(
+        self,
+        groups: list[list[str]],
+        tensors: dict[str, torch.Tensor],
+        hess: list[tuple[HessianAccumulator, HessianAccumulator]],
+        tally: ErrorTally,
+        lw: LayerWeights,
+    ) -> dict[str, GptqTensors]:
+        """GPTQ for groups of modules, each group reading one input (one Hessian pair): GPTQ treats
+        output rows independently, so a group is quantized as one matrix and split back. Groups
+        with too few tokens fall back to RTN. Writes the dequantized weights into the layer so
+        later stages see the quantized model."""
+        out: dict[str, GptqTensors] = {}
+        jobs = []  # (modules, weights, RTN-dequantized weights, held-out Hessian)
+        for modules, (h, h_ho) in zip(groups, hess):
+            ws = [self._weight(tensors, m) for m in modules]
+            rtn = [rtn_quantize(w, self.opts.group_size) for w in ws]
+            w_rtn = [dequant_gptq(*r.parts()) for r in rtn]
+            if h.n < self.opts.min_expert_tokens:
+                for m, d in zip(modules, w_rtn):
+                    self.stats.rtn_fallback[m] = h.n
+                    lw.set_weight(m, d)
+                out.update(zip(modules, rtn))
+                continue
+            jobs.append((modules, ws, w_rtn, h_ho, h.hessian))
+        results = self._gptq([torch.cat(j[1]) for j in jobs], [j[4] for j in jobs])
+        for (modules, ws, w_rtn, h_ho, _), (packed, deq) in zip(jobs, results):
+            rows = [w.shape[0] for w in ws]
+            for m, w, d, dr in zip(modules, ws, deq.split(rows), w_rtn):
                 lw.set_weight(m, d)
-            return dict(zip(modules, rtn))
-        res = gptq_quantize(
-            torch.cat(ws),
-            h.hessian,
-            group_size=self.opts.group_size,
-            damp_percent=self.opts.damp_percent,
-            act_order=self.opts.desc_act,
-        )
-        rows = [w.shape[0] for w in ws]
-        parts = split_rows(res.tensors, rows)
-        deqs = res.dequantized.split(rows)
-        for m, w, d, dr in zip(modules, ws, deqs, w_rtn):
-            lw.set_weight(m, d)
-            if h_ho.n:
-                tally.add(h_ho.hessian, w, d, dr)
-        return dict(zip(modules, parts))
+                if h_ho.n:
+                    tally.add(h_ho.hessian, w, d, dr)
+            out.update(zip(modules, split_rows(packed, rows)))
+        return out
+
+    def _gptq(self, weights: list[torch.Tensor], hessians: list[torch.Tensor]):
+        """(packed, dequantized) per matrix: one batched pass when there are several of one shape
+        (the experts of a layer) and batching is on, else one matrix at a time."""
+        kw = dict(group_size=self.opts.group_size, damp_percent=self.opts.damp_percent, act_order=self.opts.desc_act)
+        if len(weights) > 1 and self.batch_experts and len({w.shape for w in weights}) == 1:
+            batch = gptq_quantize_batched(torch.stack(weights), torch.stack(hessians), **kw)
+            return list(zip(batch.tensors, batch.dequantized.unbind(0)))
+        results = [gptq_quantize(w, h, **kw) for w, h in zip(weights, hessians)]
+        return [(r.tensors, r.dequantized) for r in results]
 
     def _layer(self, unit, tensors, written: dict[str, torch.Tensor] | None) -> dict[str, GptqTensors]:
         prefix = f"{unit.tensors[0].split('.layers.')[0]}.layers.{unit.layer}."
@@ -518,29 +555,60 @@ class GptqInt4:
 
     def _experts(self, lw, unit, tensors, moe, tally, moe_block) -> dict[str, GptqTensors]:
         x, x_ho = moe
-        router_w = self._router_weight(tensors, moe_block)
+        router_w = self._router_weight(tensors, moe_block).to(self.device)
         sel, sel_ho = (self._selected_experts(lw, moe_block, t, router_w) for t in (x, x_ho))
         by_expert: dict[int, dict[str, str]] = {}
         for m in unit.quantized_modules:
             ref = classify(m)
             if ref.role is Role.ROUTED_EXPERT:
                 by_expert.setdefault(ref.expert, {})[ref.shard] = m
+        experts = sorted(by_expert.items())
+        step = self._expert_chunk_size(experts, tensors, x.shape[0] * (self.top_k or 1))
         out = {}
-        for e, projs in sorted(by_expert.items()):
-            xe = x[(sel == e).any(dim=-1)]
-            xe_ho = x_ho[(sel_ho == e).any(dim=-1)]
+        for i in range(0, len(experts), step):
+            routed = [
+                (projs, x[(sel == e).any(dim=-1)], x_ho[(sel_ho == e).any(dim=-1)])
+                for e, projs in experts[i : i + step]
+            ]
+            out.update(self._expert_chunk(routed, tensors, tally, lw))
+        return out
+
+    def _expert_chunk_size(self, experts, tensors, routed_tokens: int) -> int:
+        """Experts quantized together: all of a layer's within EXPERT_BATCH_BYTES on a GPU (a launch
+        per column for the whole batch), one at a time on the CPU (today's memory bound there)."""
+        if not self.batch_experts or not experts:
+            return 1
+        if self.opts_expert_batch:
+            return self.opts_expert_batch
+        n, k = tensors[f"{experts[0][1]['w1']}.weight"].shape if "w1" in experts[0][1] else (1, 1)
+        n *= 2  # gate and up quantized as one matrix
+        tokens = routed_tokens // max(1, len(experts))
+        per_expert = 4 * (5 * k * k + 6 * n * k + 2 * tokens * k)  # float32 Hessians, factors, weights, inputs
+        most = max(1, min(len(experts), EXPERT_BATCH_BYTES // per_expert))
+        chunks = -(-len(experts) // most)
+        return -(-len(experts) // chunks)  # even chunks
+
+    @staticmethod
+    def _hessians(x: torch.Tensor, x_ho: torch.Tensor) -> tuple[HessianAccumulator, HessianAccumulator]:
+        h, h_ho = HessianAccumulator(x.shape[1], x.device), HessianAccumulator(x.shape[1], x.device)
+        h.add(x)
+        h_ho.add(x_ho)
+        return h, h_ho
+
+    def _expert_chunk(self, routed, tensors, tally, lw) -> dict[str, GptqTensors]:
+        """gate/up of every expert of the chunk (each from its own routed tokens), then down from
+        act(gate) * up computed with the quantized gate/up."""
+        for projs, xe, _ in routed:
             for m in projs.values():
                 self.stats.expert_tokens[m] = int(xe.shape[0])
-            gate_up = [projs[s] for s in ("w1", "w3") if s in projs]
-            h, h_ho = HessianAccumulator(xe.shape[1]), HessianAccumulator(xe.shape[1])
-            h.add(xe)
-            h_ho.add(xe_ho)
-            out.update(self._quantize(gate_up, tensors, h, h_ho, tally, lw))
-            if "w2" in projs:  # down: inputs are act(gate) * up computed with the quantized gate/up
-                g, u = (dequant_gptq(*out[projs[s]].parts()) for s in ("w1", "w3"))
-                mid, mid_ho = self.act(xe @ g.t()) * (xe @ u.t()), self.act(xe_ho @ g.t()) * (xe_ho @ u.t())
-                h, h_ho = HessianAccumulator(mid.shape[1]), HessianAccumulator(mid.shape[1])
-                h.add(mid)
-                h_ho.add(mid_ho)
-                out.update(self._quantize([projs["w2"]], tensors, h, h_ho, tally, lw))
+        gate_up = [[projs[s] for s in ("w1", "w3") if s in projs] for projs, _, _ in routed]
+        out = self._quantize_groups(gate_up, tensors, [self._hessians(xe, xe_ho) for _, xe, xe_ho in routed], tally, lw)
+        downs, hess = [], []
+        for projs, xe, xe_ho in routed:
+            if "w2" not in projs:
+                continue
+            g, u = (dequant_gptq(*out[projs[s]].parts()) for s in ("w1", "w3"))
+            hess.append(self._hessians(self.act(xe @ g.t()) * (xe @ u.t()), self.act(xe_ho @ g.t()) * (xe_ho @ u.t())))
+            downs.append([projs["w2"]])
+        out.update(self._quantize_groups(downs, tensors, hess, tally, lw))
         return out

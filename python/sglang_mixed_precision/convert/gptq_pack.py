@@ -32,6 +32,9 @@ class GptqTensors:
     def parts(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, k) for k in GPTQ_SUFFIXES)
 
+    def to(self, device: torch.device | str) -> GptqTensors:
+        return GptqTensors(*(t.to(device) for t in self.parts()))
+
     def as_dict(self, module: str) -> dict[str, torch.Tensor]:
         return {f"{module}.{k}": t for k, t in zip(GPTQ_SUFFIXES, self.parts())}
 
@@ -64,7 +67,7 @@ def pack_along_rows(values: torch.Tensor) -> torch.Tensor:
     """[R, C] ints in [0, 15] -> int32 [R/8, C]; row r goes to nibble r % 8 of word r // 8."""
     r, c = values.shape
     v = values.to(torch.int64).view(r // PACK, PACK, c)
-    shifts = (torch.arange(PACK, dtype=torch.int64) * BITS).view(1, PACK, 1)
+    shifts = (torch.arange(PACK, dtype=torch.int64, device=values.device) * BITS).view(1, PACK, 1)
     return _to_int32((v << shifts).sum(dim=1))
 
 
@@ -78,16 +81,16 @@ def pack_qzeros(zeros: torch.Tensor) -> torch.Tensor:
     return pack_along_rows((zeros - 1).t().contiguous()).t().contiguous()
 
 
-def sequential_g_idx(k: int, group_size: int) -> torch.Tensor:
+def sequential_g_idx(k: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """g_idx without act-order: column k belongs to group k // group_size."""
     g = effective_group(k, group_size)
-    return (torch.arange(k, dtype=torch.int32) // g).to(torch.int32)
+    return (torch.arange(k, dtype=torch.int32, device=device) // g).to(torch.int32)
 
 
 def pack_gptq(q: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> GptqTensors:
     """Pack grid integers q [N, K], per-group scales [G, N] and g_idx [K] (symmetric)."""
     g, n = scales.shape
-    zeros = torch.full((g, n), SYM_ZERO, dtype=torch.int64)
+    zeros = torch.full((g, n), SYM_ZERO, dtype=torch.int64, device=q.device)
     return GptqTensors(
         qweight=pack_qweight(q),
         qzeros=pack_qzeros(zeros),
@@ -114,4 +117,4 @@ def rtn_quantize(w: torch.Tensor, group_size: int) -> GptqTensors:
     wg = w.float().view(n, k // g, g)
     scale = sym_scale(wg.abs().amax(dim=2))  # [N, G]
     q = quantize_to_grid(wg, scale.unsqueeze(2)).view(n, k)
-    return pack_gptq(q, scale.t(), sequential_g_idx(k, group_size))
+    return pack_gptq(q, scale.t(), sequential_g_idx(k, group_size, w.device))

@@ -93,6 +93,7 @@ class ErrorCode(str, Enum):
     BAD_FORMAT = ("bad_format", 400, "an output format the converter does not write")
     BAD_METHOD = ("bad_method", 400, "an int4 method the converter does not know")
     BAD_GROUP_SIZE = ("bad_group_size", 400, "a GPTQ group size the kernels cannot run")
+    BAD_DEVICE = ("bad_device", 400, "--device names a device this machine does not have (cuda without a GPU)")
     SHAPE_NOT_DIVISIBLE = ("shape_not_divisible", 400, "a linear whose shape the chosen format cannot split")
     UNSUPPORTED_TENSOR = ("unsupported_tensor", 400, "a tensor the converter cannot place (unknown name or dtype)")
     CALIB_FILE_MISSING = ("calib_file_missing", 400, "the calibration text file is absent or unreadable")
