@@ -227,3 +227,22 @@ def tp_worker(rank: int, world: int, port: int, plan_dir: str, queue) -> None:
         queue.put((rank, loader.report.ok, loader.report.summary(), str(shards)))
     except BaseException as e:  # the parent must hear about it rather than time out
         queue.put((rank, False, f"{type(e).__name__}: {e}", None))
+
+
+def run_ranks(worker, plan_dir, world: int = 2, timeout: float = 240) -> list[tuple]:
+    """Spawn ``world`` TP ranks running ``worker(rank, world, port, plan_dir, queue)`` and return
+    their reports sorted by rank; a rank that hangs is killed after ``timeout``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, str(plan_dir), queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        return sorted((queue.get(timeout=timeout) for _ in procs), key=lambda r: r[0])
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()

@@ -9,11 +9,11 @@ import torch
 
 from serving_harness import (
     converted,
-    free_port,
     init_sglang_cpu,
     load_on_cpu,
     methods_by_prefix,
     read_source_tensor,
+    run_ranks,
     tp_worker,
     write_mix,
 )
@@ -192,22 +192,9 @@ def test_the_audit_catches_a_tensor_deepseek_skips(tiny_deepseek, deepseek_cpu, 
 def test_two_ranks_load_their_shards_of_the_mla_mix(tiny_deepseek, tmp_path):
     """TP 2 on gloo: the fused q_a/kv_a layer is replicated, q_b_proj / kv_b_proj split their rows,
     o_proj its columns, the shared experts their intermediate; every rank's audit passes."""
-    import torch.multiprocessing as mp
-
     config = write_mix(converted(str(tiny_deepseek)), "tp2", "fp16", MIXES["fp8_attn_fp8_shared_int4_experts"])
     plan, path = make_plan_dir(config, tmp_path / "plan", tp_size=2, int4_moe_kernel="wna16")
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=deepseek_tp_worker, args=(r, 2, port, str(path), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted((queue.get(timeout=400) for _ in procs), key=lambda r: r[0])
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    results = run_ranks(deepseek_tp_worker, path, timeout=400)
     for rank, ok, summary, _ in results:
         assert ok, f"rank {rank}: {summary}"
         assert "10 Fp8LinearMethod, 1 MoeWNA16Method" in summary  # 2 x 4 attention layers, 2 shared-expert ones

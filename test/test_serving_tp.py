@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from serving_harness import free_port, mix_config, read_source_tensor, tp_worker
+from serving_harness import mix_config, read_source_tensor, run_ranks, tp_worker
 from sglang_mixed_precision.serving.plandir import make_plan_dir
 
 
 def test_two_ranks_load_their_shards_of_an_fp8_attention_int4_experts_mix(tiny_qwen3_moe, tmp_path):
-    import torch.multiprocessing as mp
-
     plan, path = make_plan_dir(
         mix_config(str(tiny_qwen3_moe), "attn_fp8_mlp_int4"), tmp_path / "plan", tp_size=2, int4_moe_kernel="marlin"
     )
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=tp_worker, args=(r, 2, port, str(path), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted((queue.get(timeout=240) for _ in procs), key=lambda r: r[0])
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    results = run_ranks(tp_worker, path)
     for rank, ok, summary, _ in results:
         assert ok, f"rank {rank}: {summary}"
         assert "4 Fp8LinearMethod, 2 GPTQMarlinMoEMethod" in summary
