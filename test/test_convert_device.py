@@ -223,7 +223,8 @@ def test_a_writer_failure_reaches_the_caller_and_the_run_resumes(
     monkeypatch.setattr(writer_mod.ShardedWriter, "add", failing_add)
     kw = dict(formats=("fp8", "int4"), expert_batch=8, overlap=True, max_shard_size="2MB")
     got = _run_with_deadline(lambda: convert(opts(tiny_qwen3_moe, tmp_path, **kw)))
-    assert got is error
+    # the writer thread's error reaches the caller, named (a full disk) with the injected one as its cause
+    assert got.code == "disk_full" and got.__cause__ is error
     assert converter_threads() == [] and not list(tmp_path.rglob("*.body"))
     monkeypatch.setattr(writer_mod.ShardedWriter, "add", real_add)
     report = convert(opts(tiny_qwen3_moe, tmp_path, **kw))  # resume: finished shards kept

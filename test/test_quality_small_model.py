@@ -53,13 +53,16 @@ def test_fp8_costs_less_than_int4(converted):
 
 def test_bf16_arithmetic_gives_the_same_numbers_within_its_noise(converted):
     """What SGLang computes in bf16 and the fp32 reference must agree: the int4 mix's KLD in bf16 and
-    in fp32 differ by no more than the bf16 16-bit model's own KLD from the fp32 one (plus 10 %)."""
+    in fp32 differ by no more than bf16 arithmetic moves each side of it (the 16-bit baseline's and
+    the int4 mix's own KLD between bf16 and fp32; int4's dequantized weights round in bf16 too),
+    plus 10 %."""
     config = uniform_config(converted, "int4")
     fp32 = evaluate(config, CpuBackend(), tokens=TOKENS).comparison
     bf16 = evaluate(config, CpuBackend(dtype=torch.bfloat16), tokens=TOKENS).comparison
-    noise = evaluate(uniform_config(converted, "fp16"), _Bf16Mix(), tokens=TOKENS).comparison.kld_mean
-    assert noise > 0
-    assert abs(bf16.kld_mean - fp32.kld_mean) <= noise + 0.1 * fp32.kld_mean
+    noise_16bit = evaluate(uniform_config(converted, "fp16"), _Bf16Mix(), tokens=TOKENS).comparison.kld_mean
+    noise_int4 = evaluate(config, _Bf16Mix(), baseline="int4", tokens=TOKENS).comparison.kld_mean
+    assert noise_16bit > 0 and noise_int4 > 0
+    assert abs(bf16.kld_mean - fp32.kld_mean) <= noise_16bit + noise_int4 + 0.1 * fp32.kld_mean
 
 
 class _Bf16Mix(CpuBackend):

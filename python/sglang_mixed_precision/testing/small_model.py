@@ -22,12 +22,16 @@ def small_model_path() -> Path:
     return SMALL_MODEL
 
 
-def convert_small_model(out_dir: str | Path, method: str = "gptq", progress: bool = False) -> Path:
-    """fp16/ fp8/ int4/ of the small model under ``out_dir`` (kept when already there)."""
-    from ..convert.pipeline import ConvertOptions, convert
+def convert_small_model(
+    out_dir: str | Path, method: str = "gptq", progress: bool = False, mixed_config: str | None = None
+) -> Path:
+    """fp16/ fp8/ int4/ of the small model under ``out_dir`` (kept when already there); with
+    ``mixed_config``, the converter also writes that YAML (and owns it) as OUTPUT/mixed_precision_config.yaml."""
+    from ..convert.pipeline import CONFIG_NAME, ConvertOptions, convert
 
     out = Path(out_dir)
-    if all((out / f / "config.json").is_file() for f in FORMATS):
+    wanted = [out / f / "config.json" for f in FORMATS] + ([out / CONFIG_NAME] if mixed_config else [])
+    if all(p.is_file() for p in wanted):
         return out
     convert(
         ConvertOptions(
@@ -39,6 +43,7 @@ def convert_small_model(out_dir: str | Path, method: str = "gptq", progress: boo
             seqlen=CALIB_SEQLEN,
             overwrite=True,
             progress=progress,
+            mixed_config=mixed_config,
         )
     )
     return out
