@@ -40,6 +40,8 @@ STAGE_OF_LEAF = {
     "down_proj": 3,
     "w2": 3,
 }
+# Mixtral's checkpoint names its experts' projections w1 (gate), w3 (up), w2 (down)
+EXPERT_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 FORWARD_BATCH = 8  # sequences per forward call (bounds attention memory)
 
 
@@ -196,6 +198,7 @@ class LayerWeights:
             experts = self.layer.get_submodule(base)
         except AttributeError:
             return None
+        proj = EXPERT_PROJECTIONS.get(proj, proj)
         if proj in ("gate_proj", "up_proj") and hasattr(experts, "gate_up_proj"):
             p = experts.gate_up_proj
             half = p.shape[1] // 2

@@ -25,6 +25,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2MoeForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",
+    "MixtralForCausalLM",
 )
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "weight_scale_inv", "weight_scale", "input_scale", "weight_packed")
 # Files that make a directory a usable model besides its weights (copied to every output).

@@ -73,6 +73,11 @@ class ErrorCode(str, Enum):
     MIXED_GROUP = ("mixed_group", 400, "members of one fused SGLang layer have different precisions")
     TP_INDIVISIBLE = ("tp_indivisible", 400, "a per-rank shape the kernel cannot run at this tensor-parallel size")
     QUANTIZED_VOCAB = ("quantized_vocab", 400, "a quantized embedding or lm_head (SGLang serves them in 16 bits)")
+    MODEL_CLASS_CANNOT_LOAD = (
+        "model_class_cannot_load",
+        400,
+        "the family's SGLang model class cannot load what the plan assigns (e.g. a tied lm_head it does not tie)",
+    )
     BAD_ARGUMENT = ("bad_argument", 400, "a command-line or API argument out of range")
     OUTPUT_UNWRITABLE = (
         "output_unwritable",

@@ -8,6 +8,9 @@ are spawned, so only an entry point reaches them), then applies the registered h
 * wraps ``get_model_loader`` so that a model whose quantization is ``mixed_precision`` loads through
   :class:`MixedPrecisionModelLoader`. ``--load-format dummy`` keeps SGLang's dummy loader: the model
   is still built with the mix's methods and kernels, only the weights are random;
+* wraps ``get_model_architecture`` so that a mixed model is built by its family's own class
+  (``core.architectures``): SGLang 0.5.17 sends a Mixtral whose quantization is not in its short
+  list to ``QuantMixtralForCausalLM`` (per-expert linears, no FusedMoE);
 * installs the runtime (:mod:`.runtime`): ``/mixed_precision`` routes and the workers' reload hooks.
 
 No SGLang file is copied or edited.
@@ -23,6 +26,12 @@ from . import QUANT_METHOD
 logger = logging.getLogger(__name__)
 
 LOADER_TARGET = "sglang.srt.model_loader.loader.get_model_loader"
+# get_model_architecture as the loader and the rest of SGLang import it
+ARCHITECTURE_TARGETS = (
+    "sglang.srt.model_loader.loader.get_model_architecture",
+    "sglang.srt.model_loader.utils.get_model_architecture",
+    "sglang.srt.model_loader.get_model_architecture",
+)
 # Formats that name *how* to read local weights; the mixed loader reads the plan's sources itself.
 MIXED_LOAD_FORMATS = ("auto", "safetensors", "pt")
 
@@ -55,6 +64,8 @@ def register_loader_hook() -> None:
     from sglang.srt.plugins.hook_registry import HookType
 
     register_hook_once(LOADER_TARGET, select_model_loader, HookType.AROUND)
+    for target in ARCHITECTURE_TARGETS:
+        register_hook_once(target, select_family_class, HookType.AROUND)
 
 
 def register_hook_once(target: str, hook, kind) -> None:
@@ -83,3 +94,23 @@ def select_model_loader(original, load_config, model_config=None, *args, **kwarg
 
     logger.info("mixed_precision: loading through MixedPrecisionModelLoader")
     return MixedPrecisionModelLoader(load_config)
+
+
+def select_family_class(original, model_config, *args, **kwargs):
+    """AROUND hook of ``get_model_architecture``: a mixed model gets its family's class (the one
+    ``core.architectures`` describes), not one SGLang picks for other quantizations."""
+    model_class, resolved = original(model_config, *args, **kwargs)
+    if getattr(model_config, "quantization", None) != QUANT_METHOD:
+        return model_class, resolved
+    from ..core.architectures import architecture_for
+
+    family = architecture_for(getattr(model_config.hf_config, "model_type", "") or "")
+    wanted = family.sglang_class if family is not None else ""
+    if not wanted or resolved == wanted or wanted not in (getattr(model_config.hf_config, "architectures", None) or []):
+        return model_class, resolved
+    from sglang.srt.models.registry import ModelRegistry
+
+    model_class, resolved = ModelRegistry.resolve_model_cls([wanted])
+    model_config._resolved_model_arch = resolved
+    logger.info("mixed_precision: building %s (SGLang chose another class for this quantization)", resolved)
+    return model_class, resolved
