@@ -1,6 +1,7 @@
 """`sglang-mp demo`: a small model, converted, planned as a mix, then served (or run on CPU).
 
-1. generate a tiny random-weight model (Qwen3-MoE by default) in ``--workdir``;
+1. generate a tiny random-weight model of ``--arch`` (Qwen3-MoE by default; Qwen3, Llama, Qwen2,
+   Qwen2-MoE, Mixtral and a tied-embedding Qwen3 too) in ``--workdir``;
 2. convert it to fp16/ fp8/ int4/ (round-to-nearest int4: seconds);
 3. write a mix: attention fp8, routed experts (or the dense MLP) int4, the rest bf16; plan it;
 4. with an NVIDIA GPU and SGLang: start ``launch_mixed_precision_server.py`` on it and ask ``/generate``;
@@ -66,10 +67,21 @@ def prepare(workdir: Path, arch: str) -> Path:
     )
     say(f"      done in {time.time() - t:.1f}s")
     config = workdir / "converted" / "mix.yaml"
-    # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router) 16-bit.
-    mlp = "fp16" if "moe" in arch else "int4"
-    config.write_text(mixed_config_yaml(attention="fp8", mlp=mlp, experts="int4", sources=FORMATS))
+    # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router, a
+    # shared expert) 16-bit.
+    model_type = json.loads((workdir / "bf16" / "config.json").read_text())["model_type"]
+    mlp = "fp16" if is_moe(model_type) else "int4"
+    config.write_text(
+        mixed_config_yaml(attention="fp8", mlp=mlp, experts="int4", sources=FORMATS, model_type=model_type)
+    )
     return config
+
+
+def is_moe(model_type: str) -> bool:
+    from ..core.architectures import architecture_for
+
+    arch = architecture_for(model_type)
+    return arch is not None and arch.moe_family
 
 
 def gpu_ready() -> str | None:
@@ -150,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = prepare(workdir, args.arch)
-    step(3, f"mix {config}: attention fp8, {'experts' if 'moe' in args.arch else 'MLP'} int4, the rest bf16")
+    model_type = json.loads((workdir / "bf16" / "config.json").read_text())["model_type"]
+    step(3, f"mix {config}: attention fp8, {'experts' if is_moe(model_type) else 'MLP'} int4, the rest bf16")
     plan = plan_from_config(config)
     say(format_tables(plan))
     (workdir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1, default=str))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.architectures import transformers_name
 from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.formats.gptq import dequant as dequant_gptq
 from ..core.naming import Role, classify
@@ -173,7 +174,7 @@ class LayerFactory:
     def build(self, layer_idx: int, tensors: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
         with torch.device("meta"):
             layer = self.layer_cls(self.config, layer_idx=layer_idx)
-        lw = LayerWeights(layer, prefix)
+        lw = LayerWeights(layer, prefix, self.config.model_type)
         lw.load(tensors)
         layer.eval()
         return lw
@@ -183,12 +184,14 @@ class LayerWeights:
     """Maps checkpoint tensors onto a transformers layer, including transformers' fused 3-D
     experts (``experts.gate_up_proj`` [E, 2I, H] = gate rows then up rows; ``experts.down_proj``)."""
 
-    def __init__(self, layer: torch.nn.Module, prefix: str):
+    def __init__(self, layer: torch.nn.Module, prefix: str, model_type: str = ""):
         self.layer = layer
         self.prefix = prefix  # "model.layers.3."
+        self.model_type = model_type
 
     def _rel(self, name: str) -> str:
-        return name[len(self.prefix) :]
+        """A checkpoint name relative to the layer, as transformers names it in memory."""
+        return transformers_name(self.model_type, name[len(self.prefix) :])
 
     def _fused_expert_target(self, rel_module: str):
         """(param, index) where an expert projection lives inside a fused 3-D parameter, or None."""

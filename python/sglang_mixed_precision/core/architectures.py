@@ -118,6 +118,9 @@ class Architecture:
     # whether the class names its decoder layers "layers.N" (not "model.layers.N") in the prefixes
     # it passes to the quantization config: the plan's names are the checkpoint's
     unrooted_layer_prefixes = False
+    # checkpoint name part -> the name transformers 5 gives that module in memory (the reference and
+    # GPTQ calibration run transformers' own layers; save_pretrained writes the checkpoint's names)
+    transformers_renames: tuple[tuple[str, str], ...] = ()
 
     def checkpoint_prefix(self, prefix: str) -> str:
         """The checkpoint name of the layer the class builds at ``prefix``."""
@@ -241,6 +244,7 @@ class Mixtral(Architecture):
     sglang_class = "MixtralForCausalLM"
     ties_embeddings = False
     unrooted_layer_prefixes = True  # mixtral.py: make_layers(..., prefix="layers")
+    transformers_renames = ((".block_sparse_moe.", ".mlp."),)  # MixtralDecoderLayer.mlp in transformers 5
     moe_family = True
     moe = "block_sparse_moe"
     expert_projections = ("w1", "w2", "w3")
@@ -269,6 +273,14 @@ def checkpoint_prefix(model_type: str, prefix: str) -> str:
     """The checkpoint name of the layer a family's SGLang class builds at ``prefix``."""
     arch = architecture_for(model_type)
     return arch.checkpoint_prefix(prefix) if arch is not None else prefix
+
+
+def transformers_name(model_type: str, name: str) -> str:
+    """The name transformers 5 gives checkpoint module / tensor ``name`` in memory."""
+    arch = architecture_for(model_type)
+    for old, new in arch.transformers_renames if arch is not None else ():
+        name = f".{name}.".replace(old, new)[1:-1]  # relative names ("block_sparse_moe.gate") match too
+    return name
 
 
 def fed_directly(model_type: str) -> frozenset[str]:
