@@ -182,7 +182,7 @@ def test_a_tied_checkpoint_of_a_class_that_does_not_tie_is_refused_before_launch
     assert arch.sglang_class in message and "does not tie" in message and "config.json" in message
 
 
-@pytest.mark.parametrize("name", ["qwen3_tied", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["qwen3_tied", "llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral"])
 def test_which_classes_tie_lm_head_to_the_embedding(name, tmp_path, sglang_cpu):
     """The ties_embeddings column, asked of the real class: built from a tied config.json."""
     from sglang_mixed_precision.testing.tinymodels import tiny_config
