@@ -112,20 +112,18 @@ def describe_mix(arch: str, workdir: Path) -> str:
 
 
 def prepare_small(workdir: Path) -> Path:
-    from ..convert.pipeline import FORMATS
+    from ..convert.pipeline import CONFIG_NAME, FORMATS
     from ..testing.small_model import convert_small_model, small_model_path
     from .convert import mixed_config_yaml
 
     t = step(1, f"the small trained Qwen3-MoE shipped in the package: {small_model_path()}")
     say(f"      done in {time.time() - t:.1f}s")
     t = step(2, "converting to fp16/ fp8/ int4/ (int4: GPTQ, calibrated on held-out standard library text)")
-    convert_small_model(workdir / "converted", method="gptq")
+    # written by the converter as with --create_config, so a rerun may replace it
+    mix = mixed_config_yaml(attention="fp8", mlp="fp16", experts="int4", sources=FORMATS, model_type="qwen3_moe")
+    convert_small_model(workdir / "converted", method="gptq", mixed_config=mix)
     say(f"      done in {time.time() - t:.1f}s")
-    config = workdir / "converted" / "mix.yaml"  # written after the conversion, which reruns skip
-    config.write_text(
-        mixed_config_yaml(attention="fp8", mlp="fp16", experts="int4", sources=FORMATS, model_type="qwen3_moe")
-    )
-    return config
+    return workdir / "converted" / CONFIG_NAME
 
 
 def is_moe(model_type: str) -> bool:

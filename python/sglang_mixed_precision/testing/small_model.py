@@ -22,12 +22,18 @@ def small_model_path() -> Path:
     return SMALL_MODEL
 
 
-def convert_small_model(out_dir: str | Path, method: str = "gptq", progress: bool = False) -> Path:
-    """fp16/ fp8/ int4/ of the small model under ``out_dir`` (kept when already there)."""
-    from ..convert.pipeline import ConvertOptions, convert
+def convert_small_model(
+    out_dir: str | Path, method: str = "gptq", progress: bool = False, mixed_config: str | None = None
+) -> Path:
+    """fp16/ fp8/ int4/ of the small model under ``out_dir`` (kept when already there), and the
+    converter's mix config ``mixed_config`` when given (a conversion without it, or with another
+    one, is redone: the converter owns that file, so a rerun may replace it)."""
+    from ..convert.pipeline import CONFIG_NAME, ConvertOptions, convert
 
     out = Path(out_dir)
-    if all((out / f / "config.json").is_file() for f in FORMATS):
+    config = out / CONFIG_NAME
+    config_kept = mixed_config is None or (config.is_file() and config.read_text() == mixed_config)
+    if config_kept and all((out / f / "config.json").is_file() for f in FORMATS):
         return out
     convert(
         ConvertOptions(
@@ -39,6 +45,7 @@ def convert_small_model(out_dir: str | Path, method: str = "gptq", progress: boo
             seqlen=CALIB_SEQLEN,
             overwrite=True,
             progress=progress,
+            mixed_config=mixed_config,
         )
     )
     return out
