@@ -52,6 +52,36 @@ def test_register_adds_method_choice_and_loader_hook(sglang_cpu):
     assert "mixed_precision" in QUANTIZATION_METHODS
 
 
+def test_a_mixed_mixtral_keeps_its_own_class(sglang_cpu):
+    """SGLang 0.5.17 sends a Mixtral of a quantization outside its list to QuantMixtralForCausalLM;
+    the get_model_architecture hook, registered under every name SGLang imports it by, gives a mixed
+    plan MixtralForCausalLM back and leaves every other model alone."""
+    from types import SimpleNamespace
+
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_mixed_precision.serving.hooks import ARCHITECTURE_TARGETS, select_family_class
+    from sglang_mixed_precision.serving.plugin import register
+
+    register()
+    for target in ARCHITECTURE_TARGETS:
+        assert [h for _, h, _ in HookRegistry._hooks[target]].count(select_family_class) == 1
+
+    def sglang_choice(model_config):
+        return ModelRegistry.resolve_model_cls(["QuantMixtralForCausalLM"])
+
+    def model_config(quantization):
+        hf = SimpleNamespace(model_type="mixtral", architectures=["MixtralForCausalLM"])
+        return SimpleNamespace(quantization=quantization, hf_config=hf)
+
+    mixed = model_config("mixed_precision")
+    model_class, resolved = select_family_class(sglang_choice, mixed)
+    assert resolved == "MixtralForCausalLM" and model_class.__name__ == "MixtralForCausalLM"
+    assert mixed._resolved_model_arch == "MixtralForCausalLM"
+    assert select_family_class(sglang_choice, model_config("fp8"))[1] == "QuantMixtralForCausalLM"
+
+
 def test_plan_dir_is_detected_by_sglang_model_config(tiny_qwen3, tmp_path, sglang_cpu):
     plan, path = make_plan_dir(mix_config(str(tiny_qwen3), "attn_bf16_mlp_fp8"), tmp_path / "plan")
     config = model_config(path)

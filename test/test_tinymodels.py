@@ -41,11 +41,23 @@ def test_clear_margins_make_bf16_and_fp32_agree_token_for_token_while_layers_sti
     assert abs(float(before[t] - after[t])) > 0.05
 
 
-def test_clear_margins_refuse_tied_embeddings(tmp_path):
-    import pytest
-
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        make_tiny_model("qwen3", tmp_path / "m", clear_margins=True, tie_word_embeddings=True)
+def test_tied_embeddings_get_a_clear_margin_on_the_current_token(tmp_path):
+    """lm_head is the embedding: greedy decoding repeats the last token, by a clear margin in bf16 and
+    fp32 alike, and the layers still move the log-probs."""
+    path = make_tiny_model("qwen3_tied", tmp_path / "m", clear_margins=True)
+    fp32 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    assert fp32.config.tie_word_embeddings and fp32.lm_head.weight is fp32.model.embed_tokens.weight
+    for prompt in PROMPTS:
+        ids32, gap = _greedy(fp32, prompt)
+        assert _greedy(bf16, prompt)[0] == ids32
+        assert ids32[len(prompt) :] == [prompt[-1]] * 8
+        assert gap > 1.0, f"greedy margin {gap:.3f} nats is not clear"
+    before = _next_token_logprobs(fp32, PROMPTS[0])
+    with torch.no_grad():
+        down = fp32.model.layers[1].mlp.down_proj.weight
+        down.copy_(torch.randn_like(down) / down.shape[1] ** 0.5)
+    assert (before - _next_token_logprobs(fp32, PROMPTS[0])).abs().max() > 0.05
 
 
 def test_an_unknown_architecture_is_named():
@@ -55,7 +67,9 @@ def test_an_unknown_architecture_is_named():
 
     from sglang_mixed_precision.testing.tinymodels import ARCHITECTURES, tiny_config
 
-    assert {"qwen3", "qwen3_moe", "llama", "deepseek_v3"} <= set(ARCHITECTURES)
+    assert {"qwen3", "qwen3_moe", "llama", "qwen2", "qwen2_moe", "mixtral", "qwen3_tied", "deepseek_v3"} <= set(
+        ARCHITECTURES
+    )
     with pytest.raises(
         ValueError, match=re.escape(f"unknown tiny architecture 'gpt_neox'; choose one of {ARCHITECTURES}")
     ):

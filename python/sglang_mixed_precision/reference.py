@@ -17,6 +17,7 @@ input is quantized per token and group of 128 channels to float8_e4m3 with a dyn
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from .core.architectures import transformers_name
 from .core.errors import ErrorCode, MixedPrecisionError
 from .tensors import read_tensor
 
@@ -69,6 +71,7 @@ def fill_model(model: torch.nn.Module, plan) -> None:
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     tied = _tied_names(model)
+    in_memory = functools.partial(transformers_name, plan.geometry.model_type)
     done: set[str] = set()
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for module, a in plan.modules.items():
@@ -76,10 +79,10 @@ def fill_model(model: torch.nn.Module, plan) -> None:
         tensors = module_weights(plan, module)
         if ref.expert is not None:
             leaf = module.rsplit(".", 1)[-1]
-            experts.setdefault(ref.group, {}).setdefault(ref.expert, {})[leaf] = tensors["weight"]
+            experts.setdefault(in_memory(ref.group), {}).setdefault(ref.expert, {})[leaf] = tensors["weight"]
             continue
         for suffix, tensor in tensors.items():
-            name = f"{module}.{suffix}"
+            name = in_memory(f"{module}.{suffix}")
             if name not in params and name in buffers:
                 _copy(buffers[name], tensor, name)
                 continue
@@ -181,17 +184,19 @@ def mla_paths(model: torch.nn.Module) -> MlaPaths | None:
 def simulate_fp8_activations(model: torch.nn.Module, plan) -> int:
     """Quantize the inputs of the model's fp8 modules as SGLang's W8A8 kernels do; returns how many."""
     modules = dict(model.named_modules())
+    in_memory = functools.partial(transformers_name, plan.geometry.model_type)
     count = 0
     quantized_inputs = [a for a in plan.modules.values() if a.scheme.format.quantizes_activations(a.scheme)]
-    fp8_experts = {a.ref.group for a in quantized_inputs if a.ref.expert is not None}
+    fp8_experts = {in_memory(a.ref.group) for a in quantized_inputs if a.ref.expert is not None}
     for a in quantized_inputs:
-        if a.ref.expert is None and isinstance(modules.get(a.name), torch.nn.Linear):
-            if a.name.endswith(".kv_b_proj") and plan.geometry.mla is not None:
+        name = in_memory(a.name)
+        if a.ref.expert is None and isinstance(modules.get(name), torch.nn.Linear):
+            if name.endswith(".kv_b_proj") and plan.geometry.mla is not None:
                 if mla_paths(model) is None:
                     model.sglang_mla_paths = MlaPaths()
-                modules[a.name].register_forward_pre_hook(mla_paths(model).hook)
+                modules[name].register_forward_pre_hook(mla_paths(model).hook)
             else:
-                modules[a.name].register_forward_pre_hook(
+                modules[name].register_forward_pre_hook(
                     lambda mod, args: (fake_quant_fp8_activation(args[0]), *args[1:])
                 )
             count += 1

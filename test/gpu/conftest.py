@@ -144,8 +144,10 @@ def workdir(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_work(workdir, progress) -> h.ServeWork:
-    return h.prepare_serve(workdir / "serve", log=progress)
+def serve_work(request, workdir, progress) -> h.ServeWork:
+    """The models of the selected servers' architectures (all when no server is selected: the CPU checks)."""
+    archs = h.archs_of(request.config.stash.get(SERVERS, []))
+    return h.prepare_serve(workdir / "serve", log=progress, archs=archs)
 
 
 @pytest.fixture(scope="session")

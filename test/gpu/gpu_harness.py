@@ -36,6 +36,15 @@ MIXES = {
     "all-fp8": ("fp8", []),
     "all-int4": ("int4", []),
 }
+# Every other family (Llama, Qwen2 with q/k/v biases, Qwen2-MoE with its shared expert, Mixtral, a
+# tied-embedding Qwen3): two mixes each, one with FP8-block attention, one with int4 MLP or experts
+# (Mixtral's block_sparse_moe, Qwen2-MoE's shared expert with them), the rest bf16. Select them
+# alone with -k "llama or qwen2 or mixtral or tied".
+FAMILY_ARCHS = ("llama", "qwen2", "qwen2_moe", "mixtral", "qwen3_tied")
+FAMILY_MIXES = {
+    "attn-fp8": ("fp16", [("model.layers.*.self_attn.*", "fp8")]),
+    "mlp-int4": ("fp16", [("model.layers.*.mlp.*", "int4")]),
+}
 # Every int4 MoE kernel passes the same correctness checks: the mixes with int4 experts run each one
 # (--int4-moe-kernel; dense models ignore it: their int4 linears run GPTQ-Marlin).
 # Every int4 MoE kernel choice is proven: all-int4 runs the launcher's default (auto).
@@ -120,8 +129,40 @@ def stock_server(arch: str, fmt: str) -> str:
     return f"stock/{arch}/{fmt}"
 
 
+def mixes_of(arch: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """The mixes served for ``arch``, their rules in its family's names (Mixtral's MLP is block_sparse_moe)."""
+    if arch in ARCHS:
+        return MIXES
+    from sglang_mixed_precision.core.architectures import architecture_for
+    from sglang_mixed_precision.testing.tinymodels import tiny_config
+
+    family = architecture_for(tiny_config(arch).model_type)
+    block = family.moe if family.moe_family else family.mlp
+    return {
+        mix: (default, [(m.replace(".mlp.", f".{block}."), src) for m, src in rules])
+        for mix, (default, rules) in FAMILY_MIXES.items()
+    }
+
+
+def archs_of(names: list[str]) -> tuple[str, ...]:
+    """The architectures whose models the servers ``names`` serve (the reload server has its own)."""
+    known = (*ARCHS, *FAMILY_ARCHS)
+    found = []
+    for name in names:
+        parts = name.split("/")
+        arch = parts[1] if parts[0] == "stock" else parts[0]
+        if arch in known and arch not in found:
+            found.append(arch)
+    return tuple(found)
+
+
+def mix_cases() -> list[tuple[str, str]]:
+    """(arch, mix) of every mix server."""
+    return [(a, m) for a in (*ARCHS, *FAMILY_ARCHS) for m in mixes_of(a)]
+
+
 def all_server_names() -> list[str]:
-    names = [mix_server(a, m) for a in ARCHS for m in MIXES]
+    names = [mix_server(a, m) for a, m in mix_cases()]
     names += [plan_dir_server(a, ENTRYPOINT_MIX, load) for a in ARCHS for load in ("weights", "dummy")]
     names += [engine_run(a, ENTRYPOINT_MIX) for a in ARCHS]
     names += [stock_server(a, f) for a in ARCHS for f in STOCK_FORMATS]
@@ -149,18 +190,18 @@ class ServeWork:
         return self.root / "plans" / arch / mix
 
 
-def prepare_serve(root: Path, log=log_to_stdout) -> ServeWork:
+def prepare_serve(root: Path, log=log_to_stdout, archs: tuple[str, ...] = ()) -> ServeWork:
     """Generate (clear greedy margins: see tinymodels.make_tiny_model) and convert each architecture,
-    then write every mix; what is already there is reused."""
+    then write every mix; what is already there is reused. ``archs``: only these (default: all)."""
     work = ServeWork(Path(root).resolve())
-    for arch in ARCHS:
+    for arch in archs or (*ARCHS, *FAMILY_ARCHS):
         model = work.root / arch / "bf16"
         if not (model / "config.json").is_file():
             log(f"{arch}: generating the tiny model")
             make_model(arch, model, clear_margins=True)
         convert_once(model, work.converted(arch), ("fp16", "fp8", "int4"), log)
-        for mix in MIXES:
-            write_mix(work.converted(arch), mix)
+        for mix, (default, rules) in mixes_of(arch).items():
+            write_mix(work.converted(arch), mix, default, rules)
     return work
 
 
@@ -189,10 +230,9 @@ def convert_once(model: Path, out: Path, formats: tuple[str, ...], log=log_to_st
     convert(options)
 
 
-def write_mix(converted: Path, mix: str) -> Path:
+def write_mix(converted: Path, mix: str, default: str, rules: list[tuple[str, str]]) -> Path:
     import yaml
 
-    default, rules = MIXES[mix]
     doc = {
         "mixed_precision": {
             "sources": {"fp16": "./fp16", "fp8": "./fp8", "int4": "./int4"},
@@ -362,22 +402,22 @@ def available_specs(serve: ServeWork | None, reload: ReloadWork | None) -> dict[
     specs = {}
     common = (*flags(SERVER_SETTINGS), *LOG_FLAGS)
     if serve is not None:
+        for arch, mix in mix_cases():
+            specs[mix_server(arch, mix)] = ServerSpec(
+                mix_server(arch, mix),
+                (
+                    "--enable-mixed-precision",
+                    "--mixed-precision-config",
+                    str(serve.config(arch, mix)),
+                    "--model-path",
+                    str(serve.source(arch, "fp16")),
+                    "--plan-dir",
+                    str(serve.plan_dir(arch, mix)),
+                    *(("--int4-moe-kernel", INT4_MOE_KERNEL[mix]) if mix in INT4_MOE_KERNEL else ()),
+                    *common,
+                ),
+            )
         for arch in ARCHS:
-            for mix in MIXES:
-                specs[mix_server(arch, mix)] = ServerSpec(
-                    mix_server(arch, mix),
-                    (
-                        "--enable-mixed-precision",
-                        "--mixed-precision-config",
-                        str(serve.config(arch, mix)),
-                        "--model-path",
-                        str(serve.source(arch, "fp16")),
-                        "--plan-dir",
-                        str(serve.plan_dir(arch, mix)),
-                        *(("--int4-moe-kernel", INT4_MOE_KERNEL[mix]) if mix in INT4_MOE_KERNEL else ()),
-                        *common,
-                    ),
-                )
             for load in ("weights", "dummy"):
                 name = plan_dir_server(arch, ENTRYPOINT_MIX, load)
                 extra = ("--load-format", "dummy") if load == "dummy" else ()

@@ -50,7 +50,8 @@ def test_every_server_command_passes_the_launcher_and_sglangs_parser(serve_work,
         elif spec.after:  # stock SGLang on the plan directory its launcher server writes
             assert model_path == plan_dirs[spec.after], spec.name
     assert not problems
-    assert len(plan_dirs) == len(h.ARCHS) * len(h.MIXES) + 1  # every mix, and the reload server's
+    assert len(plan_dirs) == len(h.mix_cases()) + 1  # every mix, and the reload server's
+    assert len(h.mix_cases()) == len(h.ARCHS) * len(h.MIXES) + len(h.FAMILY_ARCHS) * len(h.FAMILY_MIXES)
 
 
 def test_launcher_script_prints_the_command_it_would_start(serve_work, tmp_path):
@@ -74,13 +75,15 @@ def test_engine_keywords_are_server_args_fields():
     assert h.engine_settings(30001)["nccl_port"] == 30001
 
 
-@pytest.mark.parametrize("arch", h.ARCHS)
-def test_reference_picks_the_same_tokens_in_bf16_and_fp32(arch, serve_work):
+@pytest.mark.parametrize(
+    "arch, mix",
+    [(a, h.ENTRYPOINT_MIX) for a in h.ARCHS] + [(a, m) for a in h.FAMILY_ARCHS for m in h.FAMILY_MIXES],
+)
+def test_reference_picks_the_same_tokens_in_bf16_and_fp32(arch, mix, serve_work):
     """The GPU tests require SGLang's greedy tokens to equal the reference's: only a fair demand
     where bf16 arithmetic does not change them (the tiny models' clear margins). Checked here on the
-    mix that quantizes most differently (fp8 attention, int4 experts); the GPU tests record both
-    references' tokens for every mix."""
-    mix = h.ENTRYPOINT_MIX
+    Qwen3 mix that quantizes most differently (fp8 attention, int4 experts) and on every family's
+    mixes; the GPU tests record both references' tokens for every mix."""
     reference = h.MixReference(serve_work.config(arch, mix), device="cpu")
     for prompt in h.prompt_ids(serve_work.source(arch, "fp16")):
         fp32, bf16 = reference.greedy(prompt, h.MAX_NEW_TOKENS)

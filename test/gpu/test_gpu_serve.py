@@ -1,7 +1,8 @@
-"""Tiny Qwen3 and Qwen3-MoE mixes served by SGLang through the launcher match a transformers reference.
+"""Tiny mixes of every family served by SGLang through the launcher match a transformers reference.
 
-Each mix of gpu_harness.MIXES is its own server (started side by side by the ``fleet`` fixture)
-and its own test ids. For every mix:
+Each mix is its own server (started side by side by the ``fleet`` fixture) and its own test ids:
+gpu_harness.MIXES for Qwen3 and Qwen3-MoE, gpu_harness.FAMILY_MIXES (FP8-block attention; int4 MLP
+or experts) for Llama, Qwen2, Qwen2-MoE, Mixtral and a tied-embedding Qwen3. For every mix:
 
 * ``/generate``, ``/v1/completions`` and ``/v1/chat/completions`` answer;
 * greedy tokens equal the reference's (transformers on the same GPU from the same sources: 16-bit
@@ -32,8 +33,7 @@ pytestmark = pytest.mark.gpu
 
 MIX_CASES = [
     pytest.param(arch, mix, id=h.mix_server(arch, mix), marks=pytest.mark.servers(h.mix_server(arch, mix)))
-    for arch in h.ARCHS
-    for mix in h.MIXES
+    for arch, mix in h.mix_cases()
 ]
 
 

@@ -100,9 +100,14 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     )
 
 
-def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str, ...]) -> str:
-    """The project's config format; rules are listed most specific first."""
+def mixed_config_yaml(
+    attention: str, mlp: str, experts: str, sources: tuple[str, ...], model_type: str | None = None
+) -> str:
+    """The project's config format; rules are listed most specific first, in the names of the
+    family of ``model_type`` (Mixtral's experts sit under block_sparse_moe and it has no dense MLP)."""
     import yaml
+
+    from ..core.architectures import architecture_for
 
     for what, prec in (("attention", attention), ("mlp", mlp), ("expert", experts)):
         if prec not in sources:
@@ -111,8 +116,10 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
                 f"--{what}_precision {prec} but {prec}/ is not being written",
                 fix=f"add {prec} to --formats",
             )
+    arch = architecture_for(model_type or "")
+    moe = arch.moe if arch is not None and arch.moe_family else "mlp"
     rules = [
-        {"match": "model.layers.*.mlp.experts.*", "source": experts},
+        {"match": f"model.layers.*.{moe}.experts.*", "source": experts},
         {
             "match": "model.layers.*.mlp.shared_expert*.*",
             "source": mlp,
@@ -120,6 +127,8 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
         {"match": "model.layers.*.mlp.*", "source": mlp},
         {"match": "model.layers.*.self_attn.*", "source": attention},
     ]
+    if moe != "mlp":  # the family has no dense MLP and no shared expert under mlp
+        rules = [r for r in rules if ".mlp." not in r["match"]]
     used = {"fp16"} | {r["source"] for r in rules}
     doc = {
         "mixed_precision": {
@@ -131,11 +140,21 @@ def mixed_config_yaml(attention: str, mlp: str, experts: str, sources: tuple[str
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def input_model_type(opts: ConvertOptions) -> str | None:
+    """The input's model_type (None when its config.json cannot be read: convert then names the problem)."""
+    import json
+
+    try:
+        return json.loads((Path(opts.model_path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     if args.create_config:  # checked before hours of conversion; written (and owned) by the converter
         opts.mixed_config = mixed_config_yaml(
-            args.attention_precision, args.mlp_precision, args.expert_precision, opts.formats
+            args.attention_precision, args.mlp_precision, args.expert_precision, opts.formats, input_model_type(opts)
         )
     report = convert(opts)
     if args.create_config:

@@ -1,7 +1,8 @@
 """`sglang-mp demo`: a small model, converted, planned as a mix, then served (or run on CPU).
 
 1. take the small Qwen3-MoE shipped in the package (trained on the Python standard library's
-   sources, see data/small_model/README.md), or with ``--arch`` generate a tiny random-weight one;
+   sources, see data/small_model/README.md), or with ``--arch`` generate a tiny random-weight one
+   (Qwen3, Qwen3-MoE, Llama, Qwen2, Qwen2-MoE, Mixtral, a tied-embedding Qwen3, DeepSeek-V3);
 2. convert it to fp16/ fp8/ int4/ (GPTQ int4 calibrated on held-out standard library text for the
    trained model, round-to-nearest for a random one: seconds either way);
 3. write a mix: attention fp8, routed experts (or the dense MLP) int4, the rest bf16; plan it;
@@ -75,9 +76,11 @@ def prepare(workdir: Path, arch: str) -> Path:
         make_tiny_model(arch, workdir / "bf16")
     say(f"      done in {time.time() - t:.1f}s")
     t = step(2, "converting to fp16/ fp8/ int4/ (int4: round-to-nearest GPTQ format)")
-    # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router) 16-bit.
-    # The converter writes it, so a rerun of the demo may replace it (--overwrite removes only its own files).
-    mlp = MLP_PRECISION.get(arch, "fp16" if "moe" in arch else "int4")
+    # The format `convert --create_config` writes; a MoE keeps the rest of its MLP (the router, a
+    # shared expert) 16-bit. The converter writes it, so a rerun of the demo may replace it
+    # (--overwrite removes only its own files).
+    model_type = tiny_model_type(workdir)
+    mlp = MLP_PRECISION.get(arch, "fp16" if is_moe(model_type) else "int4")
     convert(
         ConvertOptions(
             model_path=str(workdir / "bf16"),
@@ -85,7 +88,9 @@ def prepare(workdir: Path, arch: str) -> Path:
             method="rtn",
             overwrite=True,
             progress=False,
-            mixed_config=mixed_config_yaml(attention="fp8", mlp=mlp, experts="int4", sources=FORMATS),
+            mixed_config=mixed_config_yaml(
+                attention="fp8", mlp=mlp, experts="int4", sources=FORMATS, model_type=model_type
+            ),
         )
     )
     say(f"      done in {time.time() - t:.1f}s")
@@ -93,12 +98,17 @@ def prepare(workdir: Path, arch: str) -> Path:
     return config
 
 
-def describe_mix(arch: str) -> str:
+def tiny_model_type(workdir: Path) -> str:
+    """The model_type of the tiny model in ``workdir/bf16`` (``--arch`` names like qwen3_tied are not one)."""
+    return json.loads((workdir / "bf16" / "config.json").read_text())["model_type"]
+
+
+def describe_mix(arch: str, workdir: Path) -> str:
     if arch == SMALL:
         return "attention fp8, experts int4, the rest bf16"
     if arch in MLP_PRECISION:
         return f"attention fp8, routed experts int4, dense and shared-expert MLPs {MLP_PRECISION[arch]}, the rest bf16"
-    return f"attention fp8, {'experts' if 'moe' in arch else 'MLP'} int4, the rest bf16"
+    return f"attention fp8, {'experts' if is_moe(tiny_model_type(workdir)) else 'MLP'} int4, the rest bf16"
 
 
 def prepare_small(workdir: Path) -> Path:
@@ -109,11 +119,18 @@ def prepare_small(workdir: Path) -> Path:
     t = step(1, f"the small trained Qwen3-MoE shipped in the package: {small_model_path()}")
     say(f"      done in {time.time() - t:.1f}s")
     t = step(2, "converting to fp16/ fp8/ int4/ (int4: GPTQ, calibrated on held-out standard library text)")
-    # The converter writes the mix config (it owns its output directory; a rerun keeps both).
-    mix = mixed_config_yaml(attention="fp8", mlp="fp16", experts="int4", sources=FORMATS)
+    # written by the converter as with --create_config, so a rerun may replace it
+    mix = mixed_config_yaml(attention="fp8", mlp="fp16", experts="int4", sources=FORMATS, model_type="qwen3_moe")
     convert_small_model(workdir / "converted", method="gptq", mixed_config=mix)
     say(f"      done in {time.time() - t:.1f}s")
     return workdir / "converted" / CONFIG_NAME
+
+
+def is_moe(model_type: str) -> bool:
+    from ..core.architectures import architecture_for
+
+    arch = architecture_for(model_type)
+    return arch is not None and arch.moe_family
 
 
 def gpu_ready() -> str | None:
@@ -194,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = prepare(workdir, args.arch)
-    step(3, f"mix {config}: {describe_mix(args.arch)}")
+    step(3, f"mix {config}: {describe_mix(args.arch, workdir)}")
     plan = plan_from_config(config)
     say(format_tables(plan))
     (workdir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1, default=str))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.architectures import transformers_name
 from ..core.errors import ErrorCode, MixedPrecisionError
 from ..core.formats.gptq import dequant as dequant_gptq
 from ..core.naming import Role, classify
@@ -50,6 +51,8 @@ STAGE_OF_LEAF = {
     "down_proj": 3,
     "w2": 3,
 }
+# Mixtral's checkpoint names its experts' projections w1 (gate), w3 (up), w2 (down)
+EXPERT_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 FORWARD_BATCH = {"cpu": 8, "cuda": 64}  # sequences per forward call (bounds attention / MoE activations)
 # Device memory for one batch of experts quantized together (Hessians, inverse factors, weights):
 # ~150 MiB per Qwen3-30B-A3B expert gate/up, so 128 experts take two batches.
@@ -185,7 +188,7 @@ class LayerFactory:
     def build(self, layer_idx: int, tensors: dict[str, torch.Tensor], prefix: str) -> LayerWeights:
         with torch.device("meta"):
             layer = self.layer_cls(self.config, layer_idx=layer_idx)
-        lw = LayerWeights(layer, prefix)
+        lw = LayerWeights(layer, prefix, self.config.model_type)
         lw.load(tensors, self.device)
         layer.eval()
         return lw
@@ -195,12 +198,14 @@ class LayerWeights:
     """Maps checkpoint tensors onto a transformers layer, including transformers' fused 3-D
     experts (``experts.gate_up_proj`` [E, 2I, H] = gate rows then up rows; ``experts.down_proj``)."""
 
-    def __init__(self, layer: torch.nn.Module, prefix: str):
+    def __init__(self, layer: torch.nn.Module, prefix: str, model_type: str = ""):
         self.layer = layer
         self.prefix = prefix  # "model.layers.3."
+        self.model_type = model_type
 
     def _rel(self, name: str) -> str:
-        return name[len(self.prefix) :]
+        """A checkpoint name relative to the layer, as transformers names it in memory."""
+        return transformers_name(self.model_type, name[len(self.prefix) :])
 
     def _fused_expert_target(self, rel_module: str):
         """(param, index) where an expert projection lives inside a fused 3-D parameter, or None."""
@@ -210,6 +215,7 @@ class LayerWeights:
             experts = self.layer.get_submodule(base)
         except AttributeError:
             return None
+        proj = EXPERT_PROJECTIONS.get(proj, proj)
         if proj in ("gate_proj", "up_proj") and hasattr(experts, "gate_up_proj"):
             p = experts.gate_up_proj
             half = p.shape[1] // 2

@@ -25,6 +25,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2MoeForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",
+    "MixtralForCausalLM",
     "DeepseekV3ForCausalLM",
 )
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "weight_scale_inv", "weight_scale", "input_scale", "weight_packed")

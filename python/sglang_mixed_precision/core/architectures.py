@@ -29,6 +29,42 @@ Every layer also has ``input_layernorm`` and ``post_attention_layernorm``; the m
 then uses the embedding). Qwen2-MoE and Qwen3-MoE make *every* layer a MoE layer in SGLang
 0.5.17, whatever ``mlp_only_layers`` and ``decoder_sparse_step`` say.
 
+What each family's SGLang 0.5.17 model class accepts (``load_weights`` of
+``sglang/srt/models/<file>.py``), checked on CPU against the real classes by
+``test/test_serving_families.py``:
+
+============ ======================== ================================ ======================== ===========
+model_type   class                    fused layers (checkpoint names)  what load_weights drops  ties lm_head
+============ ======================== ================================ ======================== ===========
+llama        LlamaForCausalLM         qkv_proj (q/k/v), gate_up_proj   ``*.weight_scale_inv``:  yes
+mistral      (llama.py)               (gate/up)                        renamed ``weight_scale``
+                                                                       before the lookup
+qwen2        Qwen2ForCausalLM         qkv_proj, gate_up_proj           nothing                  yes
+qwen3        Qwen3ForCausalLM         qkv_proj, gate_up_proj           nothing                  yes
+qwen2_moe    Qwen2MoeForCausalLM      qkv_proj, gate_up_proj (shared   nothing                  no
+                                      expert), experts -> w13_/w2_*
+qwen3_moe    Qwen3MoeForCausalLM      qkv_proj, experts -> w13_/w2_*   nothing                  no
+mixtral      MixtralForCausalLM       qkv_proj, experts w1/w3 ->       nothing                  no
+                                      w13_*, w2 -> w2_*
+deepseek_v3  DeepseekV3ForCausalLM    fused_qkv_a_proj_with_mqa,       nothing                  yes
+             (deepseek_v2.py)         gate_up_proj, experts -> w13_/w2_*
+============ ======================== ================================ ======================== ===========
+
+* Scale names: FP8-block layers hold ``weight_scale_inv`` (per-block), FP8 per-channel / per-tensor
+  ``weight_scale``; GPTQ ``qweight``/``qzeros``/``scales``/``g_idx``; each stored under the
+  checkpoint module's name and routed by the class onto its fused parameter (shard q/k/v, 0/1,
+  or expert e's w1/w3/w2). Llama's class renames ``weight_scale_inv`` to ``weight_scale`` and so
+  never finds the block-FP8 parameter: the mixed loader hands those tensors to the parameter's
+  own ``weight_loader`` with the shard id the class would have used (``fed_directly``).
+* Biases: kept 16-bit in every source (FP8 and GPTQ checkpoints store them beside the quantized
+  weight); the bias of a module comes from the source its module is assigned to.
+* Tied embeddings: a class that does not tie (``ties_embeddings`` false) builds an ``lm_head`` of
+  its own and fills it only from an ``lm_head.weight`` tensor, so a tied checkpoint of that family
+  would serve an uninitialised head: the plan refuses it (``model_class_cannot_load``).
+* Mixtral: SGLang 0.5.17 hands a Mixtral with any quantization outside its list (fp8, gptq_marlin,
+  ...) to ``QuantMixtralForCausalLM``, a class of per-expert linears without FusedMoE; the plugin
+  keeps ``MixtralForCausalLM`` for mixed plans (``serving/hooks.py``).
+
 A new family subclasses :class:`Architecture` and registers it in :data:`ARCHITECTURES`;
 ``naming.classify`` must give each new name its role (a test checks every family). What a family's
 SGLang model cannot load or run in some precision is refused here, before launch, with the reason
@@ -78,6 +114,25 @@ class Architecture:
     # config.json keys the family needs besides hidden_size, num_hidden_layers, num_attention_heads,
     # vocab_size (and, for MoE families, one of num_experts_keys)
     required_keys: tuple[str, ...] = ("intermediate_size",)
+    # ---- what SGLang 0.5.17's model class accepts (see the module docstring)
+    sglang_class = ""
+    # tensor suffixes the class's load_weights never delivers to the parameter of that name: the
+    # mixed loader calls the fused parameter's weight_loader itself with the member's shard id
+    fed_directly: frozenset[str] = frozenset()
+    # whether the class builds lm_head as the embedding when config.json says tie_word_embeddings
+    ties_embeddings = True
+    # whether the class names its decoder layers "layers.N" (not "model.layers.N") in the prefixes
+    # it passes to the quantization config: the plan's names are the checkpoint's
+    unrooted_layer_prefixes = False
+    # checkpoint name part -> the name transformers 5 gives that module in memory (the reference and
+    # GPTQ calibration run transformers' own layers; save_pretrained writes the checkpoint's names)
+    transformers_renames: tuple[tuple[str, str], ...] = ()
+
+    def checkpoint_prefix(self, prefix: str) -> str:
+        """The checkpoint name of the layer the class builds at ``prefix``."""
+        if self.unrooted_layer_prefixes and prefix.startswith("layers."):
+            return "model." + prefix
+        return prefix
 
     def attention_biases(self, cfg: dict) -> tuple[str, ...]:
         """Attention projections SGLang builds with a bias (the checkpoint must hold it)."""
@@ -161,6 +216,10 @@ class Architecture:
 
 class Llama(Architecture):
     model_types = ("llama", "mistral")
+    sglang_class = "LlamaForCausalLM"
+    # llama.py's _legacy_load_weights: name.replace(".weight_scale_inv", ".weight_scale"), then
+    # "Parameter ... not found in params_dict": every block-FP8 scale would be dropped
+    fed_directly = frozenset({"weight_scale_inv"})
 
     def attention_biases(self, cfg: dict) -> tuple[str, ...]:
         # llama.py: bias = attention_bias or bias (llamafied Qwen2.5, InternLM)
@@ -169,6 +228,7 @@ class Llama(Architecture):
 
 class Qwen2(Architecture):
     model_types = ("qwen2",)
+    sglang_class = "Qwen2ForCausalLM"
 
     def attention_biases(self, cfg: dict) -> tuple[str, ...]:
         return ("q_proj", "k_proj", "v_proj")  # qwen2.py: QKVParallelLinear(bias=True), o_proj without
@@ -176,6 +236,7 @@ class Qwen2(Architecture):
 
 class Qwen3(Architecture):
     model_types = ("qwen3",)
+    sglang_class = "Qwen3ForCausalLM"
 
     def attention_biases(self, cfg: dict) -> tuple[str, ...]:
         return self.attention_projections if cfg.get("attention_bias") else ()
@@ -186,6 +247,8 @@ class Qwen3(Architecture):
 
 class Qwen2Moe(Qwen2):
     model_types = ("qwen2_moe",)
+    sglang_class = "Qwen2MoeForCausalLM"
+    ties_embeddings = False  # qwen2_moe.py: lm_head is always a ParallelLMHead of its own
     moe_family = True
     shared_expert = "shared_expert"
     shared_expert_gate = "shared_expert_gate"
@@ -197,12 +260,18 @@ class Qwen2Moe(Qwen2):
 
 class Qwen3Moe(Qwen3):
     model_types = ("qwen3_moe",)
+    sglang_class = "Qwen3MoeForCausalLM"
+    ties_embeddings = False
     moe_family = True
     required_keys = ("moe_intermediate_size",)
 
 
 class Mixtral(Architecture):
     model_types = ("mixtral",)
+    sglang_class = "MixtralForCausalLM"
+    ties_embeddings = False
+    unrooted_layer_prefixes = True  # mixtral.py: make_layers(..., prefix="layers")
+    transformers_renames = ((".block_sparse_moe.", ".mlp."),)  # MixtralDecoderLayer.mlp in transformers 5
     moe_family = True
     moe = "block_sparse_moe"
     expert_projections = ("w1", "w2", "w3")
@@ -281,6 +350,7 @@ class DeepseekV3(Architecture):
     """
 
     model_types = ("deepseek_v3",)
+    sglang_class = "DeepseekV3ForCausalLM"
     moe_family = True
     shared_expert = "shared_experts"
     attention_projections = ()  # attention_modules lists MLA's
@@ -418,6 +488,41 @@ def expected_modules(cfg: dict, geometry: ModelGeometry) -> dict[str, ExpectedMo
     if arch is None:
         return None
     return {m.name: m for m in arch.modules(_text_config(cfg), geometry)}
+
+
+def checkpoint_prefix(model_type: str, prefix: str) -> str:
+    """The checkpoint name of the layer a family's SGLang class builds at ``prefix``."""
+    arch = architecture_for(model_type)
+    return arch.checkpoint_prefix(prefix) if arch is not None else prefix
+
+
+def transformers_name(model_type: str, name: str) -> str:
+    """The name transformers 5 gives checkpoint module / tensor ``name`` in memory."""
+    arch = architecture_for(model_type)
+    for old, new in arch.transformers_renames if arch is not None else ():
+        name = f".{name}.".replace(old, new)[1:-1]  # relative names ("block_sparse_moe.gate") match too
+    return name
+
+
+def fed_directly(model_type: str) -> frozenset[str]:
+    """Tensor suffixes the mixed loader must feed to the parameters itself for this family."""
+    arch = architecture_for(model_type)
+    return arch.fed_directly if arch is not None else frozenset()
+
+
+def class_problems(geometry: ModelGeometry) -> list[str]:
+    """Why the family's SGLang model class cannot load a checkpoint of this config.json (empty if it can)."""
+    arch = architecture_for(geometry.model_type)
+    if arch is None:
+        return []
+    problems = []
+    if geometry.tie_word_embeddings and not arch.ties_embeddings:
+        problems.append(
+            f"config.json says tie_word_embeddings: true, but SGLang 0.5.17's {arch.sglang_class} does not tie: "
+            "it builds an lm_head of its own and fills it only from an lm_head.weight tensor, which a tied "
+            "checkpoint does not hold (the head would serve uninitialised memory)"
+        )
+    return problems
 
 
 def _text_config(cfg: dict) -> dict:

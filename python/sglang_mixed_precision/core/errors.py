@@ -78,6 +78,11 @@ class ErrorCode(str, Enum):
         400,
         "the family's SGLang model cannot load or run this layer in this precision (MLA attention in int4, ...)",
     )
+    MODEL_CLASS_CANNOT_LOAD = (
+        "model_class_cannot_load",
+        400,
+        "the family's SGLang model class cannot load what the plan assigns (e.g. a tied lm_head it does not tie)",
+    )
     BAD_ARGUMENT = ("bad_argument", 400, "a command-line or API argument out of range")
     OUTPUT_UNWRITABLE = (
         "output_unwritable",

@@ -23,6 +23,7 @@ from .architectures import (
     ARCHITECTURES,
     ExpectedModule,
     architecture_for,
+    class_problems,
     describe_missing,
     expected_modules,
     layer_ranges,
@@ -359,6 +360,16 @@ class _Planner:
                     f"tp_size {self.tp}: {problem}",
                     where=str(cfg_path),
                     fix=f"choose a --tp-size that divides the head and intermediate counts ({_valid_tps(geometry)})",
+                )
+            )
+        for problem in class_problems(geometry):
+            self.problems.add(
+                MixedPrecisionError(
+                    ErrorCode.MODEL_CLASS_CANNOT_LOAD,
+                    f"{geometry.model_type}: {problem}",
+                    where=str(cfg_path),
+                    fix="give the checkpoint an lm_head of its own: copy model.embed_tokens.weight to lm_head.weight "
+                    "in the 16-bit source and set tie_word_embeddings: false in every source's config.json",
                 )
             )
         return geometry

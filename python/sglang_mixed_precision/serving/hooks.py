@@ -3,6 +3,9 @@
 * ``get_model_loader`` (AROUND): a model whose quantization is ``mixed_precision`` loads through
   :class:`.loader.MixedPrecisionModelLoader`; ``--load-format dummy`` keeps SGLang's dummy loader
   (the model is still built with the mix's methods and kernels, only the weights are random);
+* ``get_model_architecture`` (AROUND, under each name SGLang imports it by): a mixed model is built by
+  its family's own class (``core.architectures``): SGLang 0.5.17 sends a Mixtral whose quantization
+  is not in its short list to ``QuantMixtralForCausalLM`` (per-expert linears, no FusedMoE);
 * ``WeightUpdater.update_weights_from_disk`` (AROUND): a request directory holding the reload marker
   (:mod:`.messages`) runs :func:`.reload_worker.execute_reload` instead of SGLang's whole-model
   reload; every other request goes to SGLang unchanged. Every supported release calls it for a disk
@@ -31,6 +34,12 @@ LOADER_TARGET = "sglang.srt.model_loader.loader.get_model_loader"
 WORKER_TARGET = (
     "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.update_weights_from_disk"
 )
+# get_model_architecture as the loader and the rest of SGLang import it
+ARCHITECTURE_TARGETS = (
+    "sglang.srt.model_loader.loader.get_model_architecture",
+    "sglang.srt.model_loader.utils.get_model_architecture",
+    "sglang.srt.model_loader.get_model_architecture",
+)
 INTERNAL_STATE_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 # Formats that name *how* to read local weights; the mixed loader reads the plan's sources itself.
 MIXED_LOAD_FORMATS = ("auto", "safetensors", "pt")
@@ -50,6 +59,7 @@ USED_LATER = (
     "sglang.srt.distributed.parallel_state.get_tensor_model_parallel_world_size",
     "sglang.srt.model_loader.loader.DefaultModelLoader",
     "sglang.srt.model_loader.loader.device_loading_context",
+    "sglang.srt.models.registry.ModelRegistry.resolve_model_cls",
 )
 
 
@@ -71,6 +81,26 @@ def select_model_loader(original, load_config, model_config=None, *args, **kwarg
 
     logger.info("mixed_precision: loading through MixedPrecisionModelLoader")
     return MixedPrecisionModelLoader(load_config)
+
+
+def select_family_class(original, model_config, *args, **kwargs):
+    """AROUND hook of ``get_model_architecture``: a mixed model gets its family's class (the one
+    ``core.architectures`` describes), not one SGLang picks for other quantizations."""
+    model_class, resolved = original(model_config, *args, **kwargs)
+    if getattr(model_config, "quantization", None) != QUANT_METHOD:
+        return model_class, resolved
+    from ..core.architectures import architecture_for
+
+    family = architecture_for(getattr(model_config.hf_config, "model_type", "") or "")
+    wanted = family.sglang_class if family is not None else ""
+    if not wanted or resolved == wanted or wanted not in (getattr(model_config.hf_config, "architectures", None) or []):
+        return model_class, resolved
+    from sglang.srt.models.registry import ModelRegistry
+
+    model_class, resolved = ModelRegistry.resolve_model_cls([wanted])
+    model_config._resolved_model_arch = resolved
+    logger.info("mixed_precision: building %s (SGLang chose another class for this quantization)", resolved)
+    return model_class, resolved
 
 
 def around_update_weights_from_disk(original, updater, model_path, *args, **kwargs):
@@ -121,6 +151,7 @@ class Hook:
 
 HOOKS = (
     Hook(LOADER_TARGET, select_model_loader, "AROUND", ("load_config", "model_config")),
+    *(Hook(target, select_family_class, "AROUND", ("model_config",)) for target in ARCHITECTURE_TARGETS),
     Hook(WORKER_TARGET, around_update_weights_from_disk, "AROUND", ("self", "model_path", "load_format")),
     Hook(INTERNAL_STATE_TARGET, after_get_internal_state, "AFTER", ("self", "recv_req")),
 )

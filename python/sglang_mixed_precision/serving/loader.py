@@ -4,7 +4,8 @@ SGLang's ``DefaultModelLoader`` reads every weight file of one directory. The mi
 model construction and replaces only the weight stream: per source, it opens the files that hold
 planned tensors (one cached handle per file), reads exactly the planned keys and hands them to the
 model's own ``load_weights`` under their checkpoint names (``q_proj.qweight``,
-``experts.3.up_proj.weight_scale_inv``...), which SGLang maps onto its fused parameters. The load is
+``experts.3.up_proj.weight_scale_inv``...), which SGLang maps onto its fused parameters (the few a
+family's class would drop are fed to their parameters directly: :mod:`.delivery`). The load is
 recorded and audited (:mod:`.audit`) before the methods' ``process_weights_after_loading`` (Marlin
 repack, FP8 scale layout) run.
 """
@@ -22,6 +23,7 @@ from sglang.srt.model_loader.loader import DefaultModelLoader, device_loading_co
 from ..core.errors import ErrorCode, MixedPrecisionError
 from ..tensors import TensorReader
 from .audit import LoadRecorder, audit_model
+from .delivery import deliver
 from .quant_config import MixedPrecisionConfig
 
 logger = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ class MixedPrecisionModelLoader(DefaultModelLoader):
         refuse_fused_shared_experts(model, config)
         recorder = LoadRecorder(model)
         try:
-            model.load_weights(recorder.track(weights))
+            deliver(model, recorder.track(weights))
         finally:
             recorder.detach()
         self.report = audit_model(model, config, recorder, weights.yielded)

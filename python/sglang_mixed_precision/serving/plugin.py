@@ -5,8 +5,8 @@ are spawned, so only an entry point reaches them), then applies the registered h
 
 * adds the quantization method ``mixed_precision`` (:class:`MixedPrecisionConfig`) to SGLang's
   method tables and to ``--quantization``'s choices;
-* registers the hooks (:mod:`.hooks`): the mixed loader for mixed models, the workers' reload and
-  info hooks;
+* registers the hooks (:mod:`.hooks`): the mixed loader for mixed models, the family's own class for
+  mixed models (``core.architectures``), the workers' reload and info hooks;
 * in the main process, adds the ``/mixed_precision`` routes and the Engine methods (:mod:`.routes`).
 
 No SGLang file is copied or edited.

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
+from ..core.architectures import checkpoint_prefix
 from ..core.errors import ErrorCode, MixedPrecisionError
 from . import QUANT_METHOD
 from .methods import (
@@ -133,6 +134,7 @@ class MixedPrecisionConfig(QuantizationConfig):
         kind = layer_kind(layer)
         if kind is None:  # attention (RadixAttention) and anything else: SGLang's unquantized default
             return None
+        prefix = checkpoint_prefix(self.plan.geometry.model_type, prefix)
         group = self.plan.group_for_prefix(prefix)
         if group is None:
             if kind == EMBEDDING:

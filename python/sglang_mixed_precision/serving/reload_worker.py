@@ -184,13 +184,14 @@ def _synchronize() -> None:
 
 
 def apply_staged(model, staged: StagedReload) -> AppliedReload:
-    """Copy the staged tensors into the model through its own ``load_weights`` (the same
+    """Copy the staged tensors into the model through its own ``load_weights`` (:func:`.delivery.deliver`: the same
     ``weight_loader`` path as the initial load, TP slicing and fused shards included). Only the
     changed layers are touched; every tensor must land in a parameter of its own layer. On any
     error the snapshot is restored before raising."""
     import torch
 
     from .audit import LoadRecorder
+    from .delivery import deliver
 
     params = layer_parameters(model, sorted(set(staged.layer_of.values())))
     snapshot = {name: p.data.detach().to("cpu", copy=True) for name, p in params.items()}
@@ -198,7 +199,7 @@ def apply_staged(model, staged: StagedReload) -> AppliedReload:
     recorder = LoadRecorder(model)
     try:
         with torch.no_grad():
-            model.load_weights(recorder.track(staged.tensors.items()))
+            deliver(model, recorder.track(staged.tensors.items()))
         _synchronize()
         _check_consumed(staged, recorder.by_tensor)
     except Exception as e:

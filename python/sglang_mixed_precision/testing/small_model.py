@@ -25,13 +25,15 @@ def small_model_path() -> Path:
 def convert_small_model(
     out_dir: str | Path, method: str = "gptq", progress: bool = False, mixed_config: str | None = None
 ) -> Path:
-    """fp16/ fp8/ int4/ of the small model under ``out_dir`` (kept when already there); with
-    ``mixed_config``, the converter also writes that YAML (and owns it) as OUTPUT/mixed_precision_config.yaml."""
+    """fp16/ fp8/ int4/ of the small model under ``out_dir`` (kept when already there), and the
+    converter's mix config ``mixed_config`` when given (a conversion without it, or with another
+    one, is redone: the converter owns that file, so a rerun may replace it)."""
     from ..convert.pipeline import CONFIG_NAME, ConvertOptions, convert
 
     out = Path(out_dir)
-    wanted = [out / f / "config.json" for f in FORMATS] + ([out / CONFIG_NAME] if mixed_config else [])
-    if all(p.is_file() for p in wanted):
+    config = out / CONFIG_NAME
+    config_kept = mixed_config is None or (config.is_file() and config.read_text() == mixed_config)
+    if config_kept and all((out / f / "config.json").is_file() for f in FORMATS):
         return out
     convert(
         ConvertOptions(

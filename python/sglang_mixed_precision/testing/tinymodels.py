@@ -1,4 +1,4 @@
-"""Small random-weight Hugging Face models (Qwen3 dense, Qwen3-MoE, Llama, DeepSeek-V3) built offline.
+"""Small random-weight Hugging Face models of every family the project serves, built offline.
 
 Used by the demo, the tests and the GPU proofs: real transformers configs and modules, random
 weights, a byte-level BPE tokenizer trained on the bundled corpus, no network. Sizes default to
@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ARCHITECTURES = ("qwen3", "qwen3_moe", "llama", "deepseek_v3")
+# demo / test name -> transformers family; "qwen3_tied" is a Qwen3-0.6B-like model whose lm_head is
+# its embedding (tie_word_embeddings: true).
+ARCHITECTURES = ("qwen3", "qwen3_moe", "llama", "qwen2", "qwen2_moe", "mixtral", "qwen3_tied", "deepseek_v3")
+# Every MoE family: 8 experts of intermediate 256, 2 per token.
+MOE = {"moe_intermediate_size": 256, "num_experts_per_tok": 2}
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -26,7 +30,7 @@ def corpus_text() -> str:
 
 def tiny_config(arch: str, *, num_layers: int = 2, hidden: int = 512, vocab: int = 2048, **overrides):
     """A transformers config of the given architecture with kernel-friendly sizes."""
-    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab,
@@ -42,29 +46,34 @@ def tiny_config(arch: str, *, num_layers: int = 2, hidden: int = 512, vocab: int
         eos_token_id=2,
         torch_dtype="bfloat16",
     )
-    if arch == "qwen3":
-        cfg = Qwen3Config(**{**common, "intermediate_size": 2 * hidden, **overrides})
-    elif arch == "qwen3_moe":
-        cfg = Qwen3MoeConfig(
+    dense = {**common, "intermediate_size": 2 * hidden}
+    qwen_moe = {**dense, **MOE, "num_experts": 8, "decoder_sparse_step": 1, "mlp_only_layers": []}
+    builders = {
+        "qwen3": lambda: Qwen3Config(**{**dense, **overrides}),
+        "qwen3_tied": lambda: Qwen3Config(**{**dense, "tie_word_embeddings": True, **overrides}),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**{**qwen_moe, "norm_topk_prob": True, **overrides}),
+        "llama": lambda: LlamaConfig(**{**dense, **overrides}),
+        # q/k/v carry biases (Qwen2 always builds them)
+        "qwen2": lambda: Qwen2Config(**{**dense, **overrides}),
+        # shared expert (gate/up/down) behind a sigmoid shared_expert_gate, beside the routed experts
+        "qwen2_moe": lambda: Qwen2MoeConfig(
+            **{**qwen_moe, "shared_expert_intermediate_size": hidden, "norm_topk_prob": False, **overrides}
+        ),
+        # block_sparse_moe.experts.E.{w1,w2,w3}; Mixtral's intermediate_size is each expert's
+        "mixtral": lambda: MixtralConfig(
             **{
                 **common,
-                "intermediate_size": 2 * hidden,
-                "moe_intermediate_size": 256,
-                "num_experts": 8,
-                "num_experts_per_tok": 2,
-                "decoder_sparse_step": 1,
-                "mlp_only_layers": [],
-                "norm_topk_prob": True,
+                "intermediate_size": MOE["moe_intermediate_size"],
+                "num_local_experts": 8,
+                "num_experts_per_tok": MOE["num_experts_per_tok"],
                 **overrides,
             }
-        )
-    elif arch == "llama":
-        cfg = LlamaConfig(**{**common, "intermediate_size": 2 * hidden, **overrides})
-    elif arch == "deepseek_v3":
-        cfg = deepseek_v3_config(common, hidden, overrides)
-    else:
+        ),
+        "deepseek_v3": lambda: deepseek_v3_config(common, hidden, overrides),
+    }
+    if arch not in builders:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
-    return cfg
+    return builders[arch]()
 
 
 def deepseek_v3_config(common: dict, hidden: int, overrides: dict):
@@ -199,12 +208,26 @@ def _set_clear_margins(model, seed: int) -> None:
     """
     import torch
 
-    if model.config.tie_word_embeddings:
-        raise ValueError("clear_margins needs an lm_head of its own: build the model with tie_word_embeddings=False")
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    emb = model.get_input_embeddings().weight
     vocab, hidden = emb.shape
     gen = torch.Generator().manual_seed(seed + 1)
     directions = torch.nn.functional.normalize(torch.randn(vocab, hidden, generator=gen), dim=1)
-    successor = torch.randperm(vocab, generator=gen)
     emb.copy_(directions * hidden**0.5)
+    if model.config.tie_word_embeddings:
+        _set_tied_margins(model, hidden)
+        return
+    head = model.get_output_embeddings().weight
+    successor = torch.randperm(vocab, generator=gen)
     head.copy_(directions[successor.argsort()] * (MARGIN_SCALE / hidden**0.5))
+
+
+def _set_tied_margins(model, hidden: int) -> None:
+    """Tied embeddings: lm_head is the embedding, so the token whose embedding dominates the final
+    hidden state is the current one. The final norm's weight scales the logits so that it wins by
+    the same few nats as a planned successor does (logit = MARGIN_SCALE * cos): greedy decoding
+    repeats a token, and the other logits still follow every layer."""
+    import torch
+
+    with torch.no_grad():
+        # the normed state and an embedding both have norm sqrt(hidden): their product is hidden * cos
+        model.model.norm.weight.fill_(MARGIN_SCALE / hidden)
