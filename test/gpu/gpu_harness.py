@@ -790,3 +790,18 @@ def plan_rank_bytes(config: Path) -> int:
     from sglang_mixed_precision.core.report import summary
 
     return summary(build_plan(load_config(config)))["per_rank"][0]["bytes"]
+
+
+def check_against_reference(config_path, outputs, record: dict) -> None:
+    """The served greedy tokens and log-probs against the transformers reference of the mix at
+    ``config_path`` (on the GPU): tokens equal to the fp32 or bf16 reference, log-probs within tolerance."""
+    reference = MixReference(config_path, device="cuda")
+    try:
+        result = reference.compare(outputs)
+    finally:
+        reference.release()
+    record.update(result)
+    assert result["tokens_equal_fp32_ref"] or result["tokens_equal_bf16_ref"], (
+        f"greedy tokens differ from the reference (match rate {result['token_match_rate']})"
+    )
+    assert result["max_abs_dlogprob"] <= result["tolerance"]

@@ -144,16 +144,7 @@ def test_deepseek_endpoints_answer(mix, deepseek_fleet, deepseek_generated, reco
 @pytest.mark.parametrize("mix", CASES)
 def test_deepseek_matches_reference(mix, deepseek_generated, deepseek_work, record):
     outputs = deepseek_generated(mix)
-    reference = h.MixReference(deepseek_work / f"{mix}.yaml", device="cuda")
-    try:
-        result = reference.compare(outputs)
-    finally:
-        reference.release()
-    record.update(result)
-    assert result["tokens_equal_fp32_ref"] or result["tokens_equal_bf16_ref"], (
-        f"greedy tokens differ from the reference (match rate {result['token_match_rate']})"
-    )
-    assert result["max_abs_dlogprob"] <= result["tolerance"]
+    h.check_against_reference(deepseek_work / f"{mix}.yaml", outputs, record)
 
 
 @pytest.mark.gpu
