@@ -221,12 +221,17 @@ def test_two_ranks_load_their_shards_of_the_mla_mix(tiny_deepseek, tmp_path):
 def test_shared_experts_fused_into_the_routed_layer_are_refused(tiny_deepseek, deepseek_cpu, tmp_path, monkeypatch):
     """On CUDA, SGLang fuses DeepSeek-V3's shared expert into the FusedMoE (256 experts) unless told not
     to: the loader refuses before reading a weight, naming the flag."""
-    from sglang.srt.models.deepseek_v2 import DeepseekV2ForCausalLM
+    import sglang.srt.models.deepseek_v2 as deepseek_v2
 
-    def fused(self, *args, **kwargs):
-        self.num_fused_shared_experts = 1
+    # SGLang decides the fusion in a model method in 0.5.17 and in a module-level function in 0.5.23.
+    if hasattr(deepseek_v2.DeepseekV2ForCausalLM, "determine_num_fused_shared_experts"):
 
-    monkeypatch.setattr(DeepseekV2ForCausalLM, "determine_num_fused_shared_experts", fused)
+        def fused(self, *args, **kwargs):
+            self.num_fused_shared_experts = 1
+
+        monkeypatch.setattr(deepseek_v2.DeepseekV2ForCausalLM, "determine_num_fused_shared_experts", fused)
+    else:
+        monkeypatch.setattr(deepseek_v2, "get_num_fused_shared_experts", lambda *args, **kwargs: 1)
     _, path = plan_dir(tiny_deepseek, "bf16_attn_fp8_experts", tmp_path)
     with pytest.raises(MixedPrecisionError) as e:
         load_on_cpu(path, postprocess=False)
