@@ -171,15 +171,7 @@ def fleet(request, recorder, ports, progress):
     reload = request.getfixturevalue("reload_work") if h.RELOAD_SERVER in names else None
     specs = h.server_specs(names, serve, reload)
     progress(f"starting {len(specs)} server(s), {request.config.getoption('gpu_parallel')} at a time")
-    fleet = h.Fleet(
-        specs,
-        recorder.directory / "logs",
-        ports=ports,
-        parallel=request.config.getoption("gpu_parallel"),
-        timeout=request.config.getoption("gpu_start_timeout"),
-        env=h.SERVER_ENV,
-        log=progress,
-    )
+    fleet = h.fleet_from_options(specs, request, recorder, ports, progress)
     recorder.servers = fleet.summary
     with fleet:
         yield fleet

@@ -805,3 +805,17 @@ def check_against_reference(config_path, outputs, record: dict) -> None:
         f"greedy tokens differ from the reference (match rate {result['token_match_rate']})"
     )
     assert result["max_abs_dlogprob"] <= result["tolerance"]
+
+
+def fleet_from_options(specs, request, recorder, ports, log) -> Fleet:
+    """A Fleet of ``specs`` with the session's options (--gpu-parallel, --gpu-start-timeout), logs
+    under the results directory and the servers' environment."""
+    return Fleet(
+        specs,
+        recorder.directory / "logs",
+        ports=ports,
+        parallel=request.config.getoption("gpu_parallel"),
+        timeout=request.config.getoption("gpu_start_timeout"),
+        env=SERVER_ENV,
+        log=log,
+    )

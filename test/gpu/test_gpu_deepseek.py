@@ -93,15 +93,7 @@ def deepseek_fleet(request, deepseek_work, recorder, ports, progress):
 
     check_plugin_installed()
     specs = server_specs(deepseek_work, deepseek_work.parent / "plans")
-    fleet = h.Fleet(
-        specs,
-        recorder.directory / "logs",
-        ports=ports,
-        parallel=request.config.getoption("gpu_parallel"),
-        timeout=request.config.getoption("gpu_start_timeout"),
-        env=h.SERVER_ENV,
-        log=progress,
-    )
+    fleet = h.fleet_from_options(specs, request, recorder, ports, progress)
     others = recorder.servers  # a callable: the session fleet's summary, when it runs
     recorder.servers = lambda: [*others(), *fleet.summary()]
     with fleet:
