@@ -177,3 +177,13 @@ def test_eval_command_prints_json_and_a_png(converted, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["positions"] == 63 and len(out["kld_per_position"]) == 63 and out["kld_mean"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_text_too_short_to_score_is_refused():
+    from sglang_mixed_precision.quality.evaluate import MIN_TOKENS, text_ids
+    from sglang_mixed_precision.testing.small_model import small_model_path
+
+    with pytest.raises(MixedPrecisionError) as e:
+        text_ids(small_model_path(), "x = 1", tokens=512, where="short.py")
+    assert e.value.code == ErrorCode.QUALITY_TEXT_TOO_SHORT.value and e.value.where == "short.py"
+    assert f"at least {MIN_TOKENS} are needed" in str(e.value) and "--text" in str(e.value)
